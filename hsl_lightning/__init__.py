@@ -1,0 +1,15 @@
+"""hsl_lightning: HeteroSync Learning on PyTorch Lightning.
+
+The pieces, each in its own room: ``models`` (timm backbones, the MMoE), ``modules``
+(LightningModules), ``data`` (sources, heterogeneity, the federated data module),
+``federation`` (the Fabric orchestrator and strategies), ``metrics``, ``cli``.
+"""
+
+from hsl_lightning.data import FederatedDataModule, ImageFolders, MedMNIST, Scenario, SyntheticAnchor, SyntheticLesions
+from hsl_lightning.errors import HSLError
+from hsl_lightning.federation import Federation
+from hsl_lightning.modules import ClassifierModule, HSLModule
+
+__version__ = "0.1.0"
+__all__ = ["FederatedDataModule", "ImageFolders", "MedMNIST", "Scenario", "SyntheticAnchor", "SyntheticLesions",
+           "HSLError", "Federation", "ClassifierModule", "HSLModule"]

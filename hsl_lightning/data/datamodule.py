@@ -1,0 +1,232 @@
+"""The federated data module: each institution's train/val/test data plus its SAT data.
+
+Works two ways: the Federation asks for one node's (or several pooled nodes') loaders, round
+by round; a plain ``lightning.Trainer`` gets the standard hooks (training on all nodes pooled,
+i.e. central learning, and one validation/test loader per node).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+
+from hsl_lightning.data.base import SPLITS, ImageSet, Source, harmonize
+from hsl_lightning.data.heterogeneity import Acquisition, Scenario, partition, stratified_split
+from hsl_lightning.data.sampling import eval_loader, paired_loader
+from hsl_lightning.data.synthetic import SyntheticAnchor, SyntheticLesions
+from hsl_lightning.errors import HSLError
+
+
+@dataclass
+class NodeData:
+    name: str
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    acquisition: Acquisition
+    sat_index: torch.Tensor  # this node's rows of the SAT training pool
+
+    def split(self, name: str) -> ImageSet:
+        return getattr(self, name)
+
+
+class FederatedDataModule(L.LightningDataModule):
+    """Simulated (or real) institutions with a primary task and a Shared Anchor Task.
+
+    Args:
+        primary: the primary task's source (default: synthetic lesions).
+        sat: the Shared Anchor Task's source (default: synthetic chest films).
+        use_sat: train with the SAT (false: primary only, e.g. for ablations).
+        scenario: how nodes differ (feature, label, quantity skew); ignored for partitioning
+            when the source is already split by institution (image folders).
+        root: data folder for file-based sources (MedMNIST); also read from ``HSL_DATA_ROOT``.
+        image_size: resize every image to this many px (default: the primary source's size).
+        splits: ``official``: partition the source's own train/val/test separately;
+            ``pooled``: pool everything and split each node by ``split_fractions``.
+        split_fractions: train/val/test fractions of each node for ``pooled`` splits (and for
+            sources that have no official splits).
+        sat_mode: ``shard``: disjoint IID shards of the SAT pool; ``copy``: every node holds the
+            same SAT images.
+        sat_fraction: fraction of the SAT pool per node (default 1/num_nodes for shard, 1 for copy).
+        batch_size: training batch (B primary images paired with B SAT images).
+        eval_batch_size: evaluation batch.
+        augment: random flip and rotation up to 15 degrees during training.
+        rebalance: draw primary samples for an expected 50/50 class ratio.
+        samples_per_epoch: pairs per local epoch (default max(primary, SAT) of the node).
+        seed: seeds everything about the simulated world (partition, scanners, SAT shards).
+    """
+
+    def __init__(
+        self,
+        primary: Source | None = None,
+        sat: Source | None = None,
+        use_sat: bool = True,
+        scenario: Scenario | None = None,
+        root: str | None = None,
+        image_size: int | None = None,
+        splits: Literal["official", "pooled"] = "official",
+        split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+        sat_mode: Literal["shard", "copy"] = "shard",
+        sat_fraction: float | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        augment: bool = True,
+        rebalance: bool = True,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.primary = primary if primary is not None else SyntheticLesions()
+        self.sat = (sat if sat is not None else SyntheticAnchor()) if use_sat else None
+        self.scenario = scenario if scenario is not None else Scenario()
+        self.root, self.image_size, self.splits = root, image_size, splits
+        if len(split_fractions) != 3 or min(split_fractions) < 0 or split_fractions[0] <= 0:
+            raise HSLError(f"data.split_fractions must be three non-negative train/val/test fractions, got {split_fractions}.")
+        self.split_fractions = tuple(split_fractions)
+        self.sat_mode, self.sat_fraction = sat_mode, sat_fraction
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.augment, self.rebalance, self.samples_per_epoch, self.seed = augment, rebalance, samples_per_epoch, seed
+        self.nodes: list[NodeData] | None = None
+        self.sat_pool: ImageSet | None = None
+        self.sat_eval: ImageSet | None = None
+
+    @property
+    def in_chans(self) -> int:
+        return self.primary.channels
+
+    @property
+    def uses_sat(self) -> bool:
+        return self.sat is not None
+
+    @property
+    def node_names(self) -> list[str]:
+        self.setup()
+        return [n.name for n in self.nodes]
+
+    # ----------------------------------------------------------------- building the world
+    def setup(self, stage: str | None = None) -> None:
+        if self.nodes is not None:
+            return
+        g = torch.Generator().manual_seed(self.seed)
+        raw = self.primary.load(self.root)
+        per_node = self._per_node_splits(raw, g)
+        size = self.image_size or int(next(iter(per_node.values()))["train"].images.shape[-1])
+        scanners = self.scenario.scanners(g)
+        if len(scanners) != len(per_node):
+            scanners = [Acquisition()] * len(per_node)  # folder nodes without a per-node scanner list
+        self.sat_pool, self.sat_eval = self._load_sat(size, g)
+        sat_index = self._sat_shards(len(per_node), g)
+        nodes = []
+        for i, ((name, splits), scanner) in enumerate(zip(per_node.items(), scanners)):
+            node_g = torch.Generator().manual_seed(self.seed * 1000 + i)
+            data = {s: ImageSet(scanner.apply(harmonize(splits[s].images, self.in_chans, size), node_g), splits[s].labels)
+                    for s in SPLITS}
+            if len(data["train"]) == 0:
+                raise HSLError(f"Node '{name}' has no training samples. Check the scenario's sizes/prevalence "
+                               f"for {self.primary.describe()} (it has too few images for this split).")
+            nodes.append(NodeData(name, data["train"], data["val"], data["test"], scanner, sat_index[i]))
+        self.nodes = nodes
+
+    def _per_node_splits(self, raw: dict, g: torch.Generator) -> dict[str, dict[str, ImageSet]]:
+        if self.primary.per_node:
+            return raw
+        names = self.scenario.node_names
+        if "all" in raw or self.splits == "pooled":
+            pool = raw["all"] if "all" in raw else ImageSet.cat([raw[s] for s in SPLITS])
+            counts = self.scenario.class_counts(pool.positives, len(pool) - pool.positives, g)
+            out = {}
+            for name, idx in zip(names, partition(pool.labels, counts, g)):
+                node = pool.subset(idx)
+                parts = stratified_split(node.labels, self.split_fractions, g)
+                out[name] = {s: node.subset(p) for s, p in zip(SPLITS, parts)}
+            return out
+        out = {name: {} for name in names}
+        for s in SPLITS:
+            data = raw[s]
+            counts = self.scenario.class_counts(data.positives, len(data) - data.positives, g)
+            for name, idx in zip(names, partition(data.labels, counts, g)):
+                out[name][s] = data.subset(idx)
+        return out
+
+    def _load_sat(self, size: int, g: torch.Generator) -> tuple[ImageSet | None, ImageSet | None]:
+        if self.sat is None:
+            return None, None
+        raw = self.sat.load(self.root)
+        if "all" in raw:
+            train_idx, eval_idx = stratified_split(raw["all"].labels, (0.85, 0.15), g)
+            pool, held = raw["all"].subset(train_idx), raw["all"].subset(eval_idx)
+        else:
+            pool, held = raw["train"], raw["test"]
+        fix = lambda s: ImageSet(harmonize(s.images, self.in_chans, size), s.labels)  # noqa: E731
+        return fix(pool), fix(held)
+
+    def _sat_shards(self, n_nodes: int, g: torch.Generator) -> list[torch.Tensor]:
+        if self.sat_pool is None:
+            return [torch.zeros(0, dtype=torch.long)] * n_nodes
+        n = len(self.sat_pool)
+        if self.sat_mode == "copy":
+            frac = 1.0 if self.sat_fraction is None else self.sat_fraction
+            if not 0 < frac <= 1:
+                raise HSLError(f"data.sat_fraction must lie in (0, 1] for sat_mode copy, got {frac}.")
+            shared = torch.randperm(n, generator=g)[: max(1, round(frac * n))]
+            return [shared] * n_nodes
+        frac = 1.0 / n_nodes if self.sat_fraction is None else self.sat_fraction
+        if not 0 < frac * n_nodes <= 1 + 1e-9:
+            raise HSLError(f"data.sat_fraction={frac} with {n_nodes} disjoint shards needs more than the whole SAT "
+                           f"pool; use at most {1 / n_nodes:.3g}, or sat_mode: copy.")
+        perm, k = torch.randperm(n, generator=g), max(1, int(frac * n))
+        return [perm[i * k: (i + 1) * k] for i in range(n_nodes)]
+
+    # ----------------------------------------------------------------- loaders
+    def sat_for(self, nodes: Sequence[int]) -> ImageSet | None:
+        if self.sat_pool is None:
+            return None
+        index = torch.unique(torch.cat([self.nodes[i].sat_index for i in nodes]))  # copies count once
+        return self.sat_pool.subset(index)
+
+    def train_loader(self, nodes: Sequence[int], seed: int, with_sat: bool = True):
+        """Paired training batches of the given nodes pooled (one node for federated training)."""
+        self.setup()
+        primary = ImageSet.cat([self.nodes[i].train for i in nodes])
+        sat = self.sat_for(nodes) if with_sat else None
+        return paired_loader(primary, sat, self.batch_size, self.augment, self.rebalance, seed, self.samples_per_epoch)
+
+    def eval_loader(self, node: int, split: str):
+        self.setup()
+        return eval_loader(self.nodes[node].split(split), self.sat_eval, self.eval_batch_size, self.seed + 7919 * (node + 1))
+
+    def sat_reference(self, k: int = 64) -> torch.Tensor | None:
+        """A fixed, seeded batch of public SAT images (float in [0, 1]) for 'reference' inference."""
+        self.setup()
+        if self.sat_eval is None or len(self.sat_eval) == 0:
+            return None
+        g = torch.Generator().manual_seed(self.seed + 104729)
+        idx = torch.randperm(len(self.sat_eval), generator=g)[:k]
+        return self.sat_eval.images[idx].float() / 255
+
+    def train_dataloader(self):
+        return self.train_loader(range(len(self.node_names)), self.seed)
+
+    def val_dataloader(self):
+        return [self.eval_loader(i, "val") for i in range(len(self.node_names))]
+
+    def test_dataloader(self):
+        return [self.eval_loader(i, "test") for i in range(len(self.node_names))]
+
+    # ----------------------------------------------------------------- reporting
+    def report(self) -> list[dict]:
+        """How each node's data was drawn: sizes, positives, scanner, SAT images."""
+        self.setup()
+        rows = []
+        for n in self.nodes:
+            row = {"name": n.name}
+            for s in SPLITS:
+                row[f"n_{s}"], row[f"pos_{s}"] = len(n.split(s)), n.split(s).positives
+            row["n_sat"] = int(len(n.sat_index))
+            row["acquisition"] = vars(n.acquisition)
+            rows.append(row)
+        return rows

@@ -1,0 +1,134 @@
+"""Batches as the reference trains: primary images paired with Shared Anchor Task images.
+
+An epoch has max(len(primary), len(SAT)) pairs unless ``samples_per_epoch`` says otherwise.
+Primary samples are drawn with replacement with weights that give an expected 50/50 class
+ratio (the reference's rebalancing); the SAT side is not rebalanced: it is a permutation,
+topped up with random repeats when it is the shorter side. Images stay uint8 tensors in memory;
+a batch is gathered with one indexing operation and augmented on the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from hsl_lightning.data.base import ImageSet
+
+
+def resample(n: int, length: int, g: torch.Generator) -> torch.Tensor:
+    """``length`` indices into range(n): a permutation, cut or topped up with random repeats."""
+    if n >= length:
+        return torch.randperm(n, generator=g)[:length]
+    idx = torch.cat([torch.randperm(n, generator=g), torch.randint(n, (length - n,), generator=g)])
+    return idx[torch.randperm(length, generator=g)]
+
+
+def balanced_draw(labels: torch.Tensor, length: int, g: torch.Generator) -> torch.Tensor:
+    """``length`` indices drawn with replacement so that each present class has expected share 1/k."""
+    counts = torch.bincount(labels, minlength=2).double()
+    present = (counts > 0).sum()
+    weights = (1.0 / (present * counts.clamp(min=1)))[labels]
+    return torch.multinomial(weights, length, replacement=True, generator=g)
+
+
+class PairedSampler(Sampler):
+    """Yields (primary index, SAT index) pairs; SAT index -1 when training without a SAT."""
+
+    def __init__(self, primary_labels: torch.Tensor, sat_size: int, rebalance: bool, seed: int,
+                 samples_per_epoch: int | None = None):
+        self.labels, self.sat_size, self.rebalance = primary_labels, sat_size, rebalance
+        self.length = samples_per_epoch or max(len(primary_labels), sat_size)
+        self.generator = torch.Generator().manual_seed(seed)  # advances epoch after epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        g = self.generator
+        if self.rebalance:
+            p = balanced_draw(self.labels, self.length, g)
+        else:
+            p = resample(len(self.labels), self.length, g)
+        s = resample(self.sat_size, self.length, g) if self.sat_size else torch.full((self.length,), -1)
+        return iter(zip(p.tolist(), s.tolist()))
+
+
+def augment(x: torch.Tensor, g: torch.Generator, max_degrees: float = 15.0) -> torch.Tensor:
+    """Random horizontal flip and rotation up to ``max_degrees``, for a float batch (B, C, H, W)."""
+    b = x.shape[0]
+    flip = torch.rand(b, generator=g) < 0.5
+    angle = (torch.rand(b, generator=g) * 2 - 1) * math.radians(max_degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    sign = torch.where(flip, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * sign, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin * sign, cos
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255)
+
+
+class PairedImages(Dataset):
+    """Training data of one trainee: its primary images and (optionally) its SAT images."""
+
+    def __init__(self, primary: ImageSet, sat: ImageSet | None, augment: bool, seed: int):
+        self.primary, self.sat, self.augment = primary, sat, augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.primary)
+
+    def __getitems__(self, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        p = torch.tensor([i for i, _ in pairs])
+        batch = {"image": _to_float(self.primary.images[p]), "label": self.primary.labels[p]}
+        if self.sat is not None:
+            s = torch.tensor([j for _, j in pairs])
+            batch["sat_image"], batch["sat_label"] = _to_float(self.sat.images[s]), self.sat.labels[s]
+        if self.augment:
+            for key in ("image", "sat_image"):
+                if key in batch:
+                    batch[key] = augment(batch[key], self.generator)
+        return batch
+
+
+class EvalImages(Dataset):
+    """Evaluation data of one node; each image gets a fixed, seeded SAT partner for 'paired' inference."""
+
+    def __init__(self, data: ImageSet, sat: ImageSet | None, seed: int):
+        self.data, self.sat = data, sat
+        if sat is not None and len(sat):
+            g = torch.Generator().manual_seed(seed)
+            self.partner = resample(len(sat), max(len(data), 1), g)[: len(data)]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitems__(self, index: list[int]) -> dict[str, torch.Tensor]:
+        i = torch.tensor(index)
+        batch = {"image": _to_float(self.data.images[i]), "label": self.data.labels[i]}
+        if self.sat is not None and len(self.sat):
+            batch["sat_image"] = _to_float(self.sat.images[self.partner[i]])
+        return batch
+
+
+def _as_batch(batch):
+    return batch  # __getitems__ already built the batch
+
+
+def paired_loader(primary: ImageSet, sat: ImageSet | None, batch_size: int, augment: bool, rebalance: bool,
+                  seed: int, samples_per_epoch: int | None = None) -> DataLoader:
+    sampler = PairedSampler(primary.labels, len(sat) if sat is not None else 0, rebalance, seed, samples_per_epoch)
+    dataset = PairedImages(primary, sat, augment, seed + 1)
+    # A trailing batch of one image breaks BatchNorm in train mode; epochs are resampled anyway.
+    drop_last = len(sampler) > batch_size
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_as_batch, drop_last=drop_last)
+
+
+def eval_loader(data: ImageSet, sat: ImageSet | None, batch_size: int, seed: int) -> DataLoader:
+    return DataLoader(EvalImages(data, sat, seed), batch_size=batch_size, shuffle=False, collate_fn=_as_batch)

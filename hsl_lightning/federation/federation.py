@@ -1,0 +1,388 @@
+"""The Federation: simulated institutions trained round by round on Fabric ranks.
+
+One picture of a run::
+
+    for round in rounds:
+        for each institution hosted on this rank (one after another):
+            load the institution's model: the merged shared state + its own local entries
+            train ``local_epochs`` on its data (LightningModule.training_step, driven by Fabric)
+            contribute its best epoch (by local validation AUC) or its last one
+        one all-reduce of the weighted sum of contributions  -> merged shared state
+        validate every institution's deployed model on its own validation set
+    test every institution with the round of best mean validation AUC
+
+Institutions are not processes: W ranks host N institutions (institution t lives on rank
+t % W), so the same configuration runs on one CPU process, several processes or several GPUs,
+and gives the same result. Every institution's randomness (sampling, augmentation, dropout) is
+seeded from (seed, round, institution), never from the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.fabric import Fabric
+from tqdm.auto import tqdm
+
+from hsl_lightning.errors import HSLError
+from hsl_lightning.federation.loggers import WandbMode, make_loggers
+from hsl_lightning.federation.strategies import Contribution, Strategy, get_strategy
+from hsl_lightning.federation.sync import StatePacker, all_reduce_sum
+from hsl_lightning.metrics import NodeMetrics, summarize
+
+METRICS = ("auc", "acc", "sensitivity", "specificity")
+
+
+def _seed(*parts: int) -> int:
+    value = 0
+    for p in parts:
+        value = (value * 1_000_003 + int(p)) % (2**31 - 1)
+    return value
+
+
+def _optimizer(configured):
+    """The optimizer out of whatever ``configure_optimizers`` returned."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, dict):
+        return configured["optimizer"]
+    if isinstance(configured, (list, tuple)) and configured:
+        return _optimizer(configured[0])
+    raise HSLError("configure_optimizers must return an optimizer (or a dict / list holding one) for federated training.")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class Federation:
+    """Trains one LightningModule per simulated institution and merges them with a strategy.
+
+    Args:
+        strategy: how institutions share (``hsl``, ``fedavg``, ``local``, ``central``; see ``hsl strategies``).
+        rounds: synchronisation rounds.
+        local_epochs: local epochs per round at each institution.
+        contribute: ``best`` (epoch of best local validation AUC within the round) or ``last``;
+            default: the strategy's (``best`` for hsl, ``last`` otherwise).
+        accelerator, devices, num_nodes, precision: as for Lightning Fabric. ``devices`` x
+            ``num_nodes`` ranks host the institutions.
+        run_dir: where the run writes summary.json, config.yaml, metrics and weights
+            (default ``runs/<time>-<strategy>``).
+        wandb: ``auto`` (online when logged in, else offline), ``online``, ``offline`` or ``disabled``.
+        wandb_project: W&B project name.
+        progress: show a progress bar over rounds and institutions.
+        seed: seeds training (sampling, augmentation, dropout); set from ``seed_everything`` by the CLI.
+        threads: CPU threads per rank (default: torch's choice, divided among local ranks).
+    """
+
+    def __init__(
+        self,
+        strategy: str = "hsl",
+        rounds: int = 5,
+        local_epochs: int = 1,
+        contribute: Contribution | None = None,
+        accelerator: str = "cpu",
+        devices: int = 1,
+        num_nodes: int = 1,
+        precision: str = "32-true",
+        run_dir: str | None = None,
+        wandb: WandbMode = "auto",
+        wandb_project: str = "hsl_lightning",
+        progress: bool = True,
+        seed: int = 0,
+        threads: int | None = None,
+    ):
+        if rounds < 1 or local_epochs < 1:
+            raise HSLError(f"rounds and local_epochs must be at least 1, got {rounds} and {local_epochs}.")
+        self.strategy: Strategy = get_strategy(strategy)
+        self.rounds, self.local_epochs = rounds, local_epochs
+        self.contribute = contribute or self.strategy.default_contribution
+        self.accelerator, self.devices, self.num_nodes, self.precision = accelerator, devices, num_nodes, precision
+        self.run_dir = run_dir
+        self.wandb, self.wandb_project = wandb, wandb_project
+        self.progress, self.seed, self.threads = progress, seed, threads
+        self.run_config: dict | None = None  # the resolved CLI config, attached to loggers and saved
+        self.summary: dict | None = None
+
+    # ------------------------------------------------------------------ entry point
+    def fit(self, model, datamodule) -> dict:
+        """Train ``model`` (a template: each institution starts from its weights) on ``datamodule``'s nodes."""
+        run_dir = Path(self.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{self.strategy.name}")
+        world = int(self.devices) * int(self.num_nodes)
+        if world == 1:
+            fabric_strategy = "auto"
+        elif "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            fabric_strategy = "ddp"  # launched by torchrun / SLURM: join, don't spawn
+        else:
+            fabric_strategy = "ddp_spawn"
+        fabric = Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
+                        precision=self.precision, strategy=fabric_strategy)
+        self.summary = fabric.launch(self._run, model, datamodule, run_dir)
+        return self.summary
+
+    # ------------------------------------------------------------------ one rank
+    def _run(self, fabric: Fabric, module, dm, run_dir: Path) -> dict | None:
+        start = time.perf_counter()
+        rank, world = fabric.global_rank, fabric.world_size
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        elif world > 1 and fabric.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, fabric.strategy.num_processes)))
+        dm.setup("fit")
+        names = dm.node_names
+        self._check(module, dm)
+        plan = self.strategy.plan(len(names))
+        mine = [t for t in range(len(plan)) if t % world == rank]
+        owner = {node: t % world for t, nodes in enumerate(plan) for node in nodes}
+        module = module.to(fabric.device)
+        if getattr(module, "uses_sat", False) and hasattr(module, "set_sat_reference"):
+            module.set_sat_reference(dm.sat_reference())
+
+        template = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        packer = StatePacker(template, self.strategy.shared_keys(template))
+        shared_set = set(packer.keys)
+        local_keys = [k for k in template if k not in shared_set]
+        n_train = [sum(len(dm.nodes[i].train) for i in nodes) for nodes in plan]
+        global_flat = packer.pack(template, fabric.device)
+        # Per institution hosted here: its non-shared entries, and its own shared state if the strategy personalises.
+        hosted = {t: {"local": {k: template[k] for k in local_keys}, "shared": None} for t in mine}
+        del template
+
+        loggers = []
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(run_dir / "data.json", json.dumps(dm.report(), indent=2))
+            if self.run_config is not None:
+                _atomic_write(run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
+            config = {"federation": self._describe(), **(self.run_config or {})}
+            loggers = make_loggers(run_dir, self.wandb, self.wandb_project, run_dir.name, config)
+        bar = tqdm(total=self.rounds * len(mine), desc=f"{self.strategy.name}", unit="node-round",
+                   disable=not (self.progress and rank == 0), dynamic_ncols=True)
+
+        best = {"score": -math.inf, "round": -1}
+        history = []
+        for r in range(self.rounds):
+            acc = torch.zeros(packer.numel + 1, dtype=torch.float64, device=fabric.device)
+            train_loss = torch.full((len(names),), math.nan, dtype=torch.float64)
+            own = {}
+            for t in mine:
+                self._load(module, packer, hosted[t]["shared"] if hosted[t]["shared"] is not None else global_flat,
+                           hosted[t]["local"])
+                bar.set_postfix_str(f"round {r + 1}/{self.rounds} {'+'.join(names[i] for i in plan[t])}")
+                state, loss = self._train_local(fabric, module, dm, plan[t], names, r, t, bar)
+                w = self.strategy.weight(n_train[t])
+                own[t] = packer.pack(state, fabric.device)
+                acc[:-1] += w * own[t]
+                acc[-1] += w
+                hosted[t]["local"] = {k: state[k].detach().clone() for k in local_keys}
+                for i in plan[t]:
+                    train_loss[i] = loss
+                bar.update(1)
+            total = all_reduce_sum(fabric, acc)
+            if packer.numel:
+                if self.strategy.personal:
+                    for t in mine:
+                        hosted[t]["shared"] = self.strategy.combine(own[t], total[:-1], self.strategy.weight(n_train[t]),
+                                                                    float(total[-1]))
+                else:
+                    global_flat = total[:-1] / total[-1]
+            del own
+
+            val = self._evaluate_all(fabric, module, dm, plan, mine, hosted, global_flat, packer, "val", owner)
+            loss_all = self._gather(fabric, train_loss.unsqueeze(1), owner)[:, 0]
+            aucs = [val[i]["auc"] for i in range(len(names))]
+            stats = summarize(aucs)
+            score = stats["mean"] if not math.isnan(stats["mean"]) else -math.inf
+            improved = score > best["score"] or best["round"] < 0
+            if improved:
+                best = {"score": score, "round": r, "global": global_flat.clone(),
+                        "hosted": {t: {"local": {k: v.clone() for k, v in h["local"].items()},
+                                       "shared": None if h["shared"] is None else h["shared"].clone()}
+                                   for t, h in hosted.items()}}
+            sent = packer.nbytes if len(plan) > 1 else 0
+            row = {"round": r + 1, "mean_val_auc": stats["mean"], "std_val_auc": stats["std"],
+                   "min_val_auc": stats["min"], "bytes_sent_per_node": sent,
+                   "bytes_round": 2 * sent * len(plan)}  # every node sends its state and receives the merge
+            for i, name in enumerate(names):
+                row.update({f"{name}/val_{m}": val[i][m] for m in METRICS})
+                row[f"{name}/train_loss"] = float(loss_all[i])
+            history.append(row)
+            for logger in loggers:
+                logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=r + 1)
+            if rank == 0 and self.progress:
+                bar.write(f"round {r + 1}/{self.rounds}: mean node val AUC {stats['mean']:.4f} "
+                          f"(min {stats['min']:.4f}){'  * best so far' if improved else ''}")
+        bar.close()
+
+        # Deploy the round of best mean validation AUC and score each node on its own test set.
+        hosted = best["hosted"]
+        test = self._evaluate_all(fabric, module, dm, plan, mine, hosted, best["global"], packer, "test", owner)
+        self._save_weights(fabric, run_dir, module, packer, best, plan, names, mine)
+        if rank != 0:
+            return None
+        summary = self._summary(dm, names, plan, val_history=history, best_round=best["round"], test=test,
+                                wall=time.perf_counter() - start, nbytes=packer.nbytes)
+        _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+        final = {f"{n['name']}/test_auc": n["test_auc"] for n in summary["nodes"]}
+        final.update({"test/mean_auc": summary["mean_test_auc"], "test/std_auc": summary["std_test_auc"],
+                      "test/min_auc": summary["min_test_auc"], "best_round": best["round"] + 1})
+        for logger in loggers:
+            logger.log_metrics(final, step=self.rounds + 1)
+            logger.finalize("success")
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.summary.update(final)
+                wandb.finish()
+        print(format_table(summary))
+        return summary
+
+    # ------------------------------------------------------------------ pieces
+    def _check(self, module, dm) -> None:
+        hp = getattr(module, "hparams", {}) or {}
+        if "in_chans" in hp and hp["in_chans"] != dm.in_chans:
+            raise HSLError(f"The model expects {hp['in_chans']}-channel images but the data has {dm.in_chans} "
+                           f"channel(s); set model in_chans to {dm.in_chans}.")
+        if getattr(module, "uses_sat", False) and not dm.uses_sat:
+            raise HSLError(f"{type(module).__name__} trains on primary + SAT pairs but the data module has no SAT "
+                           "(data.use_sat is false). Give it a SAT, or use ClassifierModule.")
+
+    def _describe(self) -> dict:
+        return {"strategy": self.strategy.name, "rounds": self.rounds, "local_epochs": self.local_epochs,
+                "contribute": self.contribute, "accelerator": self.accelerator, "devices": self.devices,
+                "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed}
+
+    @staticmethod
+    def _load(module, packer: StatePacker, shared: torch.Tensor, local: dict) -> None:
+        state = packer.unpack(shared)
+        state.update(local)
+        module.load_state_dict(state, strict=True)
+
+    def _train_local(self, fabric, module, dm, nodes, names, r, t, bar) -> tuple[dict, float]:
+        seed = _seed(self.seed, r, t)
+        torch.manual_seed(seed)
+        loader = dm.train_loader(nodes, seed, with_sat=getattr(module, "uses_sat", False))
+        optimizer = _optimizer(module.configure_optimizers())
+        select_best = self.contribute == "best" and self.local_epochs > 1
+        best_state, best_auc, epoch_loss = None, -math.inf, math.nan
+        for epoch in range(self.local_epochs):
+            module.train()
+            loss_sum = torch.zeros((), device=fabric.device)
+            steps = 0
+            for i, batch in enumerate(loader):
+                batch = fabric.to_device(batch)
+                with fabric.autocast():
+                    loss = module.training_step(batch, i)
+                loss = loss["loss"] if isinstance(loss, dict) else loss
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                optimizer.step()
+                loss_sum += loss.detach()
+                steps += 1
+            epoch_loss = float(loss_sum) / max(1, steps)
+            if not math.isfinite(epoch_loss):
+                raise HSLError(f"Training diverged at node {'+'.join(names[i] for i in nodes)}, round {r + 1}, epoch "
+                               f"{epoch + 1}: mean loss is {epoch_loss}. Lower the learning rate (model.lr) or check "
+                               "the node's data for NaN/inf pixels.")
+            if select_best:
+                aucs = [self._evaluate(fabric, module, dm, i, "val")["auc"] for i in nodes]
+                auc = summarize(aucs)["mean"]
+                auc = -math.inf if math.isnan(auc) else auc
+                if best_state is None or auc > best_auc:
+                    best_auc = auc
+                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return (best_state if best_state is not None else module.state_dict()), epoch_loss
+
+    @torch.no_grad()
+    def _evaluate(self, fabric, module, dm, node: int, split: str) -> dict:
+        module.eval()
+        metrics = NodeMetrics()
+        for i, batch in enumerate(dm.eval_loader(node, split)):
+            batch = fabric.to_device(batch)
+            with fabric.autocast():
+                out = module.validation_step(batch, i) if split == "val" else module.test_step(batch, i)
+            metrics.update(out["logits"], out["target"])
+        return metrics.compute()
+
+    def _evaluate_all(self, fabric, module, dm, plan, mine, hosted, global_flat, packer, split, owner) -> list[dict]:
+        """Each node's metrics with the model it would deploy, gathered on every rank."""
+        values = torch.full((len(owner), len(METRICS)), math.nan, dtype=torch.float64)
+        for t in mine:
+            shared = hosted[t]["shared"] if hosted[t]["shared"] is not None else global_flat
+            self._load(module, packer, shared, hosted[t]["local"])
+            for i in plan[t]:
+                m = self._evaluate(fabric, module, dm, i, split)
+                values[i] = torch.tensor([m[k] for k in METRICS], dtype=torch.float64)
+        values = self._gather(fabric, values, owner)
+        return [{k: float(values[i, j]) for j, k in enumerate(METRICS)} for i in range(len(owner))]
+
+    @staticmethod
+    def _gather(fabric, values: torch.Tensor, owner: dict[int, int]) -> torch.Tensor:
+        """Row i of the result comes from the rank that hosts node i."""
+        if fabric.world_size == 1:
+            return values
+        gathered = fabric.all_gather(values.to(fabric.device)).cpu()  # (world, nodes, k)
+        return torch.stack([gathered[owner[i], i] for i in range(values.shape[0])])
+
+    def _save_weights(self, fabric, run_dir, module, packer, best, plan, names, mine) -> None:
+        """``model.pt``: the deployed shared state; ``nodes/<name>.pt``: what differs per node."""
+        if fabric.global_rank == 0 and packer.numel and not self.strategy.personal:
+            # torch.save, not fabric.save: the latter waits at a barrier that only rank 0 would reach.
+            torch.save({"round": best["round"] + 1, "state": packer.unpack(best["global"].cpu())}, run_dir / "model.pt")
+        for t in mine:
+            h = best["hosted"][t]
+            own = dict(h["local"])
+            if h["shared"] is not None:
+                own.update(packer.unpack(h["shared"].cpu()))
+            if own:
+                (run_dir / "nodes").mkdir(parents=True, exist_ok=True)
+                name = "+".join(names[i] for i in plan[t])
+                torch.save({"round": best["round"] + 1, "state": {k: v.cpu() for k, v in own.items()}},
+                           run_dir / "nodes" / f"{name}.pt")
+        if fabric.world_size == 1:  # leave the user's module holding the deployed model of the first institution
+            first = mine[0]
+            h = best["hosted"][first]
+            self._load(module, packer, h["shared"] if h["shared"] is not None else best["global"], h["local"])
+
+    def _summary(self, dm, names, plan, val_history, best_round, test, wall, nbytes) -> dict:
+        best_val = val_history[best_round]
+        nodes = []
+        for i, name in enumerate(names):
+            node = dm.nodes[i]
+            row = {"name": name, "n_train": len(node.train), "n_val": len(node.val), "n_test": len(node.test),
+                   "test_auc": test[i]["auc"], "val_auc": best_val[f"{name}/val_auc"]}
+            row.update({f"test_{k}": test[i][k] for k in METRICS if k != "auc"})
+            if math.isnan(test[i]["auc"]):
+                pos, n = node.test.positives, len(node.test)
+                row["test_auc_undefined"] = ("no test samples" if n == 0 else
+                                             f"test set holds one class only ({pos} positive of {n})")
+            nodes.append(row)
+        stats = summarize([n["test_auc"] for n in nodes])
+        return {
+            "method": self.strategy.name, "seed": self.seed, "rounds": self.rounds,
+            "local_epochs": self.local_epochs, "best_round": best_round + 1, "wall_s": round(wall, 2),
+            "nodes": nodes, "mean_test_auc": stats["mean"], "std_test_auc": stats["std"],
+            "min_test_auc": stats["min"], "mean_val_auc": best_val["mean_val_auc"],
+            "bytes_sent_per_node_per_round": nbytes if len(plan) > 1 else 0,
+            "history": val_history,
+        }
+
+
+def format_table(summary: dict) -> str:
+    """The per-node result table printed at the end of a run."""
+    lines = [f"{'node':<14}{'n_train':>8}{'n_val':>7}{'n_test':>7}{'val AUC':>9}{'test AUC':>10}"]
+    for n in summary["nodes"]:
+        lines.append(f"{n['name']:<14}{n['n_train']:>8}{n['n_val']:>7}{n['n_test']:>7}"
+                     f"{n['val_auc']:>9.4f}{n['test_auc']:>10.4f}")
+    lines.append(f"{summary['method']}: mean test AUC {summary['mean_test_auc']:.4f} +- {summary['std_test_auc']:.4f} "
+                 f"(min {summary['min_test_auc']:.4f}), best round {summary['best_round']}, {summary['wall_s']:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Synchronisation: the shared state as one flat vector, merged by one weighted all-reduce.
+
+Each rank adds ``weight * state`` of the institutions it hosts into one float64 vector whose last
+element is the sum of weights; one all-reduce (sum) over ranks then gives the numerator and the
+denominator of the weighted mean. Accumulating in float64 makes the result independent of how
+institutions are spread over ranks up to float32 rounding.
+
+Integer buffers (BatchNorm's ``num_batches_tracked``) are averaged like the rest and rounded to
+the nearest integer: the merged model has seen the (weighted) mean number of batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StatePacker:
+    """Maps the ``keys`` entries of a state dict to one float64 vector and back."""
+
+    def __init__(self, template: dict[str, torch.Tensor], keys: list[str]):
+        self.keys = list(keys)
+        self.shapes = [template[k].shape for k in self.keys]
+        self.dtypes = [template[k].dtype for k in self.keys]
+        self.sizes = [template[k].numel() for k in self.keys]
+        self.numel = sum(self.sizes)
+        #: bytes one institution sends per synchronisation: the entries in their own dtype
+        self.nbytes = sum(template[k].numel() * template[k].element_size() for k in self.keys)
+
+    def pack(self, state: dict[str, torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
+        if not self.keys:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        return torch.cat([state[k].detach().reshape(-1).to(device=device, dtype=torch.float64) for k in self.keys])
+
+    def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, chunk, shape, dtype in zip(self.keys, flat.split(self.sizes), self.shapes, self.dtypes):
+            value = chunk.reshape(shape)
+            out[key] = value.to(dtype) if dtype.is_floating_point else value.round().to(dtype)
+        return out
+
+
+def all_reduce_sum(fabric, vector: torch.Tensor) -> torch.Tensor:
+    """Sum ``vector`` over all ranks (a no-op on one rank)."""
+    if fabric is None or fabric.world_size == 1:
+        return vector
+    return fabric.all_reduce(vector, reduce_op="sum")

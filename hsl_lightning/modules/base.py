@@ -1,0 +1,84 @@
+"""Behaviour shared by every binary-task LightningModule of the library.
+
+Subclasses implement ``training_loss(batch)`` and ``primary_logits(batch)``. Evaluation
+(``validation_step``/``test_step``) returns the logits and targets, so the Federation can score
+each institution itself; under a plain ``lightning.Trainer`` the module also keeps one
+:class:`NodeMetrics` per dataloader (= per node) and logs ``node{i}/val_auc`` and friends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from hsl_lightning.metrics import NodeMetrics
+
+
+class BinaryTaskModule(L.LightningModule):
+    uses_sat = False  # whether training batches must carry SAT images
+
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 1e-4):
+        super().__init__()
+        self.lr, self.weight_decay = lr, weight_decay
+        self._eval_metrics: dict[tuple[str, int], NodeMetrics] = {}
+
+    # --- to implement
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def primary_logits(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- Lightning hooks
+    @property
+    def _under_trainer(self) -> bool:
+        return self._trainer is not None
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, parts = self.training_loss(batch)
+        if self._under_trainer:
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["label"].shape[0])
+            for k, v in parts.items():
+                self.log(f"train/{k}", v, batch_size=batch["label"].shape[0])
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict, dataloader_idx: int) -> dict[str, torch.Tensor]:
+        logits = self.primary_logits(batch)
+        target = batch["label"]
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        if self._under_trainer:
+            key = (stage, dataloader_idx)
+            self._eval_metrics.setdefault(key, NodeMetrics()).update(logits, target)
+        return {"loss": loss, "logits": logits.detach(), "target": target}
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
+        return self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
+        return self._eval_step("test", batch, dataloader_idx)
+
+    def _log_eval(self, stage: str) -> None:
+        aucs = []
+        for (s, idx), metrics in sorted(self._eval_metrics.items()):
+            if s != stage:
+                continue
+            for name, value in metrics.compute().items():
+                if isinstance(value, float):
+                    self.log(f"node{idx}/{stage}_{name}", value, add_dataloader_idx=False)
+            aucs.append(metrics.compute()["auc"])
+            metrics.reset()
+        defined = [a for a in aucs if not math.isnan(a)]
+        if defined:
+            self.log(f"{stage}/mean_auc", sum(defined) / len(defined), prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -1,0 +1,33 @@
+"""ClassifierModule: a plain timm classifier for single-task baselines (local, central, FedAvg...)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hsl_lightning.models.backbones import create_backbone
+from hsl_lightning.modules.base import BinaryTaskModule
+
+
+class ClassifierModule(BinaryTaskModule):
+    """timm backbone + dropout + one linear logit, trained with BCE on the primary task only."""
+
+    uses_sat = False
+
+    def __init__(self, backbone: str = "resnet18", in_chans: int = 1, pretrained: bool = False,
+                 weights: str | None = None, dropout: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4):
+        super().__init__(lr=lr, weight_decay=weight_decay)
+        self.save_hyperparameters()
+        self.encoder = create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, weights=weights)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.encoder.num_features, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(image)).squeeze(1)
+
+    def training_loss(self, batch: dict):
+        loss = F.binary_cross_entropy_with_logits(self(batch["image"]).float(), batch["label"].float())
+        return loss, {}
+
+    def primary_logits(self, batch: dict) -> torch.Tensor:
+        return self(batch["image"])

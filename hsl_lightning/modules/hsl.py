@@ -1,0 +1,101 @@
+"""HSLModule: the HeteroSync Learning model (primary + SAT towers on the MMoE)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from hsl_lightning.errors import HSLError
+from hsl_lightning.models.mmoe import HSLNetwork
+from hsl_lightning.modules.base import BinaryTaskModule
+
+SatInference = Literal["primary", "reference", "paired"]
+
+
+class HSLModule(BinaryTaskModule):
+    """Primary task and Shared Anchor Task trained jointly through the MMoE.
+
+    Loss = ``primary_weight`` * BCE(primary) + ``sat_weight`` * BCE(SAT), on logits.
+
+    ``sat_inference`` decides what the SAT branch sees when only a primary image exists:
+    ``primary``: the primary image goes through both branches; ``reference``: the SAT feature is
+    the mean SAT-encoder feature of a fixed batch of public SAT images (``set_sat_reference``),
+    the same for every image; ``paired``: each image gets a fixed, seeded SAT partner from the
+    evaluation batch (``sat_image``). The default and the measurements behind it are in the README.
+
+    The network's arguments (backbone ... tower_dropout) are those of :class:`HSLNetwork`.
+    """
+
+    uses_sat = True
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        in_chans: int = 1,
+        pretrained: bool = False,
+        weights: str | None = None,
+        shared_encoder: bool = False,
+        proj_dim: int = 512,
+        skip_dim: int = 32,
+        temperature: float = 3.0,
+        num_experts: int = 12,
+        expert_hidden: int = 62,
+        expert_dropout: float = 0.3,
+        tower_hidden: int = 16,
+        tower_dropout: float = 0.4,
+        primary_weight: float = 0.5,
+        sat_weight: float = 0.5,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        sat_inference: SatInference = "primary",
+    ):
+        super().__init__(lr=lr, weight_decay=weight_decay)
+        if sat_inference not in ("primary", "reference", "paired"):
+            raise HSLError(f"sat_inference must be primary, reference or paired, got '{sat_inference}'.")
+        self.save_hyperparameters()
+        self.primary_weight, self.sat_weight, self.sat_inference = primary_weight, sat_weight, sat_inference
+        self.net = HSLNetwork(
+            backbone=backbone, in_chans=in_chans, pretrained=pretrained, weights=weights,
+            shared_encoder=shared_encoder, proj_dim=proj_dim, skip_dim=skip_dim, temperature=temperature,
+            num_experts=num_experts, expert_hidden=expert_hidden, expert_dropout=expert_dropout,
+            tower_hidden=tower_hidden, tower_dropout=tower_dropout,
+        )
+        # Public SAT images for 'reference' inference; not part of the state (never averaged).
+        self.register_buffer("sat_reference", None, persistent=False)
+
+    def set_sat_reference(self, images: torch.Tensor | None) -> None:
+        self.sat_reference = None if images is None else images.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.sat_reference is None and hasattr(dm, "sat_reference"):
+            self.set_sat_reference(dm.sat_reference())
+
+    def forward(self, image: torch.Tensor, sat_image: torch.Tensor | None = None):
+        return self.net(image, sat_image)
+
+    def training_loss(self, batch: dict):
+        if "sat_image" not in batch:
+            raise HSLError("HSLModule trains on paired batches with 'sat_image'; the data module has no SAT "
+                           "(data.use_sat is false or data.sat is null). Use ClassifierModule for primary-only training.")
+        out = self.net(batch["image"], batch["sat_image"])
+        primary = F.binary_cross_entropy_with_logits(out.primary_logit.float(), batch["label"].float())
+        sat = F.binary_cross_entropy_with_logits(out.sat_logit.float(), batch["sat_label"].float())
+        return self.primary_weight * primary + self.sat_weight * sat, {"primary_loss": primary, "sat_loss": sat}
+
+    def primary_logits(self, batch: dict, policy: SatInference | None = None) -> torch.Tensor:
+        policy = policy or self.sat_inference
+        image = batch["image"]
+        if policy == "primary":
+            return self.net(image, image).primary_logit
+        if policy == "paired":
+            if "sat_image" not in batch:
+                raise HSLError("sat_inference 'paired' needs evaluation batches with 'sat_image' (a data module with a SAT).")
+            return self.net(image, batch["sat_image"]).primary_logit
+        if self.sat_reference is None:
+            raise HSLError("sat_inference 'reference' needs SAT reference images: call set_sat_reference(images) "
+                           "or use a data module with a SAT.")
+        feature = self.net.sat_features(self.sat_reference.to(image.dtype)).mean(0, keepdim=True)
+        return self.net(image, sat_feature=feature).primary_logit
