@@ -72,11 +72,17 @@ def print_strategies() -> None:
 
 
 def _hsl_message(exc: BaseException) -> str | None:
-    """The HSLError message of an exception, also when it was raised in a spawned rank."""
-    if isinstance(exc, HSLError):
-        return str(exc)
-    text = str(exc)
-    match = re.search(r"HSLError: (.+?)\s*$", text, flags=re.S)
+    """The HSLError behind an exception: raised directly, wrapped by jsonargparse while it
+    instantiated the config (found through the exception chain), or raised in a spawned rank
+    (found in the child's traceback text)."""
+    seen = exc
+    for _ in range(20):
+        if seen is None:
+            break
+        if isinstance(seen, HSLError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"HSLError: (.+?)\s*$", str(exc), flags=re.S)
     return match.group(1) if match else None
 
 

@@ -8,6 +8,7 @@ NaN with the reason, and summaries skip it rather than crash or count it as 0.5.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -40,7 +41,10 @@ class NodeMetrics:
         if self.n_pos + self.n_neg == 0:
             return {"auc": math.nan, "acc": math.nan, "sensitivity": math.nan, "specificity": math.nan,
                     "auc_undefined": "no samples"}
-        values = {k: float(v) for k, v in self.collection.compute().items()}
+        with warnings.catch_warnings():
+            # torchmetrics warns about a missing class; we report that below, with the reason.
+            warnings.simplefilter("ignore", UserWarning)
+            values = {k: float(v) for k, v in self.collection.compute().items()}
         if self.n_pos == 0 or self.n_neg == 0:
             values["auc"] = math.nan
             values["auc_undefined"] = f"only one class present ({self.n_pos} positive, {self.n_neg} negative)"

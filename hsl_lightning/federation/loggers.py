@@ -36,7 +36,8 @@ def resolve_wandb_mode(mode: WandbMode) -> str:
 def make_loggers(run_dir: Path, mode: WandbMode, project: str, run_name: str, config: dict | None) -> list:
     from lightning.fabric.loggers import CSVLogger
 
-    loggers = [CSVLogger(root_dir=str(run_dir), name="csv", version="")]
+    # One row per round, written as it comes: a crashed run keeps every finished round.
+    loggers = [CSVLogger(root_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)]
     resolved = resolve_wandb_mode(mode)
     if resolved != "disabled":
         from lightning.pytorch.loggers import WandbLogger

@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from hsl_lightning.cli import main
+
+from conftest import REPO
+
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+
+def run_hsl(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "hsl_lightning", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_config_typo_is_reported_by_the_cli(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", QUICKSTART, "--federation.roundz", "2"])
+    assert exit_.value.code == 2
+    assert "roundz" in capsys.readouterr().err
+
+
+def test_wrong_type_is_reported_by_the_cli(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", QUICKSTART, "--federation.rounds", "two"])
+    assert exit_.value.code == 2
+    assert "rounds" in capsys.readouterr().err
+
+
+def test_configs_compose_and_print(tmp_path, capsys):
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text("data:\n  scenario:\n    num_nodes: 5\n    feature_skew: 0.9\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", QUICKSTART, "--config", str(scenario), "--model.backbone", "resnet34",
+              "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["scenario"]["num_nodes"] == 5 and printed["data"]["scenario"]["feature_skew"] == 0.9
+    assert printed["data"]["scenario"]["sizes"] == [3.0, 2.0, 1.0]  # kept from the first file
+    assert printed["model"]["init_args"]["backbone"] == "resnet34"
+    assert set(printed) >= {"model", "data", "federation", "seed_everything"}
+
+
+def test_strategies_are_listed(capsys):
+    main(["strategies"])
+    out = capsys.readouterr().out
+    for name in ("hsl", "fedavg", "local", "central"):
+        assert f"\n{name} " in "\n" + out
+
+
+def test_unknown_backbone_is_one_message_without_traceback():
+    res = run_hsl("fit", "--config", QUICKSTART, "--model.backbone", "resnet-18", "--federation.wandb", "disabled")
+    assert res.returncode == 2
+    assert "Unknown backbone 'resnet-18'" in res.stderr and "resnet18" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_strategy_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", QUICKSTART, "--federation.strategy", "fedavgg"])
+    assert exit_.value.code == 2
+    assert "Did you mean: fedavg" in capsys.readouterr().err
+
+
+def test_missing_data_root_is_one_message(tmp_path):
+    res = run_hsl("fit", "--config", str(REPO / "configs" / "medmnist_combined.yaml"), "--data.root", str(tmp_path),
+                  "--federation.wandb", "disabled", "--federation.run_dir", str(tmp_path / "run"))
+    assert res.returncode == 2
+    assert f"MedMNIST file not found: {tmp_path}/breastmnist.npz" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()

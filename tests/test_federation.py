@@ -1,0 +1,128 @@
+import json
+import math
+
+import pytest
+import torch
+
+from hsl_lightning import ClassifierModule, Federation, HSLError, Scenario
+from hsl_lightning.metrics import NodeMetrics
+from hsl_lightning.modules import HSLModule
+
+from conftest import tiny_data, tiny_hsl
+
+
+def fit(tmp_path, model=None, data=None, **kwargs):
+    kwargs = {"rounds": 2, "run_dir": str(tmp_path / "run"), "wandb": "disabled", "progress": False, **kwargs}
+    torch.manual_seed(0)
+    return Federation(**kwargs).fit(model if model is not None else tiny_hsl(), data if data is not None else tiny_data())
+
+
+def test_summary_has_the_documented_fields(tmp_path):
+    summary = fit(tmp_path)
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["mean_test_auc"] == summary["mean_test_auc"]
+    for key in ("method", "seed", "rounds", "wall_s", "nodes", "mean_test_auc", "std_test_auc", "min_test_auc"):
+        assert key in on_disk, key
+    for node in on_disk["nodes"]:
+        assert set(node) >= {"name", "n_train", "n_val", "n_test", "test_auc", "val_auc"}
+    assert on_disk["method"] == "hsl" and on_disk["rounds"] == 2
+    aucs = [n["test_auc"] for n in on_disk["nodes"]]
+    assert on_disk["mean_test_auc"] == pytest.approx(sum(aucs) / len(aucs))
+    assert on_disk["min_test_auc"] == min(aucs)
+
+
+def test_reported_test_auc_is_that_of_the_saved_model(tmp_path):
+    dm = tiny_data()
+    summary = fit(tmp_path, data=dm)
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    model = tiny_hsl()
+    model.load_state_dict(saved["state"])
+    model.set_sat_reference(dm.sat_reference())
+    model.eval()
+    for i, node in enumerate(summary["nodes"]):
+        m = NodeMetrics()
+        with torch.no_grad():
+            for batch in dm.eval_loader(i, "test"):
+                m.update(model.primary_logits(batch), batch["label"])
+        assert m.compute()["auc"] == pytest.approx(node["test_auc"], abs=1e-6)
+    assert saved["round"] == summary["best_round"]
+
+
+def test_final_round_is_the_one_with_best_mean_validation_auc(tmp_path):
+    summary = fit(tmp_path, rounds=3)
+    history = [h["mean_val_auc"] for h in summary["history"]]
+    assert summary["best_round"] == 1 + max(range(3), key=lambda r: (history[r], -r))
+    assert summary["mean_val_auc"] == max(history)
+
+
+def test_bytes_exchanged_are_the_shared_state(tmp_path):
+    model = tiny_hsl()
+    expected = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    summary = fit(tmp_path, model=model, rounds=1)
+    assert summary["bytes_sent_per_node_per_round"] == expected
+    row = summary["history"][0]
+    assert row["bytes_round"] == 2 * expected * 3
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "local", "central"])
+def test_baseline_strategies_run(tmp_path, strategy):
+    summary = fit(tmp_path, model=ClassifierModule(backbone="test_resnet"), data=tiny_data(use_sat=False),
+                  strategy=strategy, rounds=1)
+    assert summary["method"] == strategy and len(summary["nodes"]) == 3
+    assert all(0 <= n["test_auc"] <= 1 for n in summary["nodes"])
+    if strategy in ("local", "central"):
+        assert summary["bytes_sent_per_node_per_round"] == 0
+        assert any((tmp_path / "run" / "nodes").iterdir())  # the per-node (or pooled) model is kept
+
+
+def test_same_seed_same_result(tmp_path):
+    a = fit(tmp_path / "a", rounds=1)
+    b = fit(tmp_path / "b", rounds=1)
+    assert [n["test_auc"] for n in a["nodes"]] == [n["test_auc"] for n in b["nodes"]]
+
+
+def test_single_class_test_set_is_reported_and_the_run_continues(tmp_path):
+    dm = tiny_data(scenario=Scenario(num_nodes=2, prevalence=[0.5, 0.0]))
+    summary = fit(tmp_path, data=dm, rounds=1)
+    node1 = summary["nodes"][1]
+    assert math.isnan(node1["test_auc"]) and "one class" in node1["test_auc_undefined"]
+    assert summary["mean_test_auc"] == pytest.approx(summary["nodes"][0]["test_auc"])
+
+
+def test_diverging_node_stops_the_run_naming_node_and_round(tmp_path, monkeypatch):
+    def nan_loss(self, batch):
+        return torch.tensor(float("nan"), requires_grad=True), {}
+
+    monkeypatch.setattr(HSLModule, "training_loss", nan_loss)
+    with pytest.raises(HSLError, match=r"node0, round 1"):
+        fit(tmp_path, rounds=1)
+
+
+def test_channel_mismatch_is_a_clear_error(tmp_path):
+    with pytest.raises(HSLError, match="3-channel"):
+        fit(tmp_path, model=tiny_hsl(in_chans=3))
+
+
+def test_hsl_module_without_sat_data_is_a_clear_error(tmp_path):
+    with pytest.raises(HSLError, match="no SAT"):
+        fit(tmp_path, data=tiny_data(use_sat=False))
+
+
+def test_csv_metrics_hold_per_node_keys(tmp_path):
+    fit(tmp_path, rounds=1)
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("node0/val_auc", "node2/val_auc", "node0/test_auc", "test/mean_auc", "mean_val_auc"):
+        assert key in header, key
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_result_as_one(tmp_path):
+    one = fit(tmp_path / "w1", rounds=2, local_epochs=2, threads=1)
+    two = fit(tmp_path / "w2", rounds=2, local_epochs=2, threads=1, devices=2)
+    for a, b in zip(one["nodes"], two["nodes"]):
+        assert a["test_auc"] == pytest.approx(b["test_auc"], abs=1e-4)
+        assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-4)
+    w1 = torch.load(tmp_path / "w1" / "run" / "model.pt", weights_only=True)["state"]
+    w2 = torch.load(tmp_path / "w2" / "run" / "model.pt", weights_only=True)["state"]
+    for key in w1:
+        assert torch.allclose(w1[key].float(), w2[key].float(), atol=1e-5), key

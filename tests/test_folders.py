@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from hsl_lightning import HSLError, ImageFolders
+
+from conftest import tiny_hsl
+
+
+def write_images(root, node, split, label, n, size=20, mode="L"):
+    folder = root / node / split / label
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)))
+    for i in range(n):
+        shape = (size, size) if mode == "L" else (size, size, 3)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode=mode).save(folder / f"{i}.png")
+
+
+def make_tree(root):
+    for node in ("hospital_a", "hospital_b"):
+        for label in ("0", "1"):
+            write_images(root, node, "train", label, 10)
+            write_images(root, node, "test", label, 3)
+    return root
+
+
+def test_reads_per_institution_folders_and_holds_out_validation(tmp_path):
+    data = ImageFolders(str(make_tree(tmp_path))).load()
+    assert list(data) == ["hospital_a", "hospital_b"]
+    a = data["hospital_a"]
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (16, 4, 6)
+    assert a["val"].positives == 2 and a["train"].images.shape[1:] == (1, 20, 20)
+
+
+def test_folder_data_trains_in_a_federation(tmp_path):
+    from hsl_lightning import FederatedDataModule, Federation, SyntheticAnchor
+
+    dm = FederatedDataModule(primary=ImageFolders(str(make_tree(tmp_path / "data")), size=28),
+                             sat=SyntheticAnchor(num_samples=64, size=28), batch_size=16)
+    summary = Federation(rounds=1, run_dir=str(tmp_path / "run"), wandb="disabled", progress=False).fit(tiny_hsl(), dm)
+    assert [n["name"] for n in summary["nodes"]] == ["hospital_a", "hospital_b"]
+    assert [n["n_test"] for n in summary["nodes"]] == [6, 6]
+
+
+def test_label_folders_must_be_0_and_1_or_named(tmp_path):
+    write_images(tmp_path, "a", "train", "benign", 2)
+    write_images(tmp_path, "a", "test", "benign", 2)
+    with pytest.raises(HSLError, match="neither '0' nor '1'"):
+        ImageFolders(str(tmp_path)).load()
+    data = ImageFolders(str(tmp_path), positive="malignant", val_fraction=0.5).load()
+    assert data["a"]["test"].positives == 0
+
+
+def test_mixed_image_sizes_need_a_size(tmp_path):
+    make_tree(tmp_path)
+    write_images(tmp_path, "hospital_a", "train", "1", 1, size=24)  # replaces one 20 px image
+    with pytest.raises(HSLError, match="Set size"):
+        ImageFolders(str(tmp_path)).load()
+    assert ImageFolders(str(tmp_path), size=16).load()["hospital_a"]["train"].images.shape[-1] == 16
+
+
+def test_missing_root_and_missing_split_are_clear_errors(tmp_path):
+    with pytest.raises(HSLError, match="not found"):
+        ImageFolders(str(tmp_path / "nowhere")).load()
+    write_images(tmp_path, "a", "train", "0", 2)
+    with pytest.raises(HSLError, match="no 'test' folder"):
+        ImageFolders(str(tmp_path)).load()
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    make_tree(tmp_path)
+    bad = tmp_path / "hospital_b" / "test" / "1" / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(HSLError, match="broken.png"):
+        ImageFolders(str(tmp_path)).load()

@@ -1,0 +1,81 @@
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from hsl_lightning import HSLError, MedMNIST
+from hsl_lightning.data import medmnist as mm
+
+
+def test_reads_official_breastmnist_with_malignant_as_positive(medmnist_root):
+    splits = MedMNIST("breastmnist", root=str(medmnist_root)).load()
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [546, 78, 156]
+    raw = np.load(medmnist_root / "breastmnist.npz")["test_labels"].ravel()
+    assert torch.equal(splits["test"].labels, torch.from_numpy((raw == 0).astype(np.int64)))
+    assert splits["train"].images.shape[1:] == (1, 28, 28) and splits["train"].images.dtype == torch.uint8
+
+
+def test_retinamnist_positive_is_referable_grade(medmnist_root):
+    splits = MedMNIST("retinamnist", root=str(medmnist_root)).load()
+    raw = np.load(medmnist_root / "retinamnist.npz")["train_labels"].ravel()
+    assert torch.equal(splits["train"].labels, torch.from_numpy((raw >= 2).astype(np.int64)))
+    assert splits["train"].images.shape[1] == 3
+
+
+def test_root_comes_from_the_environment_variable(medmnist_root, monkeypatch):
+    monkeypatch.setenv(mm.ENV_ROOT, str(medmnist_root))
+    assert len(MedMNIST("pneumoniamnist").load()["test"]) == 624
+
+
+def test_missing_file_says_where_to_put_which_file(tmp_path):
+    with pytest.raises(HSLError) as err:
+        MedMNIST("breastmnist", root=str(tmp_path)).load()
+    text = str(err.value)
+    assert str(tmp_path / "breastmnist.npz") in text and "HSL_DATA_ROOT" in text and "zenodo" in text
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path, medmnist_root):
+    good = (medmnist_root / "breastmnist.npz").read_bytes()
+    (tmp_path / "breastmnist.npz").write_bytes(good[: len(good) // 3])
+    with pytest.raises(HSLError, match="corrupt or truncated"):
+        MedMNIST("breastmnist", root=str(tmp_path)).load()
+
+
+def test_file_with_missing_keys_is_a_clear_error(tmp_path):
+    np.savez(tmp_path / "breastmnist.npz", train_images=np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(HSLError, match="keys .* missing"):
+        MedMNIST("breastmnist", root=str(tmp_path)).load()
+
+
+def test_labels_outside_the_task_are_a_clear_error(tmp_path):
+    arrays = {}
+    for s in ("train", "val", "test"):
+        arrays[f"{s}_images"] = np.zeros((3, 28, 28), np.uint8)
+        arrays[f"{s}_labels"] = np.array([[0], [1], [5]], np.uint8)
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    with pytest.raises(HSLError, match="outside breastmnist's classes"):
+        MedMNIST("breastmnist", root=str(tmp_path)).load()
+
+
+def test_unknown_flag_suggests_the_closest():
+    with pytest.raises(HSLError, match="breastmnist"):
+        MedMNIST("breastmnis")
+
+
+def test_download_keeps_only_a_file_with_the_official_md5(tmp_path, monkeypatch, medmnist_root):
+    payload = {"bytes": b"not the real file"}
+
+    def fake_urlretrieve(url, dest):
+        assert url.startswith("https://zenodo.org/records/10519652/files/breastmnist.npz")
+        open(dest, "wb").write(payload["bytes"])
+
+    monkeypatch.setattr(mm.urllib.request, "urlretrieve", fake_urlretrieve)
+    with pytest.raises(HSLError, match="wrong MD5"):
+        MedMNIST("breastmnist", root=str(tmp_path), download=True).load()
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
+
+    payload["bytes"] = (medmnist_root / "breastmnist.npz").read_bytes()
+    assert hashlib.md5(payload["bytes"]).hexdigest() == mm.MD5["breastmnist"][0]
+    splits = MedMNIST("breastmnist", root=str(tmp_path), download=True).load()
+    assert len(splits["train"]) == 546 and (tmp_path / "breastmnist.npz").is_file()
