@@ -57,6 +57,11 @@ def _optimizer(configured):
     raise HSLError("configure_optimizers must return an optimizer (or a dict / list holding one) for federated training.")
 
 
+def _shared_of(hosted: dict, global_flat: torch.Tensor) -> torch.Tensor:
+    """An institution's shared state: its own when the strategy personalises, else the merged one."""
+    return hosted["shared"] if hosted["shared"] is not None else global_flat
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -172,16 +177,17 @@ class Federation:
         for r in range(self.rounds):
             acc = torch.zeros(packer.numel + 1, dtype=torch.float64, device=fabric.device)
             train_loss = torch.full((len(names),), math.nan, dtype=torch.float64)
-            own = {}
+            own = {}  # contributions kept only when the merge is personal (one flat state per institution)
             for t in mine:
-                self._load(module, packer, hosted[t]["shared"] if hosted[t]["shared"] is not None else global_flat,
-                           hosted[t]["local"])
+                self._load(module, packer, _shared_of(hosted[t], global_flat), hosted[t]["local"])
                 bar.set_postfix_str(f"round {r + 1}/{self.rounds} {'+'.join(names[i] for i in plan[t])}")
-                state, loss = self._train_local(fabric, module, dm, plan[t], names, r, t, bar)
+                state, loss = self._train_local(fabric, module, dm, plan[t], names, r, t)
                 w = self.strategy.weight(n_train[t])
-                own[t] = packer.pack(state, fabric.device)
-                acc[:-1] += w * own[t]
+                flat = packer.pack(state, fabric.device)
+                acc[:-1] += w * flat
                 acc[-1] += w
+                if self.strategy.personal:
+                    own[t] = flat
                 hosted[t]["local"] = {k: state[k].detach().clone() for k in local_keys}
                 for i in plan[t]:
                     train_loss[i] = loss
@@ -267,7 +273,7 @@ class Federation:
         state.update(local)
         module.load_state_dict(state, strict=True)
 
-    def _train_local(self, fabric, module, dm, nodes, names, r, t, bar) -> tuple[dict, float]:
+    def _train_local(self, fabric, module, dm, nodes, names, r, t) -> tuple[dict, float]:
         seed = _seed(self.seed, r, t)
         torch.manual_seed(seed)
         loader = dm.train_loader(nodes, seed, with_sat=getattr(module, "uses_sat", False))
@@ -317,8 +323,7 @@ class Federation:
         """Each node's metrics with the model it would deploy, gathered on every rank."""
         values = torch.full((len(owner), len(METRICS)), math.nan, dtype=torch.float64)
         for t in mine:
-            shared = hosted[t]["shared"] if hosted[t]["shared"] is not None else global_flat
-            self._load(module, packer, shared, hosted[t]["local"])
+            self._load(module, packer, _shared_of(hosted[t], global_flat), hosted[t]["local"])
             for i in plan[t]:
                 m = self._evaluate(fabric, module, dm, i, split)
                 values[i] = torch.tensor([m[k] for k in METRICS], dtype=torch.float64)
@@ -349,9 +354,8 @@ class Federation:
                 torch.save({"round": best["round"] + 1, "state": {k: v.cpu() for k, v in own.items()}},
                            run_dir / "nodes" / f"{name}.pt")
         if fabric.world_size == 1:  # leave the user's module holding the deployed model of the first institution
-            first = mine[0]
-            h = best["hosted"][first]
-            self._load(module, packer, h["shared"] if h["shared"] is not None else best["global"], h["local"])
+            h = best["hosted"][mine[0]]
+            self._load(module, packer, _shared_of(h, best["global"]), h["local"])
 
     def _summary(self, dm, names, plan, val_history, best_round, test, wall, nbytes) -> dict:
         best_val = val_history[best_round]
