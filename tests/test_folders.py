@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -73,3 +74,15 @@ def test_unreadable_image_names_the_file(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(HSLError, match="broken.png"):
         ImageFolders(str(tmp_path)).load()
+
+
+def test_simulated_scanners_apply_to_folder_institutions(tmp_path):
+    from hsl_lightning import FederatedDataModule, Scenario
+    from hsl_lightning.data import Acquisition
+
+    dm = FederatedDataModule(primary=ImageFolders(str(make_tree(tmp_path))), use_sat=False,
+                             scenario=Scenario(feature_skew=1.0))  # num_nodes follows the folders
+    dm.setup()
+    assert len(dm.nodes) == 2 and all(n.acquisition != Acquisition() for n in dm.nodes)
+    raw = ImageFolders(str(tmp_path)).load()["hospital_a"]["test"].images
+    assert not torch.equal(dm.nodes[0].test.images, raw)

@@ -115,9 +115,7 @@ class FederatedDataModule(L.LightningDataModule):
         raw = self.primary.load(self.root)
         per_node = self._per_node_splits(raw, g)
         size = self.image_size or int(next(iter(per_node.values()))["train"].images.shape[-1])
-        scanners = self.scenario.scanners(g)
-        if len(scanners) != len(per_node):
-            scanners = [Acquisition()] * len(per_node)  # folder nodes without a per-node scanner list
+        scanners = self.scenario.scanners(g, len(per_node))
         self.sat_pool, self.sat_eval = self._load_sat(size, g)
         sat_index = self._sat_shards(len(per_node), g)
         nodes = []

@@ -124,11 +124,14 @@ class Scenario:
     def node_names(self) -> list[str]:
         return list(self.names) if self.names else [f"node{i}" for i in range(self.num_nodes)]
 
-    def scanners(self, g: torch.Generator) -> list[Acquisition]:
+    def scanners(self, g: torch.Generator, num_nodes: int | None = None) -> list[Acquisition]:
+        """One scanner per node (``num_nodes`` overrides the count, for sources split by institution)."""
+        n = self.num_nodes if num_nodes is None else num_nodes
         if self.acquisition is not None:
+            if len(self.acquisition) != n:
+                raise HSLError(f"scenario.acquisition lists {len(self.acquisition)} scanners for {n} nodes.")
             return list(self.acquisition)
-        return [Acquisition.random(self.feature_skew, g) if self.feature_skew > 0 else Acquisition()
-                for _ in range(self.num_nodes)]
+        return [Acquisition.random(self.feature_skew, g) if self.feature_skew > 0 else Acquisition() for _ in range(n)]
 
     def class_counts(self, n_pos: int, n_neg: int, g: torch.Generator) -> list[tuple[int, int]]:
         """(positives, negatives) per node drawn from a pool with ``n_pos``/``n_neg`` samples."""
