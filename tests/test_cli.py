@@ -44,11 +44,31 @@ def test_configs_compose_and_print(tmp_path, capsys):
     assert set(printed) >= {"model", "data", "federation", "seed_everything"}
 
 
-def test_strategies_are_listed(capsys):
+def test_strategies_are_listed_with_a_description(capsys):
+    from hsl_lightning.federation import STRATEGIES
+
     main(["strategies"])
-    out = capsys.readouterr().out
-    for name in ("hsl", "fedavg", "local", "central"):
-        assert f"\n{name} " in "\n" + out
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(STRATEGIES)
+    assert all(len(line.split()) > 3 for line in lines)
+
+
+def test_method_configs_compose_with_strategy_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", QUICKSTART, "--config", str(REPO / "configs" / "methods" / "fedprox.yaml"),
+              "--federation.strategy_options", "{mu: 0.1}", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["federation"]["strategy"] == "fedprox" and printed["federation"]["strategy_options"] == {"mu": 0.1}
+    assert printed["model"]["class_path"] == "hsl_lightning.ClassifierModule"
+    assert printed["model"]["init_args"]["backbone"] == "resnet18" and printed["data"]["use_sat"] is False
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "methods").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_method_config_names_its_strategy(path):
+    from hsl_lightning.federation import STRATEGIES
+
+    config = yaml.safe_load(path.read_text())
+    assert config["federation"]["strategy"] == path.stem in STRATEGIES
 
 
 def test_unknown_backbone_is_one_message_without_traceback():

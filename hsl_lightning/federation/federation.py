@@ -72,7 +72,8 @@ class Federation:
     """Trains one LightningModule per simulated institution and merges them with a strategy.
 
     Args:
-        strategy: how institutions share (``hsl``, ``fedavg``, ``local``, ``central``; see ``hsl strategies``).
+        strategy: how institutions share (``hsl``, ``fedavg``, ``fedprox``, ``local``, ...; ``hsl strategies`` lists them).
+        strategy_options: keyword arguments of the strategy, e.g. ``{"mu": 0.1}`` for fedprox.
         rounds: synchronisation rounds.
         local_epochs: local epochs per round at each institution.
         contribute: ``best`` (epoch of best local validation AUC within the round) or ``last``;
@@ -91,6 +92,7 @@ class Federation:
     def __init__(
         self,
         strategy: str = "hsl",
+        strategy_options: dict | None = None,
         rounds: int = 5,
         local_epochs: int = 1,
         contribute: Contribution | None = None,
@@ -107,7 +109,7 @@ class Federation:
     ):
         if rounds < 1 or local_epochs < 1:
             raise HSLError(f"rounds and local_epochs must be at least 1, got {rounds} and {local_epochs}.")
-        self.strategy: Strategy = get_strategy(strategy)
+        self.strategy: Strategy = get_strategy(strategy, strategy_options)
         self.rounds, self.local_epochs = rounds, local_epochs
         self.contribute = contribute or self.strategy.default_contribution
         self.accelerator, self.devices, self.num_nodes, self.precision = accelerator, devices, num_nodes, precision
@@ -152,7 +154,7 @@ class Federation:
             module.set_sat_reference(dm.sat_reference())
 
         template = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        packer = StatePacker(template, self.strategy.shared_keys(template))
+        packer = StatePacker(template, self.strategy.shared_keys(module))
         shared_set = set(packer.keys)
         local_keys = [k for k in template if k not in shared_set]
         n_train = [sum(len(dm.nodes[i].train) for i in nodes) for nodes in plan]
@@ -263,7 +265,7 @@ class Federation:
                            "(data.use_sat is false). Give it a SAT, or use ClassifierModule.")
 
     def _describe(self) -> dict:
-        return {"strategy": self.strategy.name, "rounds": self.rounds, "local_epochs": self.local_epochs,
+        return {"strategy": self.strategy.name, "strategy_options": self.strategy.options(), "rounds": self.rounds, "local_epochs": self.local_epochs,
                 "contribute": self.contribute, "accelerator": self.accelerator, "devices": self.devices,
                 "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed}
 
@@ -278,6 +280,7 @@ class Federation:
         torch.manual_seed(seed)
         loader = dm.train_loader(nodes, seed, with_sat=getattr(module, "uses_sat", False))
         optimizer = _optimizer(module.configure_optimizers())
+        self.strategy.begin_local(module)
         select_best = self.contribute == "best" and self.local_epochs > 1
         best_state, best_auc, epoch_loss = None, -math.inf, math.nan
         for epoch in range(self.local_epochs):
@@ -289,6 +292,9 @@ class Federation:
                 with fabric.autocast():
                     loss = module.training_step(batch, i)
                 loss = loss["loss"] if isinstance(loss, dict) else loss
+                extra = self.strategy.local_loss(module)
+                if extra is not None:
+                    loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)
                 fabric.backward(loss)
                 optimizer.step()

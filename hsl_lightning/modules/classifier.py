@@ -14,6 +14,7 @@ class ClassifierModule(BinaryTaskModule):
     """timm backbone + dropout + one linear logit, trained with BCE on the primary task only."""
 
     uses_sat = False
+    head_prefixes = ("head.",)  # the personal layers of personalisation strategies (FedPer)
 
     def __init__(self, backbone: str = "resnet18", in_chans: int = 1, pretrained: bool = False,
                  weights: str | None = None, dropout: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4):

@@ -29,6 +29,7 @@ class HSLModule(BinaryTaskModule):
     """
 
     uses_sat = True
+    head_prefixes = ("net.primary_tower.", "net.sat_tower.")  # personal layers for FedPer-style strategies
 
     def __init__(
         self,
