@@ -29,7 +29,7 @@ def test_personalized_keeps_half_own_and_half_mean_of_others():
 def test_fedprox_gradient_carries_mu_times_distance_to_global():
     s = get_strategy("fedprox", {"mu": 0.3})
     model = nn.Linear(4, 2)
-    s.begin_local(model)
+    s.begin_local(model, trainee=0)
     received = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
@@ -43,7 +43,7 @@ def test_fedprox_gradient_carries_mu_times_distance_to_global():
 def test_fedprox_with_mu_zero_adds_nothing():
     s = get_strategy("fedprox", {"mu": 0.0})
     model = nn.Linear(2, 1)
-    s.begin_local(model)
+    s.begin_local(model, trainee=0)
     assert s.local_loss(model) is None
 
 
@@ -86,13 +86,15 @@ def test_every_strategy_runs_one_round(tmp_path, name):
         model, data = tiny_hsl(), tiny_data()
     else:
         model, data = ClassifierModule(backbone="test_resnet"), tiny_data(use_sat=False)
-    summary = Federation(strategy=name, rounds=1, run_dir=str(tmp_path), wandb="disabled",
+    epochs = 2 if name == "fedrep" else 1  # FedRep trains the head, then the body
+    summary = Federation(strategy=name, rounds=1, local_epochs=epochs, run_dir=str(tmp_path), wandb="disabled",
                          progress=False).fit(model, data)
     assert summary["method"] == name and len(summary["nodes"]) == 3
     assert all(0 <= n["test_auc"] <= 1 for n in summary["nodes"])
     strategy = get_strategy(name)
     template = model.state_dict()
-    expected = StatePacker(template, strategy.shared_keys(model)).nbytes if len(strategy.plan(3)) > 1 else 0
+    expected = StatePacker(template, strategy.shared_keys(model)).nbytes + 4 * strategy.extra_size(model)
+    expected = expected if len(strategy.plan(3)) > 1 else 0
     assert summary["bytes_sent_per_node_per_round"] == expected
     if strategy.personal or expected < sum(v.numel() * v.element_size() for v in template.values()):
         assert len(list((tmp_path / "nodes").iterdir())) == len(strategy.plan(3))  # per-node state is kept
@@ -105,3 +107,80 @@ def test_personalized_nodes_end_with_different_models(tmp_path):
     states = [torch.load(p, weights_only=True)["state"] for p in sorted((tmp_path / "nodes").iterdir())]
     assert len(states) == 3
     assert not torch.allclose(states[0]["head.1.weight"], states[1]["head.1.weight"])
+
+
+def sgd_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(3, 1)
+
+
+def test_scaffold_corrects_each_step_by_the_control_variates():
+    s = get_strategy("scaffold")
+    model = sgd_model()
+    s.begin_local(model, trainee=0)
+    n = sum(p.numel() for p in model.parameters())
+    s._c = torch.linspace(-1, 1, n)  # global control variate
+    s._ci[0] = torch.linspace(2, 3, n)  # this node's
+    s.begin_local(model, trainee=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(5, 3)
+    model(x).pow(2).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    s.after_backward(model)
+    opt.step()
+    correction = (s._c - s._ci[0]).split([p.numel() for p in model.parameters()])
+    for p, p0, g, c in zip(model.parameters(), before, grads, correction):
+        assert torch.allclose(p.detach(), p0 - 0.1 * (g + c.view_as(g)), atol=1e-6)  # y - lr (g - c_i + c)
+
+
+def test_scaffold_control_variate_updates_follow_option_two():
+    s = get_strategy("scaffold")
+    models = [sgd_model(0), sgd_model(0)]
+    deltas = []
+    for node, model in enumerate(models):
+        s.begin_local(model, trainee=node)
+        x = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(4):  # K = 4 local steps
+            opt.zero_grad()
+            model(torch.randn(8, 3) + node).pow(2).mean().backward()
+            s.after_backward(model)
+            opt.step()
+        y = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        delta = s.end_local(model, node, steps=4, optimizer=opt)
+        # c_i+ = c_i - c + (x - y) / (K lr), with c = c_i = 0 in the first round
+        assert torch.allclose(s._ci[node], (x - y) / (4 * 0.05), atol=1e-5)
+        assert torch.allclose(delta.float(), s._ci[node], atol=1e-6)
+        deltas.append(delta)
+    s.after_round(deltas[0] + deltas[1], num_trainees=2)
+    assert torch.allclose(s._c, (s._ci[0] + s._ci[1]) / 2, atol=1e-6)  # c <- c + mean delta c_i
+
+
+def test_fedrep_trains_the_head_then_the_body():
+    s = get_strategy("fedrep", {"body_epochs": 1})
+    model = ClassifierModule(backbone="test_resnet")
+    s.begin_local(model, trainee=0)
+    s.begin_epoch(model, epoch=0, num_epochs=3)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.1.weight", "head.1.bias"}
+    s.begin_epoch(model, epoch=2, num_epochs=3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("head.") for n in trainable)
+    s.end_local(model, 0, steps=1, optimizer=None)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(k.startswith("head.") for k in s.shared_keys(model))
+    with pytest.raises(HSLError, match="local_epochs > body_epochs"):
+        s.begin_epoch(model, epoch=0, num_epochs=1)
+
+
+@pytest.mark.slow
+def test_scaffold_gives_the_same_result_on_two_ranks(tmp_path):
+    """The control variates travel in the same all-reduce as the weights: c must agree across ranks."""
+    runs = []
+    for devices in (1, 2):
+        torch.manual_seed(0)
+        model = ClassifierModule(backbone="test_resnet", optimizer="sgd", lr=0.05)
+        runs.append(Federation(strategy="scaffold", rounds=2, devices=devices, threads=1, wandb="disabled",
+                               progress=False, run_dir=str(tmp_path / f"w{devices}")).fit(model, tiny_data(use_sat=False)))
+    for a, b in zip(*[r["nodes"] for r in runs]):
+        assert a["test_auc"] == pytest.approx(b["test_auc"], abs=1e-4)

@@ -158,6 +158,9 @@ class Federation:
         shared_set = set(packer.keys)
         local_keys = [k for k in template if k not in shared_set]
         n_train = [sum(len(dm.nodes[i].train) for i in nodes) for nodes in plan]
+        n_extra = self.strategy.extra_size(module)  # strategy vectors summed in the same all-reduce
+        # What one institution sends per round: its shared state, plus strategy extras as float32.
+        payload = packer.nbytes + 4 * n_extra if len(plan) > 1 else 0
         global_flat = packer.pack(template, fabric.device)
         # Per institution hosted here: its non-shared entries, and its own shared state if the strategy personalises.
         hosted = {t: {"local": {k: template[k] for k in local_keys}, "shared": None} for t in mine}
@@ -177,16 +180,19 @@ class Federation:
         best = {"score": -math.inf, "round": -1}
         history = []
         for r in range(self.rounds):
-            acc = torch.zeros(packer.numel + 1, dtype=torch.float64, device=fabric.device)
+            # layout: [weighted shared state | strategy extras | sum of weights]
+            acc = torch.zeros(packer.numel + n_extra + 1, dtype=torch.float64, device=fabric.device)
             train_loss = torch.full((len(names),), math.nan, dtype=torch.float64)
             own = {}  # contributions kept only when the merge is personal (one flat state per institution)
             for t in mine:
                 self._load(module, packer, _shared_of(hosted[t], global_flat), hosted[t]["local"])
                 bar.set_postfix_str(f"round {r + 1}/{self.rounds} {'+'.join(names[i] for i in plan[t])}")
-                state, loss = self._train_local(fabric, module, dm, plan[t], names, r, t)
+                state, loss, extra = self._train_local(fabric, module, dm, plan[t], names, r, t)
                 w = self.strategy.weight(n_train[t])
                 flat = packer.pack(state, fabric.device)
-                acc[:-1] += w * flat
+                acc[:packer.numel] += w * flat
+                if extra is not None:
+                    acc[packer.numel:-1] += extra.to(acc.device)
                 acc[-1] += w
                 if self.strategy.personal:
                     own[t] = flat
@@ -195,13 +201,15 @@ class Federation:
                     train_loss[i] = loss
                 bar.update(1)
             total = all_reduce_sum(fabric, acc)
+            shared_sum = total[:packer.numel]
             if packer.numel:
                 if self.strategy.personal:
                     for t in mine:
-                        hosted[t]["shared"] = self.strategy.combine(own[t], total[:-1], self.strategy.weight(n_train[t]),
+                        hosted[t]["shared"] = self.strategy.combine(own[t], shared_sum, self.strategy.weight(n_train[t]),
                                                                     float(total[-1]))
                 else:
-                    global_flat = total[:-1] / total[-1]
+                    global_flat = shared_sum / total[-1]
+            self.strategy.after_round(total[packer.numel:-1] if n_extra else None, len(plan))
             del own
 
             val = self._evaluate_all(fabric, module, dm, plan, mine, hosted, global_flat, packer, "val", owner)
@@ -215,10 +223,9 @@ class Federation:
                         "hosted": {t: {"local": {k: v.clone() for k, v in h["local"].items()},
                                        "shared": None if h["shared"] is None else h["shared"].clone()}
                                    for t, h in hosted.items()}}
-            sent = packer.nbytes if len(plan) > 1 else 0
             row = {"round": r + 1, "mean_val_auc": stats["mean"], "std_val_auc": stats["std"],
-                   "min_val_auc": stats["min"], "bytes_sent_per_node": sent,
-                   "bytes_round": 2 * sent * len(plan)}  # every node sends its state and receives the merge
+                   "min_val_auc": stats["min"], "bytes_sent_per_node": payload,
+                   "bytes_round": 2 * payload * len(plan)}  # every node sends its state and receives the merge
             for i, name in enumerate(names):
                 row.update({f"{name}/val_{m}": val[i][m] for m in METRICS})
                 row[f"{name}/train_loss"] = float(loss_all[i])
@@ -237,7 +244,7 @@ class Federation:
         if rank != 0:
             return None
         summary = self._summary(dm, names, plan, val_history=history, best_round=best["round"], test=test,
-                                wall=time.perf_counter() - start, nbytes=packer.nbytes)
+                                wall=time.perf_counter() - start, nbytes=payload)
         _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
         final = {f"{n['name']}/test_auc": n["test_auc"] for n in summary["nodes"]}
         final.update({"test/mean_auc": summary["mean_test_auc"], "test/std_auc": summary["std_test_auc"],
@@ -275,15 +282,16 @@ class Federation:
         state.update(local)
         module.load_state_dict(state, strict=True)
 
-    def _train_local(self, fabric, module, dm, nodes, names, r, t) -> tuple[dict, float]:
+    def _train_local(self, fabric, module, dm, nodes, names, r, t) -> tuple[dict, float, torch.Tensor | None]:
         seed = _seed(self.seed, r, t)
         torch.manual_seed(seed)
         loader = dm.train_loader(nodes, seed, with_sat=getattr(module, "uses_sat", False))
         optimizer = _optimizer(module.configure_optimizers())
-        self.strategy.begin_local(module)
+        self.strategy.begin_local(module, t)
         select_best = self.contribute == "best" and self.local_epochs > 1
-        best_state, best_auc, epoch_loss = None, -math.inf, math.nan
+        best_state, best_auc, epoch_loss, total_steps = None, -math.inf, math.nan, 0
         for epoch in range(self.local_epochs):
+            self.strategy.begin_epoch(module, epoch, self.local_epochs)
             module.train()
             loss_sum = torch.zeros((), device=fabric.device)
             steps = 0
@@ -297,9 +305,11 @@ class Federation:
                     loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)
                 fabric.backward(loss)
+                self.strategy.after_backward(module)
                 optimizer.step()
                 loss_sum += loss.detach()
                 steps += 1
+            total_steps += steps
             epoch_loss = float(loss_sum) / max(1, steps)
             if not math.isfinite(epoch_loss):
                 raise HSLError(f"Training diverged at node {'+'.join(names[i] for i in nodes)}, round {r + 1}, epoch "
@@ -312,7 +322,8 @@ class Federation:
                 if best_state is None or auc > best_auc:
                     best_auc = auc
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        return (best_state if best_state is not None else module.state_dict()), epoch_loss
+        extra = self.strategy.end_local(module, t, total_steps, optimizer)
+        return (best_state if best_state is not None else module.state_dict()), epoch_loss, extra
 
     @torch.no_grad()
     def _evaluate(self, fabric, module, dm, node: int, split: str) -> dict:
@@ -382,7 +393,7 @@ class Federation:
             "local_epochs": self.local_epochs, "best_round": best_round + 1, "wall_s": round(wall, 2),
             "nodes": nodes, "mean_test_auc": stats["mean"], "std_test_auc": stats["std"],
             "min_test_auc": stats["min"], "mean_val_auc": best_val["mean_val_auc"],
-            "bytes_sent_per_node_per_round": nbytes if len(plan) > 1 else 0,
+            "bytes_sent_per_node_per_round": nbytes,
             "history": val_history,
         }
 

@@ -8,7 +8,11 @@ not a change to the orchestrator loop:
 - ``weight``: each institution's weight in the all-reduced sum;
 - ``combine``: the node's next shared state from its own contribution and the reduced sum
   (the weighted mean, unless the method personalises);
-- ``begin_local`` / ``local_loss``: an extra term of the local objective (e.g. FedProx).
+- local-training hooks, called by the Federation around each institution's local training:
+  ``begin_local`` / ``begin_epoch`` / ``local_loss`` (an extra loss term, e.g. FedProx) /
+  ``after_backward`` (e.g. SCAFFOLD's gradient correction) / ``end_local``, which may return a
+  vector to be summed over institutions in the same all-reduce as the weights, handed back to
+  ``after_round`` (e.g. SCAFFOLD's control-variate updates).
 """
 
 from __future__ import annotations
@@ -48,12 +52,31 @@ class Strategy:
     def combine(self, own: torch.Tensor, total: torch.Tensor, own_weight: float, total_weight: float) -> torch.Tensor:
         return total / total_weight
 
-    def begin_local(self, module: nn.Module) -> None:
-        """Called when an institution starts a round's local training, its model holding what it received."""
+    # --- local-training hooks (all optional) ------------------------------------------
+    def begin_local(self, module: nn.Module, trainee: int) -> None:
+        """An institution starts a round's local training, its model holding what it received."""
+
+    def begin_epoch(self, module: nn.Module, epoch: int, num_epochs: int) -> None:
+        """A local epoch starts."""
 
     def local_loss(self, module: nn.Module) -> torch.Tensor | None:
         """An extra term added to every local training step's loss (None: nothing)."""
         return None
+
+    def after_backward(self, module: nn.Module) -> None:
+        """Gradients are computed; the optimizer steps next."""
+
+    def extra_size(self, module: nn.Module) -> int:
+        """Length of the vector ``end_local`` returns (0: none)."""
+        return 0
+
+    def end_local(self, module: nn.Module, trainee: int, steps: int, optimizer) -> torch.Tensor | None:
+        """Local training ended after ``steps`` optimizer steps; optionally return a float64
+        vector of ``extra_size`` to be summed over all institutions."""
+        return None
+
+    def after_round(self, extra_total: torch.Tensor | None, num_trainees: int) -> None:
+        """The round's all-reduce is done; ``extra_total`` is the sum of ``end_local`` vectors."""
 
 
 class HSL(Strategy):
@@ -134,7 +157,7 @@ class FedProx(Strategy):
     def weight(self, n_train: int) -> float:
         return float(n_train)
 
-    def begin_local(self, module):
+    def begin_local(self, module, trainee):
         self._anchor = [(p, p.detach().clone()) for p in module.parameters() if p.requires_grad]
 
     def local_loss(self, module):
@@ -149,6 +172,14 @@ def _prefixed_keys(module: nn.Module, predicate) -> set[str]:
         if predicate(prefix, sub):
             keys.update(f"{prefix}.{k}" if prefix else k for k in sub.state_dict())
     return keys
+
+
+def _head_prefixes(module: nn.Module, strategy: str) -> tuple[str, ...]:
+    prefixes = tuple(getattr(module, "head_prefixes", ()))
+    if not prefixes:
+        raise HSLError(f"{strategy} needs the module to name its personal layers: {type(module).__name__} has no "
+                       "head_prefixes.")
+    return prefixes
 
 
 class FedBN(Strategy):
@@ -180,15 +211,103 @@ class FedPer(Strategy):
         return float(n_train)
 
     def shared_keys(self, module):
-        prefixes = tuple(getattr(module, "head_prefixes", ()))
-        if not prefixes:
-            raise HSLError(f"fedper needs the module to name its personal layers: {type(module).__name__} has no "
-                           "head_prefixes.")
+        prefixes = _head_prefixes(module, self.name)
         return [k for k in module.state_dict() if not k.startswith(prefixes)]
 
 
+class FedRep(Strategy):
+    """FedRep (Collins et al., "Exploiting Shared Representations for Personalized Federated
+    Learning", ICML 2021, Algorithm 1): the representation (body) is averaged, each node keeps its
+    head. Locally a node first trains only its head for ``local_epochs - body_epochs`` epochs with
+    the body frozen, then only the body for ``body_epochs`` epochs with the head frozen. The head is
+    the module's ``head_prefixes``. Aggregation: unweighted mean of the bodies, as in the paper."""
+
+    name = "fedrep"
+    description = ("FedRep (Collins et al. 2021): shared body (unweighted mean), personal head; locally head "
+                   "epochs first, then body epochs")
+
+    def __init__(self, body_epochs: int = 1):
+        if body_epochs < 1:
+            raise HSLError(f"fedrep body_epochs must be at least 1, got {body_epochs}.")
+        self.body_epochs = body_epochs
+        self._trainable: dict[str, bool] = {}  # requires_grad before local training, restored after
+
+    def shared_keys(self, module):
+        prefixes = _head_prefixes(module, self.name)
+        return [k for k in module.state_dict() if not k.startswith(prefixes)]
+
+    def begin_local(self, module, trainee):
+        self._trainable = {name: p.requires_grad for name, p in module.named_parameters()}
+
+    def begin_epoch(self, module, epoch, num_epochs):
+        if num_epochs <= self.body_epochs:
+            raise HSLError(f"fedrep trains the head before the body: it needs local_epochs > body_epochs "
+                           f"({self.body_epochs}), got local_epochs={num_epochs}.")
+        train_head = epoch < num_epochs - self.body_epochs
+        prefixes = _head_prefixes(module, self.name)
+        for name, p in module.named_parameters():
+            p.requires_grad_(self._trainable[name] and name.startswith(prefixes) == train_head)
+
+    def end_local(self, module, trainee, steps, optimizer):
+        for name, p in module.named_parameters():
+            p.requires_grad_(self._trainable[name])
+        return None
+
+
+class Scaffold(Strategy):
+    """SCAFFOLD (Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated
+    Learning", ICML 2020, Algorithm 1 with option II, all nodes every round, global step size 1).
+
+    Node i corrects every local gradient by its control variate: y <- y - lr (g(y) - c_i + c);
+    after K local steps, c_i+ = c_i - c + (x - y) / (K lr), where x is the model it received.
+    The models are averaged unweighted and c <- c + mean_i (c_i+ - c_i): the control-variate
+    deltas ride in the same all-reduce as the weights (so a node sends twice the parameters).
+    The correction is applied to the gradient before the module's optimizer step; the paper's
+    analysis assumes plain SGD (``model.optimizer: sgd``, as ``configs/methods/scaffold.yaml`` sets).
+    """
+
+    name = "scaffold"
+    description = "SCAFFOLD (Karimireddy et al. 2020): control variates correct each local gradient for client drift"
+
+    def __init__(self):
+        self._c: torch.Tensor | None = None  # the global control variate, identical on every rank
+        self._ci: dict[int, torch.Tensor] = {}  # per hosted node
+        self._params: list[nn.Parameter] = []
+        self._x: torch.Tensor | None = None
+        self._correction: list[torch.Tensor] = []
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self._params])
+
+    def extra_size(self, module):
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    def begin_local(self, module, trainee):
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        self._x = self._flat().clone()
+        if self._c is None:
+            self._c = torch.zeros_like(self._x)
+        ci = self._ci.setdefault(trainee, torch.zeros_like(self._x))
+        self._correction = list((self._c - ci).split([p.numel() for p in self._params]))
+
+    def after_backward(self, module):
+        for p, corr in zip(self._params, self._correction):
+            if p.grad is not None:
+                p.grad.add_(corr.view_as(p))
+
+    def end_local(self, module, trainee, steps, optimizer):
+        lr = optimizer.param_groups[0]["lr"]
+        old = self._ci[trainee]
+        new = old - self._c + (self._x - self._flat()) / (max(1, steps) * lr)
+        self._ci[trainee] = new
+        return (new - old).double()
+
+    def after_round(self, extra_total, num_trainees):
+        self._c = self._c + (extra_total / num_trainees).to(self._c.dtype)
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (HSL, FedAvg, Swarm, Personalized, FedProx, FedBN, FedPer, Local, Central)
+    s.name: s for s in (HSL, FedAvg, Swarm, Personalized, FedProx, Scaffold, FedBN, FedPer, FedRep, Local, Central)
 }
 
 

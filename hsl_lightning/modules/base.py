@@ -9,20 +9,27 @@ each institution itself; under a plain ``lightning.Trainer`` the module also kee
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from hsl_lightning.errors import HSLError
 from hsl_lightning.metrics import NodeMetrics
+
+Optimizer = Literal["adamw", "sgd"]
 
 
 class BinaryTaskModule(L.LightningModule):
     uses_sat = False  # whether training batches must carry SAT images
 
-    def __init__(self, lr: float = 1e-3, weight_decay: float = 1e-4):
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 1e-4, optimizer: Optimizer = "adamw",
+                 momentum: float = 0.0):
         super().__init__()
-        self.lr, self.weight_decay = lr, weight_decay
+        if optimizer not in ("adamw", "sgd"):
+            raise HSLError(f"optimizer must be adamw or sgd, got '{optimizer}'.")
+        self.lr, self.weight_decay, self.optimizer_name, self.momentum = lr, weight_decay, optimizer, momentum
         self._eval_metrics: dict[tuple[str, int], NodeMetrics] = {}
 
     # --- to implement
@@ -81,4 +88,6 @@ class BinaryTaskModule(L.LightningModule):
         self._log_eval("test")
 
     def configure_optimizers(self):
+        if self.optimizer_name == "sgd":  # plain SGD is what SCAFFOLD's and FedProx's analyses assume
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsl_lightning.models.backbones import create_backbone
-from hsl_lightning.modules.base import BinaryTaskModule
+from hsl_lightning.modules.base import BinaryTaskModule, Optimizer
 
 
 class ClassifierModule(BinaryTaskModule):
@@ -17,8 +17,9 @@ class ClassifierModule(BinaryTaskModule):
     head_prefixes = ("head.",)  # the personal layers of personalisation strategies (FedPer)
 
     def __init__(self, backbone: str = "resnet18", in_chans: int = 1, pretrained: bool = False,
-                 weights: str | None = None, dropout: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4):
-        super().__init__(lr=lr, weight_decay=weight_decay)
+                 weights: str | None = None, dropout: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 optimizer: Optimizer = "adamw", momentum: float = 0.0):
+        super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum)
         self.save_hyperparameters()
         self.encoder = create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, weights=weights)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.encoder.num_features, 1))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from hsl_lightning.errors import HSLError
 from hsl_lightning.models.mmoe import HSLNetwork
-from hsl_lightning.modules.base import BinaryTaskModule
+from hsl_lightning.modules.base import BinaryTaskModule, Optimizer
 
 SatInference = Literal["primary", "reference", "paired"]
 
@@ -50,9 +50,11 @@ class HSLModule(BinaryTaskModule):
         sat_weight: float = 0.5,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
+        optimizer: Optimizer = "adamw",
+        momentum: float = 0.0,
         sat_inference: SatInference = "primary",
     ):
-        super().__init__(lr=lr, weight_decay=weight_decay)
+        super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum)
         if sat_inference not in ("primary", "reference", "paired"):
             raise HSLError(f"sat_inference must be primary, reference or paired, got '{sat_inference}'.")
         self.save_hyperparameters()
