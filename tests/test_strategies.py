@@ -34,7 +34,7 @@ def test_fedprox_gradient_carries_mu_times_distance_to_global():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
-    s.local_loss(model).backward()
+    s.local_loss(model, batch=None).backward()
     for p, p0 in zip(model.parameters(), received):
         assert torch.allclose(p.grad, 0.3 * (p.detach() - p0), atol=1e-6)
     assert s.weight(40) == 40.0  # FedAvg aggregation
@@ -44,7 +44,7 @@ def test_fedprox_with_mu_zero_adds_nothing():
     s = get_strategy("fedprox", {"mu": 0.0})
     model = nn.Linear(2, 1)
     s.begin_local(model, trainee=0)
-    assert s.local_loss(model) is None
+    assert s.local_loss(model, batch=None) is None
 
 
 def test_fedbn_keeps_every_batchnorm_entry_local():
@@ -184,3 +184,31 @@ def test_scaffold_gives_the_same_result_on_two_ranks(tmp_path):
                                progress=False, run_dir=str(tmp_path / f"w{devices}")).fit(model, tiny_data(use_sat=False)))
     for a, b in zip(*[r["nodes"] for r in runs]):
         assert a["test_auc"] == pytest.approx(b["test_auc"], abs=1e-4)
+
+
+def test_moon_contrastive_term_matches_the_paper():
+    s = get_strategy("moon", {"mu": 1.0, "temperature": 0.5})
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    z_glob = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    z_prev = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    expected = []
+    for a, g, p in zip(z, z_glob, z_prev):
+        sg = torch.dot(a, g) / (a.norm() * g.norm())
+        sp = torch.dot(a, p) / (a.norm() * p.norm())
+        expected.append(-torch.log(torch.exp(sg / 0.5) / (torch.exp(sg / 0.5) + torch.exp(sp / 0.5))))
+    assert torch.allclose(s.contrastive_loss(z, z_glob, z_prev), torch.stack(expected).mean(), atol=1e-6)
+
+
+def test_moon_remembers_each_nodes_previous_model():
+    s = get_strategy("moon")
+    model = ClassifierModule(backbone="test_resnet")
+    s.begin_local(model, trainee=1)
+    batch = next(iter(tiny_data(use_sat=False).train_loader([1], seed=0, with_sat=False)))
+    assert s.local_loss(model, batch).requires_grad
+    with torch.no_grad():
+        model.head[1].weight.add_(1.0)  # "training"
+    s.end_local(model, 1, steps=1, optimizer=None)
+    received = ClassifierModule(backbone="test_resnet")
+    s.begin_local(received, trainee=1)
+    assert torch.equal(s._previous.head[1].weight, model.head[1].weight)  # z_prev comes from last round's model
+    assert torch.equal(s._global.head[1].weight, received.head[1].weight)  # z_glob from what was received

@@ -299,10 +299,10 @@ class Federation:
                 batch = fabric.to_device(batch)
                 with fabric.autocast():
                     loss = module.training_step(batch, i)
-                loss = loss["loss"] if isinstance(loss, dict) else loss
-                extra = self.strategy.local_loss(module)
-                if extra is not None:
-                    loss = loss + extra
+                    loss = loss["loss"] if isinstance(loss, dict) else loss
+                    extra = self.strategy.local_loss(module, batch)
+                    if extra is not None:
+                        loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)
                 fabric.backward(loss)
                 self.strategy.after_backward(module)

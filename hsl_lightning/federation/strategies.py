@@ -17,10 +17,12 @@ not a change to the orchestrator loop:
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hsl_lightning.errors import HSLError, suggest
@@ -59,7 +61,7 @@ class Strategy:
     def begin_epoch(self, module: nn.Module, epoch: int, num_epochs: int) -> None:
         """A local epoch starts."""
 
-    def local_loss(self, module: nn.Module) -> torch.Tensor | None:
+    def local_loss(self, module: nn.Module, batch: dict) -> torch.Tensor | None:
         """An extra term added to every local training step's loss (None: nothing)."""
         return None
 
@@ -160,7 +162,7 @@ class FedProx(Strategy):
     def begin_local(self, module, trainee):
         self._anchor = [(p, p.detach().clone()) for p in module.parameters() if p.requires_grad]
 
-    def local_loss(self, module):
+    def local_loss(self, module, batch):
         if not self._anchor or self.mu == 0:
             return None
         return 0.5 * self.mu * sum(((p - p0) ** 2).sum() for p, p0 in self._anchor)
@@ -306,8 +308,67 @@ class Scaffold(Strategy):
         self._c = self._c + (extra_total / num_trainees).to(self._c.dtype)
 
 
+class Moon(Strategy):
+    """MOON (Li, He and Song, "Model-Contrastive Federated Learning", CVPR 2021, Eq. 3-4).
+
+    The local loss adds mu * l_con with
+        l_con = -log( e^{sim(z, z_glob)/tau} / (e^{sim(z, z_glob)/tau} + e^{sim(z, z_prev)/tau}) ),
+    where z is the representation of the model being trained, z_glob that of the model the node
+    received this round and z_prev that of the node's own model after its previous round (the
+    received model in the first round), sim the cosine similarity. Both reference models are frozen
+    copies. The representation is the module's ``representation(batch)`` (the pooled encoder
+    feature; the paper adds a projection head, which we leave out). Aggregation as FedAvg.
+    """
+
+    name = "moon"
+    description = "MOON (Li et al. 2021): contrastive term pulls local representations to the global model's"
+
+    def __init__(self, mu: float = 1.0, temperature: float = 0.5):
+        if mu < 0 or temperature <= 0:
+            raise HSLError(f"moon needs mu >= 0 and temperature > 0, got mu={mu}, temperature={temperature}.")
+        self.mu, self.temperature = mu, temperature
+        self._previous_states: dict[int, dict[str, torch.Tensor]] = {}  # per hosted node, kept across rounds
+        self._global = self._previous = None
+
+    def weight(self, n_train: int) -> float:
+        return float(n_train)
+
+    @staticmethod
+    def _frozen_copy(module: nn.Module) -> nn.Module:
+        twin = copy.deepcopy(module).eval()
+        for p in twin.parameters():
+            p.requires_grad_(False)
+        return twin
+
+    def begin_local(self, module, trainee):
+        if not hasattr(module, "representation"):
+            raise HSLError(f"moon needs the module's representation(batch); {type(module).__name__} has none.")
+        self._global = self._frozen_copy(module)
+        self._previous = self._frozen_copy(module)
+        if trainee in self._previous_states:
+            self._previous.load_state_dict(self._previous_states[trainee])
+
+    def contrastive_loss(self, z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
+        sims = torch.stack([F.cosine_similarity(z, z_glob, dim=1), F.cosine_similarity(z, z_prev, dim=1)], dim=1)
+        target = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)  # the global model is the positive
+        return F.cross_entropy(sims / self.temperature, target)
+
+    def local_loss(self, module, batch):
+        if self.mu == 0:
+            return None
+        z = module.representation(batch)
+        with torch.no_grad():
+            z_glob, z_prev = self._global.representation(batch), self._previous.representation(batch)
+        return self.mu * self.contrastive_loss(z, z_glob, z_prev)
+
+    def end_local(self, module, trainee, steps, optimizer):
+        self._previous_states[trainee] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self._global = self._previous = None
+        return None
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (HSL, FedAvg, Swarm, Personalized, FedProx, Scaffold, FedBN, FedPer, FedRep, Local, Central)
+    s.name: s for s in (HSL, FedAvg, Swarm, Personalized, FedProx, Scaffold, Moon, FedBN, FedPer, FedRep, Local, Central)
 }
 
 

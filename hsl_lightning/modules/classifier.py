@@ -27,6 +27,10 @@ class ClassifierModule(BinaryTaskModule):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(image)).squeeze(1)
 
+    def representation(self, batch: dict) -> torch.Tensor:
+        """The pooled encoder feature (representation-level methods such as MOON use it)."""
+        return self.encoder(batch["image"])
+
     def training_loss(self, batch: dict):
         loss = F.binary_cross_entropy_with_logits(self(batch["image"]).float(), batch["label"].float())
         return loss, {}

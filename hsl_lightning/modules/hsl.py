@@ -79,6 +79,10 @@ class HSLModule(BinaryTaskModule):
     def forward(self, image: torch.Tensor, sat_image: torch.Tensor | None = None):
         return self.net(image, sat_image)
 
+    def representation(self, batch: dict) -> torch.Tensor:
+        """The projected primary feature f1 (representation-level methods such as MOON use it)."""
+        return self.net.primary_proj(self.net.primary_encoder(batch["image"]))
+
     def training_loss(self, batch: dict):
         if "sat_image" not in batch:
             raise HSLError("HSLModule trains on paired batches with 'sat_image'; the data module has no SAT "
