@@ -5,7 +5,7 @@ import timm
 import torch
 from torch import nn
 
-from hsl_lightning import ClassifierModule, Federation, HSLError
+from hsl_lightning import ClassifierModule, Federation, FoundationProbe, HSLError
 from hsl_lightning.federation.strategies import STRATEGIES, get_strategy
 from hsl_lightning.federation.sync import StatePacker
 
@@ -84,6 +84,9 @@ def test_every_strategy_runs_one_round(tmp_path, name):
     torch.manual_seed(0)
     if name == "hsl":
         model, data = tiny_hsl(), tiny_data()
+    elif name == "foundation":
+        model, data = FoundationProbe(backbone="test_vit", in_chans=1, pretrained=False), tiny_data(use_sat=False,
+                                                                                                   image_size=32)
     else:
         model, data = ClassifierModule(backbone="test_resnet"), tiny_data(use_sat=False)
     epochs = 2 if name == "fedrep" else 1  # FedRep trains the head, then the body

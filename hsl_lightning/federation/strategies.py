@@ -367,8 +367,34 @@ class Moon(Strategy):
         return None
 
 
+class Foundation(Strategy):
+    """Foundation-model baseline: a frozen pretrained encoder (``FoundationProbe``, the CLIP image
+    tower by default) with a linear probe, federated (size-weighted mean of the probe: only the
+    head crosses the boundary) or per node (``federated: false``: nothing is shared)."""
+
+    name = "foundation"
+    description = "Frozen pretrained encoder (CLIP image tower by default) + linear probe, federated or per node"
+
+    def __init__(self, federated: bool = True):
+        self.federated = federated
+
+    def weight(self, n_train: int) -> float:
+        return float(n_train)
+
+    def shared_keys(self, module):
+        if not any(p.requires_grad for p in module.parameters()) or all(p.requires_grad for p in module.parameters()):
+            raise HSLError("foundation trains a frozen encoder's linear probe: use model class_path "
+                           "hsl_lightning.FoundationProbe (see configs/methods/foundation.yaml).")
+        if not self.federated:
+            return []
+        prefixes = _head_prefixes(module, self.name)
+        return [k for k in module.state_dict() if k.startswith(prefixes)]
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (HSL, FedAvg, Swarm, Personalized, FedProx, Scaffold, Moon, FedBN, FedPer, FedRep, Local, Central)
+    s.name: s
+    for s in (HSL, FedAvg, Swarm, Personalized, FedProx, Scaffold, Moon, FedBN, FedPer, FedRep, Foundation, Local,
+              Central)
 }
 
 

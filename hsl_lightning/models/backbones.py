@@ -8,13 +8,44 @@ Hugging Face hub (``pretrained=True``, needs internet) or from a local file (``w
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
 from torch import nn
 
 from hsl_lightning.errors import HSLError, suggest
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_offline(active: bool):
+    """Cache-only hub look-ups for the duration (huggingface_hub reads its offline flag at import,
+    so the module constant is switched, not only the environment variable)."""
+    if not active:
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def _check_name(name: str) -> None:
@@ -46,19 +77,23 @@ class Backbone(nn.Module):
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
         else:
             kwargs.update(pretrained=pretrained)
+        offline_now = pretrained and weights is None and os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_reachable()
         try:
-            self.trunk = timm.create_model(name, **kwargs)
+            # Unreachable hub: look in the local cache only, so a missing file fails at once instead of
+            # after the hub client's retries.
+            with _hub_offline(offline_now):
+                self.trunk = timm.create_model(name, **kwargs)
         except HSLError:
             raise
         except Exception as exc:  # timm/hub raise many types; the user needs the cause and the way out
             if weights is not None:
                 raise HSLError(f"Could not load backbone weights for '{name}' from {weights}: {exc}") from exc
             if pretrained:
-                offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+                offline = offline_now or os.environ.get("HF_HUB_OFFLINE") == "1"
                 raise HSLError(
                     f"Could not fetch pretrained weights for '{name}' from the hub"
-                    f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {exc}. Without internet, download them "
-                    "elsewhere and pass --model.weights PATH, or use pretrained=false."
+                    f"{' (offline: the hub is unreachable or HF_HUB_OFFLINE=1)' if offline else ''}: {exc}. "
+                    "Without internet, download them elsewhere and pass --model.weights PATH, or use pretrained=false."
                 ) from exc
             raise HSLError(f"timm could not build '{name}' with in_chans={in_chans}: {exc}") from exc
         self.num_features = self.trunk.num_features

@@ -88,6 +88,7 @@ class BinaryTaskModule(L.LightningModule):
         self._log_eval("test")
 
     def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]  # frozen parts (a foundation encoder) stay out
         if self.optimizer_name == "sgd":  # plain SGD is what SCAFFOLD's and FedProx's analyses assume
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
