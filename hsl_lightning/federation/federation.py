@@ -272,9 +272,9 @@ class Federation:
                            "(data.use_sat is false). Give it a SAT, or use ClassifierModule.")
 
     def _describe(self) -> dict:
-        return {"strategy": self.strategy.name, "strategy_options": self.strategy.options(), "rounds": self.rounds, "local_epochs": self.local_epochs,
-                "contribute": self.contribute, "accelerator": self.accelerator, "devices": self.devices,
-                "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed}
+        return {"strategy": self.strategy.name, "strategy_options": self.strategy.options(), "rounds": self.rounds,
+                "local_epochs": self.local_epochs, "contribute": self.contribute, "accelerator": self.accelerator,
+                "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed}
 
     @staticmethod
     def _load(module, packer: StatePacker, shared: torch.Tensor, local: dict) -> None:
@@ -300,9 +300,9 @@ class Federation:
                 with fabric.autocast():
                     loss = module.training_step(batch, i)
                     loss = loss["loss"] if isinstance(loss, dict) else loss
-                    extra = self.strategy.local_loss(module, batch)
-                    if extra is not None:
-                        loss = loss + extra
+                    term = self.strategy.local_loss(module, batch)  # e.g. FedProx's proximal term
+                    if term is not None:
+                        loss = loss + term
                 optimizer.zero_grad(set_to_none=True)
                 fabric.backward(loss)
                 self.strategy.after_backward(module)
