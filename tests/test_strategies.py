@@ -215,3 +215,41 @@ def test_moon_remembers_each_nodes_previous_model():
     s.begin_local(received, trainee=1)
     assert torch.equal(s._previous.head[1].weight, model.head[1].weight)  # z_prev comes from last round's model
     assert torch.equal(s._global.head[1].weight, received.head[1].weight)  # z_glob from what was received
+
+
+def test_ditto_pulls_only_the_personal_model_toward_the_received_one():
+    s = get_strategy("ditto", {"lam": 0.4})
+    model = nn.Linear(3, 2)
+    assert s.local_loss(model, batch=None) is None  # the global model's pass is plain local training
+    received = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    s.begin_personal(model, trainee=0, received=received)
+    s.local_loss(model, batch=None).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, 0.4 * (p.detach() - received[name]), atol=1e-6)
+    s.end_personal(model, trainee=0)
+    assert s.local_loss(model, batch=None) is None
+
+
+def test_ditto_nodes_deploy_their_personal_models(tmp_path):
+    from hsl_lightning.metrics import NodeMetrics
+
+    torch.manual_seed(0)
+    dm = tiny_data(use_sat=False)
+    summary = Federation(strategy="ditto", rounds=2, run_dir=str(tmp_path), wandb="disabled", progress=False).fit(
+        ClassifierModule(backbone="test_resnet"), dm)
+    shared = torch.load(tmp_path / "model.pt", weights_only=True)["state"]
+    personal = [torch.load(tmp_path / "nodes" / f"node{i}.pt", weights_only=True)["state"] for i in range(3)]
+    assert not torch.allclose(personal[0]["head.1.weight"], personal[1]["head.1.weight"])
+    assert not torch.allclose(personal[0]["head.1.weight"], shared["head.1.weight"])
+    for i, state in enumerate(personal):  # the reported AUC is that of the node's personal model
+        model = ClassifierModule(backbone="test_resnet")
+        model.load_state_dict(state)
+        model.eval()
+        m = NodeMetrics()
+        with torch.no_grad():
+            for batch in dm.eval_loader(i, "test"):
+                m.update(model.primary_logits(batch), batch["label"])
+        assert m.compute()["auc"] == pytest.approx(summary["nodes"][i]["test_auc"], abs=1e-6)

@@ -62,6 +62,10 @@ def _shared_of(hosted: dict, global_flat: torch.Tensor) -> torch.Tensor:
     return hosted["shared"] if hosted["shared"] is not None else global_flat
 
 
+def _clone(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -163,7 +167,8 @@ class Federation:
         payload = packer.nbytes + 4 * n_extra if len(plan) > 1 else 0
         global_flat = packer.pack(template, fabric.device)
         # Per institution hosted here: its non-shared entries, and its own shared state if the strategy personalises.
-        hosted = {t: {"local": {k: template[k] for k in local_keys}, "shared": None} for t in mine}
+        # "personal": a whole model the node deploys instead of the shared one (Ditto); None otherwise.
+        hosted = {t: {"local": {k: template[k] for k in local_keys}, "shared": None, "personal": None} for t in mine}
         del template
 
         loggers = []
@@ -186,6 +191,7 @@ class Federation:
             own = {}  # contributions kept only when the merge is personal (one flat state per institution)
             for t in mine:
                 self._load(module, packer, _shared_of(hosted[t], global_flat), hosted[t]["local"])
+                received = _clone(module.state_dict()) if self.strategy.personal_model else None
                 bar.set_postfix_str(f"round {r + 1}/{self.rounds} {'+'.join(names[i] for i in plan[t])}")
                 state, loss, extra = self._train_local(fabric, module, dm, plan[t], names, r, t)
                 w = self.strategy.weight(n_train[t])
@@ -197,6 +203,12 @@ class Federation:
                 if self.strategy.personal:
                     own[t] = flat
                 hosted[t]["local"] = {k: state[k].detach().clone() for k in local_keys}
+                if received is not None:  # then train the node's own model, anchored at what it received
+                    module.load_state_dict(hosted[t]["personal"] or received)
+                    self.strategy.begin_personal(module, t, received)
+                    personal_state, _, _ = self._train_local(fabric, module, dm, plan[t], names, r, t, personal=True)
+                    self.strategy.end_personal(module, t)
+                    hosted[t]["personal"] = _clone(personal_state)
                 for i in plan[t]:
                     train_loss[i] = loss
                 bar.update(1)
@@ -220,8 +232,9 @@ class Federation:
             improved = score > best["score"] or best["round"] < 0
             if improved:
                 best = {"score": score, "round": r, "global": global_flat.clone(),
-                        "hosted": {t: {"local": {k: v.clone() for k, v in h["local"].items()},
-                                       "shared": None if h["shared"] is None else h["shared"].clone()}
+                        "hosted": {t: {"local": _clone(h["local"]),
+                                       "shared": None if h["shared"] is None else h["shared"].clone(),
+                                       "personal": None if h["personal"] is None else _clone(h["personal"])}
                                    for t, h in hosted.items()}}
             row = {"round": r + 1, "mean_val_auc": stats["mean"], "std_val_auc": stats["std"],
                    "min_val_auc": stats["min"], "bytes_sent_per_node": payload,
@@ -276,19 +289,30 @@ class Federation:
                 "local_epochs": self.local_epochs, "contribute": self.contribute, "accelerator": self.accelerator,
                 "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed}
 
+    def _deploy(self, module, packer: StatePacker, hosted: dict, global_flat: torch.Tensor) -> None:
+        """Load the model an institution deploys: its personal model if it has one, else shared + local."""
+        if hosted["personal"] is not None:
+            module.load_state_dict(hosted["personal"], strict=True)
+        else:
+            self._load(module, packer, _shared_of(hosted, global_flat), hosted["local"])
+
     @staticmethod
     def _load(module, packer: StatePacker, shared: torch.Tensor, local: dict) -> None:
         state = packer.unpack(shared)
         state.update(local)
         module.load_state_dict(state, strict=True)
 
-    def _train_local(self, fabric, module, dm, nodes, names, r, t) -> tuple[dict, float, torch.Tensor | None]:
-        seed = _seed(self.seed, r, t)
+    def _train_local(self, fabric, module, dm, nodes, names, r, t,
+                     personal: bool = False) -> tuple[dict, float, torch.Tensor | None]:
+        """One institution's local training of a round; ``personal``: the pass over its own model
+        (strategies with a personal model), which contributes nothing to the merge."""
+        seed = _seed(self.seed, r, t, 1) if personal else _seed(self.seed, r, t)
         torch.manual_seed(seed)
         loader = dm.train_loader(nodes, seed, with_sat=getattr(module, "uses_sat", False))
         optimizer = _optimizer(module.configure_optimizers())
-        self.strategy.begin_local(module, t)
-        select_best = self.contribute == "best" and self.local_epochs > 1
+        if not personal:
+            self.strategy.begin_local(module, t)
+        select_best = self.contribute == "best" and self.local_epochs > 1 and not personal
         best_state, best_auc, epoch_loss, total_steps = None, -math.inf, math.nan, 0
         for epoch in range(self.local_epochs):
             self.strategy.begin_epoch(module, epoch, self.local_epochs)
@@ -322,7 +346,7 @@ class Federation:
                 if best_state is None or auc > best_auc:
                     best_auc = auc
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        extra = self.strategy.end_local(module, t, total_steps, optimizer)
+        extra = None if personal else self.strategy.end_local(module, t, total_steps, optimizer)
         return (best_state if best_state is not None else module.state_dict()), epoch_loss, extra
 
     @torch.no_grad()
@@ -340,7 +364,7 @@ class Federation:
         """Each node's metrics with the model it would deploy, gathered on every rank."""
         values = torch.full((len(owner), len(METRICS)), math.nan, dtype=torch.float64)
         for t in mine:
-            self._load(module, packer, _shared_of(hosted[t], global_flat), hosted[t]["local"])
+            self._deploy(module, packer, hosted[t], global_flat)
             for i in plan[t]:
                 m = self._evaluate(fabric, module, dm, i, split)
                 values[i] = torch.tensor([m[k] for k in METRICS], dtype=torch.float64)
@@ -365,14 +389,15 @@ class Federation:
             own = dict(h["local"])
             if h["shared"] is not None:
                 own.update(packer.unpack(h["shared"].cpu()))
+            if h["personal"] is not None:
+                own = h["personal"]
             if own:
                 (run_dir / "nodes").mkdir(parents=True, exist_ok=True)
                 name = "+".join(names[i] for i in plan[t])
                 torch.save({"round": best["round"] + 1, "state": {k: v.cpu() for k, v in own.items()}},
                            run_dir / "nodes" / f"{name}.pt")
         if fabric.world_size == 1:  # leave the user's module holding the deployed model of the first institution
-            h = best["hosted"][mine[0]]
-            self._load(module, packer, _shared_of(h, best["global"]), h["local"])
+            self._deploy(module, packer, best["hosted"][mine[0]], best["global"])
 
     def _summary(self, dm, names, plan, val_history, best_round, test, wall, nbytes) -> dict:
         best_val = val_history[best_round]

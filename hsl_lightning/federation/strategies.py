@@ -37,6 +37,8 @@ class Strategy:
     default_contribution: ClassVar[Contribution] = "last"
     #: whether ``combine`` depends on the node's own contribution (then each node keeps its own shared state)
     personal: ClassVar[bool] = False
+    #: whether each node also trains and deploys a whole model of its own (Ditto), besides the shared one
+    personal_model: ClassVar[bool] = False
 
     def options(self) -> dict:
         """The strategy's settings (its constructor's arguments), for logs and configs."""
@@ -79,6 +81,13 @@ class Strategy:
 
     def after_round(self, extra_total: torch.Tensor | None, num_trainees: int) -> None:
         """The round's all-reduce is done; ``extra_total`` is the sum of ``end_local`` vectors."""
+
+    def begin_personal(self, module: nn.Module, trainee: int, received: dict[str, torch.Tensor]) -> None:
+        """(``personal_model`` strategies) the node's own model is loaded and about to train;
+        ``received`` is the state the node received this round."""
+
+    def end_personal(self, module: nn.Module, trainee: int) -> None:
+        """(``personal_model`` strategies) the node's own model finished this round's training."""
 
 
 class HSL(Strategy):
@@ -367,6 +376,41 @@ class Moon(Strategy):
         return None
 
 
+class Ditto(Strategy):
+    """Ditto (Li, Hu, Beirami and Smith, "Ditto: Fair and Robust Federated Learning Through
+    Personalization", ICML 2021, Algorithm 1 and Eq. 2).
+
+    Each round a node (1) trains the received global model w^t on its data as in FedAvg and
+    contributes it (size-weighted mean), then (2) trains its own model v_k on
+    F_k(v) + lambda/2 ||v - w^t||^2 for the same number of local epochs; it deploys v_k. Choice:
+    lambda = 0.1 by default (the paper tunes it per data set); v_k starts from w^1 in the first round.
+    """
+
+    name = "ditto"
+    description = "Ditto (Li et al. 2021): FedAvg global model plus a personal model kept near it by lambda/2 ||v - w||^2"
+    personal_model = True
+
+    def __init__(self, lam: float = 0.1):
+        if lam < 0:
+            raise HSLError(f"ditto lam must be non-negative, got {lam}.")
+        self.lam = lam
+        self._anchor: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def weight(self, n_train: int) -> float:
+        return float(n_train)
+
+    def begin_personal(self, module, trainee, received):
+        self._anchor = [(p, received[name].to(p.device)) for name, p in module.named_parameters() if p.requires_grad]
+
+    def local_loss(self, module, batch):
+        if not self._anchor or self.lam == 0:  # the global model's pass is plain FedAvg training
+            return None
+        return 0.5 * self.lam * sum(((p - w) ** 2).sum() for p, w in self._anchor)
+
+    def end_personal(self, module, trainee):
+        self._anchor = []
+
+
 class Foundation(Strategy):
     """Foundation-model baseline: a frozen pretrained encoder (``FoundationProbe``, the CLIP image
     tower by default) with a linear probe, federated (size-weighted mean of the probe: only the
@@ -393,8 +437,8 @@ class Foundation(Strategy):
 
 STRATEGIES: dict[str, type[Strategy]] = {
     s.name: s
-    for s in (HSL, FedAvg, Swarm, Personalized, FedProx, Scaffold, Moon, FedBN, FedPer, FedRep, Foundation, Local,
-              Central)
+    for s in (HSL, FedAvg, Swarm, Personalized, FedProx, Scaffold, Moon, FedBN, FedPer, FedRep, Ditto, Foundation,
+              Local, Central)
 }
 
 
