@@ -148,6 +148,13 @@ class Personalized(Strategy):
         return 0.5 * own + 0.5 * others
 
 
+def _proximal_term(anchor: list[tuple[torch.Tensor, torch.Tensor]], coef: float) -> torch.Tensor | None:
+    """coef/2 * sum ||p - p_anchor||^2 over (parameter, anchor) pairs; None when there is nothing to add."""
+    if not anchor or coef == 0:
+        return None
+    return 0.5 * coef * sum(((p - a) ** 2).sum() for p, a in anchor)
+
+
 class FedProx(Strategy):
     """FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020, Eq. 2).
 
@@ -172,9 +179,7 @@ class FedProx(Strategy):
         self._anchor = [(p, p.detach().clone()) for p in module.parameters() if p.requires_grad]
 
     def local_loss(self, module, batch):
-        if not self._anchor or self.mu == 0:
-            return None
-        return 0.5 * self.mu * sum(((p - p0) ** 2).sum() for p, p0 in self._anchor)
+        return _proximal_term(self._anchor, self.mu)
 
 
 def _prefixed_keys(module: nn.Module, predicate) -> set[str]:
@@ -403,9 +408,7 @@ class Ditto(Strategy):
         self._anchor = [(p, received[name].to(p.device)) for name, p in module.named_parameters() if p.requires_grad]
 
     def local_loss(self, module, batch):
-        if not self._anchor or self.lam == 0:  # the global model's pass is plain FedAvg training
-            return None
-        return 0.5 * self.lam * sum(((p - w) ** 2).sum() for p, w in self._anchor)
+        return _proximal_term(self._anchor, self.lam)  # no anchor during the shared model's plain pass
 
     def end_personal(self, module, trainee):
         self._anchor = []
