@@ -39,6 +39,8 @@ class Strategy:
     personal: ClassVar[bool] = False
     #: whether each node also trains and deploys a whole model of its own (Ditto), besides the shared one
     personal_model: ClassVar[bool] = False
+    #: weight each node by its training-set size in the merge (FedAvg's rule); else all weigh 1
+    size_weighted: ClassVar[bool] = False
 
     def options(self) -> dict:
         """The strategy's settings (its constructor's arguments), for logs and configs."""
@@ -51,7 +53,7 @@ class Strategy:
         return list(module.state_dict())
 
     def weight(self, n_train: int) -> float:
-        return 1.0
+        return float(n_train) if self.size_weighted else 1.0
 
     def combine(self, own: torch.Tensor, total: torch.Tensor, own_weight: float, total_weight: float) -> torch.Tensor:
         return total / total_weight
@@ -100,9 +102,7 @@ class HSL(Strategy):
 class FedAvg(Strategy):
     name = "fedavg"
     description = "FedAvg (McMahan et al. 2017): mean of every state entry weighted by each node's training-set size"
-
-    def weight(self, n_train: int) -> float:
-        return float(n_train)
+    size_weighted = True
 
 
 class Swarm(Strategy):
@@ -165,15 +165,13 @@ class FedProx(Strategy):
 
     name = "fedprox"
     description = "FedProx (Li et al. 2020): FedAvg plus a proximal term mu/2 ||w - w_global||^2 in the local loss"
+    size_weighted = True
 
     def __init__(self, mu: float = 0.01):
         if mu < 0:
             raise HSLError(f"fedprox mu must be non-negative, got {mu}.")
         self.mu = mu
         self._anchor: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def weight(self, n_train: int) -> float:
-        return float(n_train)
 
     def begin_local(self, module, trainee):
         self._anchor = [(p, p.detach().clone()) for p in module.parameters() if p.requires_grad]
@@ -206,9 +204,7 @@ class FedBN(Strategy):
 
     name = "fedbn"
     description = "FedBN (Li et al. 2021): BatchNorm weights and statistics stay local, the rest is size-weighted mean"
-
-    def weight(self, n_train: int) -> float:
-        return float(n_train)
+    size_weighted = True
 
     def shared_keys(self, module):
         local = _prefixed_keys(module, lambda _, m: isinstance(m, nn.modules.batchnorm._BatchNorm))
@@ -222,9 +218,7 @@ class FedPer(Strategy):
 
     name = "fedper"
     description = "FedPer (Arivazhagan et al. 2019): shared base layers (size-weighted mean), personal head stays local"
-
-    def weight(self, n_train: int) -> float:
-        return float(n_train)
+    size_weighted = True
 
     def shared_keys(self, module):
         prefixes = _head_prefixes(module, self.name)
@@ -336,6 +330,7 @@ class Moon(Strategy):
 
     name = "moon"
     description = "MOON (Li et al. 2021): contrastive term pulls local representations to the global model's"
+    size_weighted = True
 
     def __init__(self, mu: float = 1.0, temperature: float = 0.5):
         if mu < 0 or temperature <= 0:
@@ -343,9 +338,6 @@ class Moon(Strategy):
         self.mu, self.temperature = mu, temperature
         self._previous_states: dict[int, dict[str, torch.Tensor]] = {}  # per hosted node, kept across rounds
         self._global = self._previous = None
-
-    def weight(self, n_train: int) -> float:
-        return float(n_train)
 
     @staticmethod
     def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -393,6 +385,7 @@ class Ditto(Strategy):
 
     name = "ditto"
     description = "Ditto (Li et al. 2021): FedAvg global model plus a personal model kept near it by lambda/2 ||v - w||^2"
+    size_weighted = True
     personal_model = True
 
     def __init__(self, lam: float = 0.1):
@@ -400,9 +393,6 @@ class Ditto(Strategy):
             raise HSLError(f"ditto lam must be non-negative, got {lam}.")
         self.lam = lam
         self._anchor: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def weight(self, n_train: int) -> float:
-        return float(n_train)
 
     def begin_personal(self, module, trainee, received):
         self._anchor = [(p, received[name].to(p.device)) for name, p in module.named_parameters() if p.requires_grad]
@@ -421,12 +411,10 @@ class Foundation(Strategy):
 
     name = "foundation"
     description = "Frozen pretrained encoder (CLIP image tower by default) + linear probe, federated or per node"
+    size_weighted = True
 
     def __init__(self, federated: bool = True):
         self.federated = federated
-
-    def weight(self, n_train: int) -> float:
-        return float(n_train)
 
     def shared_keys(self, module):
         if not any(p.requires_grad for p in module.parameters()) or all(p.requires_grad for p in module.parameters()):

@@ -83,8 +83,6 @@ class Backbone(nn.Module):
             # after the hub client's retries.
             with _hub_offline(offline_now):
                 self.trunk = timm.create_model(name, **kwargs)
-        except HSLError:
-            raise
         except Exception as exc:  # timm/hub raise many types; the user needs the cause and the way out
             if weights is not None:
                 raise HSLError(f"Could not load backbone weights for '{name}' from {weights}: {exc}") from exc
