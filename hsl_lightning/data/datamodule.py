@@ -187,15 +187,19 @@ class FederatedDataModule(L.LightningDataModule):
         return self.sat_pool.subset(index)
 
     def train_loader(self, nodes: Sequence[int], seed: int, with_sat: bool = True):
-        """Paired training batches of the given nodes pooled (one node for federated training)."""
+        """Paired training batches of the given nodes pooled (one node for federated training);
+        each batch says which node every image comes from (key ``node``)."""
         self.setup()
         primary = ImageSet.cat([self.nodes[i].train for i in nodes])
+        origin = torch.cat([torch.full((len(self.nodes[i].train),), i, dtype=torch.long) for i in nodes])
         sat = self.sat_for(nodes) if with_sat else None
-        return paired_loader(primary, sat, self.batch_size, self.augment, self.rebalance, seed, self.samples_per_epoch)
+        return paired_loader(primary, sat, self.batch_size, self.augment, self.rebalance, seed, self.samples_per_epoch,
+                             origin)
 
     def eval_loader(self, node: int, split: str):
         self.setup()
-        return eval_loader(self.nodes[node].split(split), self.sat_eval, self.eval_batch_size, self.seed + 7919 * (node + 1))
+        return eval_loader(self.nodes[node].split(split), self.sat_eval, self.eval_batch_size, self.seed + 7919 * (node + 1),
+                           node)
 
     def sat_reference(self, k: int = 64) -> torch.Tensor | None:
         """A fixed, seeded batch of public SAT images (float in [0, 1]) for 'reference' inference."""

@@ -75,10 +75,16 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 class PairedImages(Dataset):
-    """Training data of one trainee: its primary images and (optionally) its SAT images."""
+    """Training data of one trainee: its primary images and (optionally) its SAT images.
 
-    def __init__(self, primary: ImageSet, sat: ImageSet | None, augment: bool, seed: int):
+    ``origin``: the node each primary image comes from (batch key ``node``), for modules that
+    route a node's images through its own layers (SplitAVG's site parts).
+    """
+
+    def __init__(self, primary: ImageSet, sat: ImageSet | None, augment: bool, seed: int,
+                 origin: torch.Tensor | None = None):
         self.primary, self.sat, self.augment = primary, sat, augment
+        self.origin = origin if origin is not None else torch.zeros(len(primary), dtype=torch.long)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -86,7 +92,7 @@ class PairedImages(Dataset):
 
     def __getitems__(self, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         p = torch.tensor([i for i, _ in pairs])
-        batch = {"image": _to_float(self.primary.images[p]), "label": self.primary.labels[p]}
+        batch = {"image": _to_float(self.primary.images[p]), "label": self.primary.labels[p], "node": self.origin[p]}
         if self.sat is not None:
             s = torch.tensor([j for _, j in pairs])
             batch["sat_image"], batch["sat_label"] = _to_float(self.sat.images[s]), self.sat.labels[s]
@@ -98,10 +104,11 @@ class PairedImages(Dataset):
 
 
 class EvalImages(Dataset):
-    """Evaluation data of one node; each image gets a fixed, seeded SAT partner for 'paired' inference."""
+    """Evaluation data of one node (index ``node``); each image gets a fixed, seeded SAT partner
+    for 'paired' inference."""
 
-    def __init__(self, data: ImageSet, sat: ImageSet | None, seed: int):
-        self.data, self.sat = data, sat
+    def __init__(self, data: ImageSet, sat: ImageSet | None, seed: int, node: int = 0):
+        self.data, self.sat, self.node = data, sat, node
         if sat is not None and len(sat):
             g = torch.Generator().manual_seed(seed)
             self.partner = resample(len(sat), max(len(data), 1), g)[: len(data)]
@@ -111,7 +118,8 @@ class EvalImages(Dataset):
 
     def __getitems__(self, index: list[int]) -> dict[str, torch.Tensor]:
         i = torch.tensor(index)
-        batch = {"image": _to_float(self.data.images[i]), "label": self.data.labels[i]}
+        batch = {"image": _to_float(self.data.images[i]), "label": self.data.labels[i],
+                 "node": torch.full((len(index),), self.node, dtype=torch.long)}
         if self.sat is not None and len(self.sat):
             batch["sat_image"] = _to_float(self.sat.images[self.partner[i]])
         return batch
@@ -122,13 +130,13 @@ def _as_batch(batch):
 
 
 def paired_loader(primary: ImageSet, sat: ImageSet | None, batch_size: int, augment: bool, rebalance: bool,
-                  seed: int, samples_per_epoch: int | None = None) -> DataLoader:
+                  seed: int, samples_per_epoch: int | None = None, origin: torch.Tensor | None = None) -> DataLoader:
     sampler = PairedSampler(primary.labels, len(sat) if sat is not None else 0, rebalance, seed, samples_per_epoch)
-    dataset = PairedImages(primary, sat, augment, seed + 1)
+    dataset = PairedImages(primary, sat, augment, seed + 1, origin)
     # A trailing batch of one image breaks BatchNorm in train mode; epochs are resampled anyway.
     drop_last = len(sampler) > batch_size
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_as_batch, drop_last=drop_last)
 
 
-def eval_loader(data: ImageSet, sat: ImageSet | None, batch_size: int, seed: int) -> DataLoader:
-    return DataLoader(EvalImages(data, sat, seed), batch_size=batch_size, shuffle=False, collate_fn=_as_batch)
+def eval_loader(data: ImageSet, sat: ImageSet | None, batch_size: int, seed: int, node: int = 0) -> DataLoader:
+    return DataLoader(EvalImages(data, sat, seed, node), batch_size=batch_size, shuffle=False, collate_fn=_as_batch)
