@@ -8,8 +8,9 @@ The pieces, each in its own room: ``models`` (timm backbones, the MMoE), ``modul
 from hsl_lightning.data import FederatedDataModule, ImageFolders, MedMNIST, Scenario, SyntheticAnchor, SyntheticLesions
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation import Federation
-from hsl_lightning.modules import ClassifierModule, FoundationProbe, HSLModule
+from hsl_lightning.modules import ClassifierModule, FoundationProbe, HSLModule, SplitClassifier
 
 __version__ = "0.1.0"
 __all__ = ["FederatedDataModule", "ImageFolders", "MedMNIST", "Scenario", "SyntheticAnchor", "SyntheticLesions",
-           "HSLError", "Federation", "ClassifierModule", "FoundationProbe", "HSLModule"]
+           "HSLError", "Federation", "ClassifierModule", "FoundationProbe", "HSLModule",
+           "SplitClassifier"]

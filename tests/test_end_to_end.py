@@ -25,6 +25,16 @@ def test_quickstart_runs_and_logs_to_wandb_offline(tmp_path):
     for key in (b"node0/val_auc", b"node2/test_auc", b"test/mean_auc", b"bytes_sent_per_node", b"sat_inference"):
         assert key in logged, key  # per-node keys, summary keys and the resolved config reached W&B
 
+    # the same command with --ckpt_path last and one more round continues the run
+    res = run_hsl("fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--federation.rounds", "2",
+                  "--federation.local_epochs", "1", "--data.primary.init_args.num_samples", "600",
+                  "--federation.run_dir", str(run_dir), "--federation.wandb", "disabled", "--ckpt_path", "last")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stdout
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["rounds"] == 2 and len(resumed["history"]) == 2
+    assert resumed["history"][0] == summary["history"][0]  # round 1 restored, not retrained
+
 
 def test_medmnist_config_runs_one_round_on_the_real_files(tmp_path, medmnist_root):
     run_dir = tmp_path / "medmnist"

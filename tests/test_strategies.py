@@ -5,8 +5,10 @@ import timm
 import torch
 from torch import nn
 
-from hsl_lightning import ClassifierModule, Federation, FoundationProbe, HSLError
-from hsl_lightning.federation.strategies import STRATEGIES, get_strategy
+import math
+
+from hsl_lightning import ClassifierModule, Federation, FoundationProbe, HSLError, SplitClassifier
+from hsl_lightning.federation.strategies import STRATEGIES, consensus_coefficients, get_strategy
 from hsl_lightning.federation.sync import StatePacker
 
 from conftest import tiny_data, tiny_hsl
@@ -84,6 +86,8 @@ def test_every_strategy_runs_one_round(tmp_path, name):
     torch.manual_seed(0)
     if name == "hsl":
         model, data = tiny_hsl(), tiny_data()
+    elif name == "splitavg":
+        model, data = SplitClassifier(backbone="test_resnet"), tiny_data(use_sat=False)
     elif name == "foundation":
         model, data = FoundationProbe(backbone="test_vit", in_chans=1, pretrained=False), tiny_data(use_sat=False,
                                                                                                    image_size=32)
@@ -253,3 +257,152 @@ def test_ditto_nodes_deploy_their_personal_models(tmp_path):
             for batch in dm.eval_loader(i, "test"):
                 m.update(model.primary_logits(batch), batch["label"])
         assert m.compute()["auc"] == pytest.approx(summary["nodes"][i]["test_auc"], abs=1e-6)
+
+
+def test_fedcome_adjusts_conflicting_updates_as_computed_by_hand():
+    # Delta_1 = (1, 0) and Delta_2 = (-1, 1) conflict (inner product -1). The nearest vectors with no
+    # obtuse angle to either: (0.5, 0.5) for node 1 (x_1 = (1, 0.5)), (0, 1) for node 2 (x_2 = (1, 1)).
+    updates = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    alpha = consensus_coefficients(updates @ updates.T, torch.tensor([1.0, 1.0]))
+    assert torch.allclose(alpha, torch.tensor([1.0, 0.75], dtype=torch.float64), atol=1e-7)
+    s = get_strategy("fedcome")
+    received = torch.tensor([10.0, 20.0, 5.0], dtype=torch.float64)  # two parameters and one buffer
+    contributions = torch.tensor([[11.0, 20.0, 1.0], [9.0, 21.0, 4.0]], dtype=torch.float64)
+    merged = s.aggregate(received, contributions, torch.tensor([1.0, 3.0], dtype=torch.float64),
+                         torch.tensor([True, True, False]))
+    # sizes 1 and 3: alpha = (1 x_1 + 3 x_2) / 4 = (1, 0.875); step = Delta_1 + 0.875 Delta_2
+    assert torch.allclose(merged[:2], torch.tensor([10.125, 20.875], dtype=torch.float64), atol=1e-6)
+    assert merged[2].item() == pytest.approx((1.0 + 3 * 4.0) / 4)  # buffers: size-weighted mean
+
+
+def test_fedcome_without_conflicts_is_fedavg_and_its_step_never_opposes_a_node():
+    agreeing = torch.tensor([[1.0, 0.2], [0.5, 1.0], [0.3, 0.3]], dtype=torch.float64)
+    sizes = torch.tensor([2.0, 1.0, 1.0])
+    assert torch.allclose(consensus_coefficients(agreeing @ agreeing.T, sizes),
+                          torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64), atol=1e-9)
+    g = torch.Generator().manual_seed(0)
+    updates = 0.1 * torch.randn(6, 30, generator=g, dtype=torch.float64)
+    updates[0, 0] += 10.0  # one node pulls hard one way, the five others a little the other way
+    updates[1:, 0] -= 1.0
+    alpha = consensus_coefficients(updates @ updates.T, torch.ones(6))
+    step = alpha @ updates
+    assert (updates @ step).min() >= -1e-8  # the merged step lowers no node's first-order risk
+    plain = updates.mean(0)
+    assert (updates @ plain).min() < 0  # while the plain mean does oppose some node here
+
+
+def test_fedcome_clip_bounds_every_coordinate_of_the_step():
+    s = get_strategy("fedcome", {"clip": 0.01})
+    received = torch.zeros(3, dtype=torch.float64)
+    merged = s.aggregate(received, torch.tensor([[1.0, -0.005, 0.3], [1.0, -0.005, 0.1]], dtype=torch.float64),
+                         torch.ones(2, dtype=torch.float64), torch.tensor([True, True, True]))
+    assert merged.tolist() == pytest.approx([0.01, -0.005, 0.01])
+
+
+def split_batch(nodes):
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.rand(len(nodes), 1, 28, 28, generator=g), "label": torch.tensor([0, 1] * (len(nodes) // 2)),
+            "node": torch.tensor(nodes)}
+
+
+def test_splitavg_server_trains_on_the_union_of_the_sites_feature_maps():
+    model = SplitClassifier(backbone="test_resnet", cut="layer1")
+    get_strategy("splitavg").setup(model, 3)
+    assert len(model.sites) == 3
+    seen = []
+    model.server[0][0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))  # first server layer
+    batch = split_batch([2, 0, 2, 0, 2, 0])  # site 1 has no images in this step
+    model.train()
+    loss, _ = model.training_loss(batch)
+    loss.backward()
+    assert seen == [6]  # one server pass over all sites' feature maps together
+    assert all(p.grad is None for p in model.sites[1].parameters())
+    assert all(p.grad is not None for i in (0, 2) for p in model.sites[i].parameters() if p.requires_grad)
+    # each site's gradient is that of its own images' share of the loss
+    model.zero_grad()
+    model.eval()  # BatchNorm in eval mode: images do not interact, so the loss splits per site
+    logits = model(batch["image"], batch["node"])
+    for i in range(6):
+        single = model(batch["image"][i:i + 1], batch["node"][i:i + 1])
+        assert torch.allclose(logits[i], single[0], atol=1e-5)  # outputs come back in the batch's order
+    with torch.no_grad():
+        next(model.sites[0].parameters()).add_(0.5)  # change site 0 only
+    changed = model(batch["image"], batch["node"])
+    assert torch.allclose(changed[batch["node"] == 2], logits[batch["node"] == 2].detach())
+    assert not torch.allclose(changed[batch["node"] == 0], logits[batch["node"] == 0].detach())
+
+
+def test_splitavg_logs_the_feature_maps_it_sends_and_keeps_site_parts_local(tmp_path):
+    torch.manual_seed(0)
+    model = SplitClassifier(backbone="test_resnet")
+    dm = tiny_data(use_sat=False)
+    summary = Federation(strategy="splitavg", rounds=1, run_dir=str(tmp_path), wandb="disabled",
+                         progress=False).fit(model, dm)
+    with torch.no_grad():
+        shape = model.sites[0](torch.zeros(1, 1, 28, 28)).shape
+    images = (sum(len(n.train) for n in dm.nodes) // dm.batch_size) * dm.batch_size  # full batches of one epoch
+    # per image: its feature map up, its gradient down, its int64 label
+    assert summary["bytes_features_per_round"] == images * (2 * math.prod(shape) * 4 + 8)
+    assert summary["bytes_sent_per_node_per_round"] == 0  # no weights are exchanged
+    state = torch.load(next((tmp_path / "nodes").iterdir()), weights_only=True)["state"]
+    first = next(k for k in state if k.startswith("sites.0.") and k.endswith("weight"))
+    assert not torch.allclose(state[first], state[first.replace("sites.0.", "sites.1.")])  # each site trained its own
+
+
+def test_splitavg_needs_a_split_model():
+    with pytest.raises(HSLError, match="SplitClassifier"):
+        get_strategy("splitavg").setup(ClassifierModule(backbone="test_resnet"), 3)
+    with pytest.raises(HSLError, match="choose one of: conv1"):
+        SplitClassifier(backbone="test_resnet", cut="conv9")
+
+
+def rcl_by_hand(z, labels, tau=0.05, threshold=0.7, negatives=2):
+    """FedRCL's two terms written out anchor by anchor."""
+    n = len(labels)
+    sim = [[float(z[i] @ z[j]) for j in range(n)] for i in range(n)]
+    scl, pen = 0.0, 0.0
+    for i in range(n):
+        pos = min(sim[i][j] for j in range(n) if labels[j] == labels[i])
+        negs = sorted((sim[i][j] for j in range(n) if labels[j] != labels[i]), reverse=True)[:negatives]
+        scl += -math.log(math.exp(pos / tau) / (math.exp(pos / tau) + sum(math.exp(s / tau) for s in negs)))
+        mates = [sim[i][j] for j in range(n) if j != i and labels[j] == labels[i]]
+        least = min(mates) if mates else -1.0
+        relaxed = least if least >= threshold else -1.0
+        pen += -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(relaxed / tau)))
+    return scl / n, pen / n
+
+
+def test_fedrcl_terms_match_the_definition():
+    s = get_strategy("fedrcl")
+    z = torch.nn.functional.normalize(torch.tensor(
+        [[1.0, 0.1, 0.0], [0.9, 0.2, 0.1], [0.95, 0.15, 0.05], [0.0, 1.0, 0.2], [0.1, 0.2, 1.0]]), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1])  # class 0 nearly collapsed (similarities > 0.7): penalised
+    contrastive, penalty = s.rcl_loss(z, labels)
+    exp_scl, exp_pen = rcl_by_hand(z.double(), labels.tolist())
+    assert contrastive.item() == pytest.approx(exp_scl, rel=1e-4)
+    assert penalty.item() == pytest.approx(exp_pen, rel=1e-4)
+    assert penalty.item() > 0.1
+    lone = torch.tensor([0, 1, 1, 1, 1])  # anchor 0 has no classmate: its positive is itself
+    c, p = s.rcl_loss(z, lone)
+    e_c, e_p = rcl_by_hand(z.double(), lone.tolist())
+    assert c.item() == pytest.approx(e_c, rel=1e-4) and p.item() == pytest.approx(e_p, rel=1e-4)
+
+
+def test_fedrcl_adds_its_term_on_every_feature_level_during_training_only():
+    s = get_strategy("fedrcl")
+    model = ClassifierModule(backbone="test_resnet")
+    batch = next(iter(tiny_data(use_sat=False).train_loader([0], seed=0, with_sat=False)))
+    s.begin_local(model, trainee=0)
+    model.train()
+    model.training_step(batch, 0)
+    assert len(s._levels) == len(model.feature_levels()) == 5  # stem + four stages
+    term = s.local_loss(model, batch)
+    assert term.requires_grad and term.item() > 0
+    with torch.no_grad():
+        model.eval()
+        model.training_step(batch, 0)
+    assert s.local_loss(model, batch) is None  # evaluation forwards add nothing
+    s.end_local(model, 0, steps=1, optimizer=None)
+    model.train()
+    model.training_step(batch, 0)
+    assert s._levels == []  # hooks removed after local training

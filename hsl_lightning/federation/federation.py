@@ -9,6 +9,7 @@ One picture of a run::
             contribute its best epoch (by local validation AUC) or its last one
         one all-reduce of the weighted sum of contributions  -> merged shared state
         validate every institution's deployed model on its own validation set
+        checkpoint the round (every rank its institutions; resumable with ckpt_path="last")
     test every institution with the round of best mean validation AUC
 
 Institutions are not processes: W ranks host N institutions (institution t lives on rank
@@ -31,6 +32,7 @@ from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
 from hsl_lightning.errors import HSLError
+from hsl_lightning.federation import checkpoint
 from hsl_lightning.federation.loggers import WandbMode, make_loggers
 from hsl_lightning.federation.strategies import Contribution, Strategy, get_strategy
 from hsl_lightning.federation.sync import StatePacker, all_reduce_sum
@@ -89,6 +91,8 @@ class Federation:
         wandb: ``auto`` (online when logged in, else offline), ``online``, ``offline`` or ``disabled``.
         wandb_project: W&B project name.
         progress: show a progress bar over rounds and institutions.
+        checkpoint: write a checkpoint after every round (``<run_dir>/checkpoints``; the newest
+            complete round is kept), so ``fit(..., ckpt_path="last")`` continues a killed run.
         seed: seeds training (sampling, augmentation, dropout); set from ``seed_everything`` by the CLI.
         threads: CPU threads per rank (default: torch's choice, divided among local ranks).
     """
@@ -108,6 +112,7 @@ class Federation:
         wandb: WandbMode = "auto",
         wandb_project: str = "hsl_lightning",
         progress: bool = True,
+        checkpoint: bool = True,
         seed: int = 0,
         threads: int | None = None,
     ):
@@ -119,13 +124,25 @@ class Federation:
         self.accelerator, self.devices, self.num_nodes, self.precision = accelerator, devices, num_nodes, precision
         self.run_dir = run_dir
         self.wandb, self.wandb_project = wandb, wandb_project
-        self.progress, self.seed, self.threads = progress, seed, threads
+        self.progress, self.checkpoint, self.seed, self.threads = progress, checkpoint, seed, threads
         self.run_config: dict | None = None  # the resolved CLI config, attached to loggers and saved
         self.summary: dict | None = None
 
     # ------------------------------------------------------------------ entry point
-    def fit(self, model, datamodule) -> dict:
-        """Train ``model`` (a template: each institution starts from its weights) on ``datamodule``'s nodes."""
+    def fit(self, model, datamodule, ckpt_path: str | None = None) -> dict:
+        """Train ``model`` (a template: each institution starts from its weights) on ``datamodule``'s nodes.
+
+        Args:
+            model: the LightningModule every institution starts from.
+            datamodule: the federated data (one entry per institution).
+            ckpt_path: continue a run: ``last`` (Lightning's convention) takes the newest complete
+                round of federation.run_dir (from round 1 when there is none yet); or a run directory
+                or a ``checkpoints/round-NNNN`` folder. Model, data, strategy and seed must be those of
+                the checkpointed run; ``rounds`` may be larger.
+        """
+        if ckpt_path == "last" and self.run_dir is None:
+            raise HSLError("ckpt_path 'last' continues a run directory: set federation.run_dir to the directory of "
+                           "the run to continue.")
         run_dir = Path(self.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{self.strategy.name}")
         world = int(self.devices) * int(self.num_nodes)
         if world == 1:
@@ -136,11 +153,11 @@ class Federation:
             fabric_strategy = "ddp_spawn"
         fabric = Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
                         precision=self.precision, strategy=fabric_strategy)
-        self.summary = fabric.launch(self._run, model, datamodule, run_dir)
+        self.summary = fabric.launch(self._run, model, datamodule, run_dir, ckpt_path)
         return self.summary
 
     # ------------------------------------------------------------------ one rank
-    def _run(self, fabric: Fabric, module, dm, run_dir: Path) -> dict | None:
+    def _run(self, fabric: Fabric, module, dm, run_dir: Path, ckpt_path: str | None = None) -> dict | None:
         start = time.perf_counter()
         rank, world = fabric.global_rank, fabric.world_size
         if self.threads:
@@ -150,6 +167,7 @@ class Federation:
         dm.setup("fit")
         names = dm.node_names
         self._check(module, dm)
+        self.strategy.setup(module, len(names))
         plan = self.strategy.plan(len(names))
         mine = [t for t in range(len(plan)) if t % world == rank]
         owner = {node: t % world for t, nodes in enumerate(plan) for node in nodes}
@@ -165,11 +183,28 @@ class Federation:
         n_extra = self.strategy.extra_size(module)  # strategy vectors summed in the same all-reduce
         # What one institution sends per round: its shared state, plus strategy extras as float32.
         payload = packer.nbytes + 4 * n_extra if len(plan) > 1 else 0
+        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+        is_param = packer.mask(trainable).to(fabric.device)
+        keep_own = self.strategy.personal or self.strategy.server_aggregates
         global_flat = packer.pack(template, fabric.device)
         # Per institution hosted here: its non-shared entries, and its own shared state if the strategy personalises.
         # "personal": a whole model the node deploys instead of the shared one (Ditto); None otherwise.
         hosted = {t: {"local": {k: template[k] for k in local_keys}, "shared": None, "personal": None} for t in mine}
+        fingerprint = checkpoint.fingerprint(
+            strategy=self.strategy.name, options=self.strategy.options(), seed=self.seed,
+            local_epochs=self.local_epochs, contribute=self.contribute, nodes=names, plan=plan,
+            model=type(module).__name__, state={k: list(v.shape) for k, v in template.items()}, data=dm.report())
         del template
+        best = {"score": -math.inf, "round": -1}
+        history = []
+        first = 0  # rounds already done (by the checkpointed run when resuming)
+        if ckpt_path:
+            restored = self._restore(fabric, run_dir, ckpt_path, fingerprint, packer, hosted)
+            if restored is not None:
+                first, global_flat, best, history = restored
+                if first > self.rounds:
+                    raise HSLError(f"The checkpoint holds {first} rounds, more than federation.rounds={self.rounds}; "
+                                   f"set rounds to at least {first}.")
 
         loggers = []
         if rank == 0:
@@ -179,14 +214,17 @@ class Federation:
                 _atomic_write(run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
             config = {"federation": self._describe(), **(self.run_config or {})}
             loggers = make_loggers(run_dir, self.wandb, self.wandb_project, run_dir.name, config)
-        bar = tqdm(total=self.rounds * len(mine), desc=f"{self.strategy.name}", unit="node-round",
+            for row in history:  # a resumed run logs the restored rounds again, into fresh logs
+                for logger in loggers:
+                    logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
+        bar = tqdm(total=self.rounds * len(mine), initial=min(first, self.rounds) * len(mine),
+                   desc=f"{self.strategy.name}", unit="node-round",
                    disable=not (self.progress and rank == 0), dynamic_ncols=True)
 
-        best = {"score": -math.inf, "round": -1}
-        history = []
-        for r in range(self.rounds):
-            # layout: [weighted shared state | strategy extras | sum of weights]
-            acc = torch.zeros(packer.numel + n_extra + 1, dtype=torch.float64, device=fabric.device)
+        for r in range(first, self.rounds):
+            # layout: [weighted shared state | strategy extras | bytes of other traffic | sum of weights]
+            acc = torch.zeros(packer.numel + n_extra + 2, dtype=torch.float64, device=fabric.device)
+            start_flat = global_flat  # what every node received this round
             train_loss = torch.full((len(names),), math.nan, dtype=torch.float64)
             own = {}  # contributions kept only when the merge is personal (one flat state per institution)
             for t in mine:
@@ -198,9 +236,9 @@ class Federation:
                 flat = packer.pack(state, fabric.device)
                 acc[:packer.numel] += w * flat
                 if extra is not None:
-                    acc[packer.numel:-1] += extra.to(acc.device)
+                    acc[packer.numel:packer.numel + n_extra] += extra.to(acc.device)
                 acc[-1] += w
-                if self.strategy.personal:
+                if keep_own:
                     own[t] = flat
                 hosted[t]["local"] = {k: state[k].detach().clone() for k in local_keys}
                 if received is not None:  # then train the node's own model, anchored at what it received
@@ -212,17 +250,28 @@ class Federation:
                 for i in plan[t]:
                     train_loss[i] = loss
                 bar.update(1)
+            acc[-2] = self.strategy.traffic(module)
             total = all_reduce_sum(fabric, acc)
             shared_sum = total[:packer.numel]
             if packer.numel:
                 if self.strategy.personal:
                     for t in mine:
-                        hosted[t]["shared"] = self.strategy.combine(own[t], shared_sum, self.strategy.weight(n_train[t]),
-                                                                    float(total[-1]))
+                        merged = self.strategy.combine(own[t], shared_sum, self.strategy.weight(n_train[t]),
+                                                       float(total[-1]))
+                        hosted[t]["shared"] = packer.representable(merged)
                 else:
                     global_flat = shared_sum / total[-1]
-            self.strategy.after_round(total[packer.numel:-1] if n_extra else None, len(plan))
-            del own
+                    if self.strategy.server_aggregates:  # the merge needs every contribution, not their sum
+                        stacked = torch.zeros(len(plan), packer.numel, dtype=torch.float64, device=fabric.device)
+                        for t in mine:
+                            stacked[t] = own[t]
+                        stacked = all_reduce_sum(fabric, stacked)
+                        sizes = torch.tensor(n_train, dtype=torch.float64, device=fabric.device)
+                        global_flat = self.strategy.aggregate(start_flat, stacked, sizes, is_param)
+                    global_flat = packer.representable(global_flat)  # what nodes receive, exactly
+            self.strategy.after_round(total[packer.numel:packer.numel + n_extra] if n_extra else None, len(plan))
+            traffic = int(total[-2])
+            del own, start_flat
 
             val = self._evaluate_all(fabric, module, dm, plan, mine, hosted, global_flat, packer, "val", owner)
             loss_all = self._gather(fabric, train_loss.unsqueeze(1), owner)[:, 0]
@@ -236,9 +285,10 @@ class Federation:
                                        "shared": None if h["shared"] is None else h["shared"].clone(),
                                        "personal": None if h["personal"] is None else _clone(h["personal"])}
                                    for t, h in hosted.items()}}
+            # every node sends its state and receives the merge; SplitAVG's feature maps come on top
             row = {"round": r + 1, "mean_val_auc": stats["mean"], "std_val_auc": stats["std"],
                    "min_val_auc": stats["min"], "bytes_sent_per_node": payload,
-                   "bytes_round": 2 * payload * len(plan)}  # every node sends its state and receives the merge
+                   "bytes_features_round": traffic, "bytes_round": 2 * payload * len(plan) + traffic}
             for i, name in enumerate(names):
                 row.update({f"{name}/val_{m}": val[i][m] for m in METRICS})
                 row[f"{name}/train_loss"] = float(loss_all[i])
@@ -248,6 +298,8 @@ class Federation:
             if rank == 0 and self.progress:
                 bar.write(f"round {r + 1}/{self.rounds}: mean node val AUC {stats['mean']:.4f} "
                           f"(min {stats['min']:.4f}){'  * best so far' if improved else ''}")
+            if self.checkpoint:
+                self._save_checkpoint(fabric, run_dir, r, fingerprint, packer, global_flat, hosted, best, history)
         bar.close()
 
         # Deploy the round of best mean validation AUC and score each node on its own test set.
@@ -284,10 +336,68 @@ class Federation:
             raise HSLError(f"{type(module).__name__} trains on primary + SAT pairs but the data module has no SAT "
                            "(data.use_sat is false). Give it a SAT, or use ClassifierModule.")
 
+    def _save_checkpoint(self, fabric, run_dir, r, fingerprint, packer, global_flat, hosted, best, history) -> None:
+        """This rank's share of the checkpoint after round ``r``; rank 0 marks it complete once all have saved."""
+        def portable(h: dict) -> dict:
+            return {"local": {k: v.cpu() for k, v in h["local"].items()},
+                    "shared": None if h["shared"] is None else packer.unpack(h["shared"].cpu()),
+                    "personal": None if h["personal"] is None else {k: v.cpu() for k, v in h["personal"].items()}}
+
+        state = {"round": r + 1, "fingerprint": fingerprint, "global": packer.unpack(global_flat.cpu()),
+                 "hosted": {t: portable(h) for t, h in hosted.items()}, "strategy": self.strategy.state_dict(),
+                 "history": history, "best_score": best["score"], "best_round": best["round"],
+                 # the best round's states, unless they are this round's
+                 "best": None if best["round"] == r else {
+                     "global": packer.unpack(best["global"].cpu()),
+                     "hosted": {t: portable(h) for t, h in best["hosted"].items()}}}
+        checkpoint.save_rank(run_dir, r + 1, fabric.global_rank, state)
+        if fabric.world_size > 1:
+            fabric.barrier()
+        if fabric.global_rank == 0:
+            checkpoint.mark_complete(run_dir, r + 1, fabric.world_size)
+
+    def _restore(self, fabric, run_dir, ckpt_path, fingerprint, packer, hosted):
+        """Load this rank's checkpoint into ``hosted`` and the strategy; returns (rounds done, merged
+        state, best-so-far, history), or None when ``last`` finds no complete round yet."""
+        folder = checkpoint.resolve(ckpt_path, run_dir) if fabric.global_rank == 0 else None
+        if fabric.world_size > 1:
+            folder = fabric.broadcast(folder, src=0)
+        if folder is None:
+            if fabric.global_rank == 0:
+                print(f"hsl: no complete checkpoint in {run_dir / 'checkpoints'} yet; starting from round 1.")
+            return None
+        state = checkpoint.load_rank(Path(folder), fabric.global_rank, fabric.world_size, fabric.device)
+        checkpoint.check_fingerprint(state["fingerprint"], fingerprint, Path(folder))
+        device = fabric.device
+
+        def restored(saved: dict) -> dict:
+            return {"local": saved["local"],
+                    "shared": None if saved["shared"] is None else packer.pack(saved["shared"], device),
+                    "personal": saved["personal"]}
+
+        for t in hosted:
+            hosted[t] = restored(state["hosted"][t])
+        global_flat = packer.pack(state["global"], device)
+        self.strategy.load_state_dict(state["strategy"])
+        best = {"score": state["best_score"], "round": state["best_round"]}
+        if state["best"] is None:
+            best.update({"global": global_flat.clone(), "hosted": {t: {"local": _clone(h["local"]),
+                         "shared": None if h["shared"] is None else h["shared"].clone(),
+                         "personal": None if h["personal"] is None else _clone(h["personal"])}
+                         for t, h in hosted.items()}})
+        else:
+            best.update({"global": packer.pack(state["best"]["global"], device),
+                         "hosted": {t: restored(state["best"]["hosted"][t]) for t in hosted}})
+        if fabric.global_rank == 0:
+            print(f"hsl: resuming from {folder} after round {state['round']} (best so far: round "
+                  f"{state['best_round'] + 1}).")
+        return state["round"], global_flat, best, state["history"]
+
     def _describe(self) -> dict:
         return {"strategy": self.strategy.name, "strategy_options": self.strategy.options(), "rounds": self.rounds,
                 "local_epochs": self.local_epochs, "contribute": self.contribute, "accelerator": self.accelerator,
-                "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed}
+                "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed,
+                "checkpoint": self.checkpoint}
 
     def _deploy(self, module, packer: StatePacker, hosted: dict, global_flat: torch.Tensor) -> None:
         """Load the model an institution deploys: its personal model if it has one, else shared + local."""
@@ -419,6 +529,7 @@ class Federation:
             "nodes": nodes, "mean_test_auc": stats["mean"], "std_test_auc": stats["std"],
             "min_test_auc": stats["min"], "mean_val_auc": best_val["mean_val_auc"],
             "bytes_sent_per_node_per_round": nbytes,
+            "bytes_features_per_round": max((h["bytes_features_round"] for h in val_history), default=0),
             "history": val_history,
         }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +37,9 @@ def resolve_wandb_mode(mode: WandbMode) -> str:
 def make_loggers(run_dir: Path, mode: WandbMode, project: str, run_name: str, config: dict | None) -> list:
     from lightning.fabric.loggers import CSVLogger
 
-    # One row per round, written as it comes: a crashed run keeps every finished round.
+    # One row per round, written as it comes: a crashed run keeps every finished round. A resumed run
+    # writes the restored rounds again, so an old file is replaced (as Lightning would, with a warning).
+    shutil.rmtree(run_dir / "csv", ignore_errors=True)
     loggers = [CSVLogger(root_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)]
     resolved = resolve_wandb_mode(mode)
     if resolved != "disabled":

@@ -12,7 +12,14 @@ not a change to the orchestrator loop:
   ``begin_local`` / ``begin_epoch`` / ``local_loss`` (an extra loss term, e.g. FedProx) /
   ``after_backward`` (e.g. SCAFFOLD's gradient correction) / ``end_local``, which may return a
   vector to be summed over institutions in the same all-reduce as the weights, handed back to
-  ``after_round`` (e.g. SCAFFOLD's control-variate updates).
+  ``after_round`` (e.g. SCAFFOLD's control-variate updates);
+- ``setup``: adapt the module to the federation once, before training (SplitAVG's site parts);
+- ``aggregate`` (when ``server_aggregates``): a server rule that needs every node's contribution,
+  not only their sum (FedCOME);
+- ``traffic``: bytes that crossed institution boundaries during the round besides the state
+  (SplitAVG's feature maps);
+- ``state_dict`` / ``load_state_dict``: per-node state kept across rounds (control variates,
+  previous models), saved in every round's checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class Strategy:
     personal_model: ClassVar[bool] = False
     #: weight each node by its training-set size in the merge (FedAvg's rule); else all weigh 1
     size_weighted: ClassVar[bool] = False
+    #: the merge needs each node's contribution, not only their weighted sum (then ``aggregate`` merges)
+    server_aggregates: ClassVar[bool] = False
 
     def options(self) -> dict:
         """The strategy's settings (its constructor's arguments), for logs and configs."""
@@ -57,6 +66,29 @@ class Strategy:
 
     def combine(self, own: torch.Tensor, total: torch.Tensor, own_weight: float, total_weight: float) -> torch.Tensor:
         return total / total_weight
+
+    def setup(self, module: nn.Module, num_nodes: int) -> None:
+        """Adapt the module to a federation of ``num_nodes`` nodes, once, before anything is copied."""
+
+    def aggregate(self, received: torch.Tensor, contributions: torch.Tensor, sizes: torch.Tensor,
+                  is_param: torch.Tensor) -> torch.Tensor:
+        """(``server_aggregates`` strategies) the next shared state from the state every node received
+        (d,), each node's contribution (N, d), training-set sizes (N,) and which of the d entries are
+        trainable parameters (the rest are buffers such as BatchNorm statistics)."""
+        raise NotImplementedError
+
+    def traffic(self, module: nn.Module) -> int:
+        """Bytes that crossed institution boundaries this round besides the shared state and
+        ``end_local`` vectors (0 for weight-sharing methods); called once per round, after training."""
+        return 0
+
+    def state_dict(self) -> dict:
+        """Per-node state that must survive across rounds (saved in checkpoints); tensors, numbers,
+        strings and dicts / lists of them only."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
 
     # --- local-training hooks (all optional) ------------------------------------------
     def begin_local(self, module: nn.Module, trainee: int) -> None:
@@ -315,6 +347,12 @@ class Scaffold(Strategy):
     def after_round(self, extra_total, num_trainees):
         self._c = self._c + (extra_total / num_trainees).to(self._c.dtype)
 
+    def state_dict(self):
+        return {"c": self._c, "ci": dict(self._ci)}
+
+    def load_state_dict(self, state):
+        self._c, self._ci = state["c"], dict(state["ci"])
+
 
 class Moon(Strategy):
     """MOON (Li, He and Song, "Model-Contrastive Federated Learning", CVPR 2021, Eq. 3-4).
@@ -372,6 +410,12 @@ class Moon(Strategy):
         self._global = self._previous = None
         return None
 
+    def state_dict(self):
+        return {"previous": dict(self._previous_states)}
+
+    def load_state_dict(self, state):
+        self._previous_states = dict(state["previous"])
+
 
 class Ditto(Strategy):
     """Ditto (Li, Hu, Beirami and Smith, "Ditto: Fair and Robust Federated Learning Through
@@ -404,6 +448,211 @@ class Ditto(Strategy):
         self._anchor = []
 
 
+class SplitAVG(Strategy):
+    """SplitAVG (Zhang, Qu, Singh, Kalpathy-Cramer and Rubin, "SplitAVG: A heterogeneity-aware
+    federated deep learning method for medical imaging", IEEE JBHI 26(9), 2022).
+
+    The network is split at a cut layer (:class:`~hsl_lightning.modules.SplitClassifier`): each
+    institution keeps its own site part; the server part is trained on the concatenation of all
+    institutions' feature maps, so it fits one model to the union of the data distributions (the
+    paper's "network split and feature map concatenation"). All institutions train together,
+    step by step, so the whole federation is one trainee (on rank 0).
+
+    **This method sends feature maps, not only weights**: every step, each institution sends the
+    feature maps of its images at the cut and their labels, and receives their gradient. The run
+    logs these bytes per round (``bytes_features_round``). No weights are exchanged.
+
+    Choices, where the paper (abstract) and the authors' code (github.com/zm17943/SplitAVG) leave
+    them open or differ from exact split training: cut ``conv1`` by default, as in their code;
+    site parts are never averaged, as in their code; each site receives the exact gradient of its
+    own slice (their code sends one gradient averaged over the sites' slices); a step's batch is
+    drawn from the union of the institutions' training sets, so each contributes in proportion to
+    its size (their code draws a fixed batch per site).
+    """
+
+    name = "splitavg"
+    description = ("SplitAVG (Zhang et al. 2022): site parts stay local, a server part trains on all sites' "
+                   "concatenated feature maps (sends feature maps)")
+
+    def plan(self, num_nodes):
+        return [tuple(range(num_nodes))]
+
+    def shared_keys(self, module):
+        return []
+
+    def setup(self, module, num_nodes):
+        if not hasattr(module, "set_sites"):
+            raise HSLError("splitavg trains a split network: use model class_path hsl_lightning.SplitClassifier "
+                           "(see configs/methods/splitavg.yaml).")
+        module.set_sites(num_nodes)
+
+    def traffic(self, module):
+        sent, module.traffic_bytes = module.traffic_bytes, 0
+        return sent
+
+
+def _hardest(sim: torch.Tensor, mask: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the k largest (or smallest) similarities among ``mask``ed entries, and which exist."""
+    fill = -torch.inf if largest else torch.inf
+    k = min(k, sim.shape[1])
+    values = sim.masked_fill(~mask, fill).topk(k, dim=1, largest=largest).values
+    return values, torch.isfinite(values)
+
+
+class FedRCL(Strategy):
+    """FedRCL (Seo, Kim, Kim and Han, "Relaxed Contrastive Learning for Federated Learning",
+    CVPR 2024), in the form of the authors' implementation (github.com/skynbe/FedRCL,
+    ``utils/loss.py``; the authors explain in their issue #1 that the penalty of the paper's RCL
+    loss is implemented as a contrastive term whose positive similarity is the constant 1).
+
+    The local loss adds, averaged over the backbone's feature levels (its stem and stages, pooled and
+    L2-normalised, s_ij the cosine similarity, tau the temperature):
+
+    - supervised contrastive term: for each anchor i, its hardest positive p (least similar
+      sample of its class, itself if it has no classmate in the batch) against its ``negatives``
+      most similar samples of the other class:
+      -log( e^{s_ip/tau} / (e^{s_ip/tau} + sum_k e^{s_ik/tau}) );
+    - divergence penalty: with m_i the similarity of the least similar other sample of i's class,
+      s~_i = m_i if m_i >= ``threshold`` else -1 (no classmate: -1), the term
+      -log( e^{1/tau} / (e^{1/tau} + e^{s~_i/tau}) ): it pushes apart classes whose samples have
+      all collapsed together, which is the "relaxation" of plain supervised contrastive learning.
+
+    Weights 1 and 1, tau = 0.05, threshold 0.7, negatives 2 are the authors' defaults. Choices:
+    the levels are the outputs the timm backbone lists in ``feature_info`` (after the activation;
+    the authors take them before it), and the cross-entropy is the module's own BCE. Aggregation:
+    unweighted mean, as in the authors' server.
+    """
+
+    name = "fedrcl"
+    description = ("FedRCL (Seo et al. 2024): supervised contrastive term with a divergence penalty on "
+                   "multi-level features in the local loss; unweighted mean")
+
+    def __init__(self, scl_weight: float = 1.0, penalty_weight: float = 1.0, temperature: float = 0.05,
+                 threshold: float = 0.7, negatives: int = 2):
+        if temperature <= 0 or negatives < 1 or scl_weight < 0 or penalty_weight < 0:
+            raise HSLError("fedrcl needs temperature > 0, negatives >= 1 and non-negative weights, got "
+                           f"temperature={temperature}, negatives={negatives}, scl_weight={scl_weight}, "
+                           f"penalty_weight={penalty_weight}.")
+        self.scl_weight, self.penalty_weight = scl_weight, penalty_weight
+        self.temperature, self.threshold, self.negatives = temperature, threshold, negatives
+        self._hooks: list = []
+        self._levels: list[torch.Tensor] = []
+
+    def begin_local(self, module, trainee):
+        if not hasattr(module, "feature_levels"):
+            raise HSLError(f"fedrcl needs the module's feature levels; {type(module).__name__} has none "
+                           "(use hsl_lightning.ClassifierModule, see configs/methods/fedrcl.yaml).")
+        self._levels = []
+
+        def keep(_, __, output):
+            if output.requires_grad:  # a training forward, not an evaluation
+                self._levels.append(F.normalize(output.float().mean(dim=(2, 3)), dim=1))
+
+        self._hooks = [m.register_forward_hook(keep) for m in module.feature_levels()]
+
+    def rcl_loss(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(contrastive term, penalty) for normalised features ``z`` (B, d) of one level."""
+        tau = self.temperature
+        sim = z @ z.T
+        same = labels[:, None] == labels[None, :]
+        eye = torch.eye(len(labels), dtype=torch.bool, device=z.device)
+        pos, _ = _hardest(sim, same, 1, largest=False)  # includes i itself: at worst s_ii = 1
+        neg, has_neg = _hardest(sim, ~same, self.negatives, largest=True)
+        logits = torch.cat([pos, neg.masked_fill(~has_neg, -torch.inf)], dim=1) / tau
+        contrastive = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+        least, has_mate = _hardest(sim, same & ~eye, 1, largest=False)
+        relaxed = torch.where(has_mate & (least >= self.threshold), least, torch.full_like(least, -1.0))[:, 0]
+        penalty = F.softplus((relaxed - 1.0) / tau).mean()  # = -log(e^{1/tau} / (e^{1/tau} + e^{s~/tau}))
+        return contrastive, penalty
+
+    def local_loss(self, module, batch):
+        levels, self._levels = self._levels, []
+        if not levels:
+            return None
+        terms = [self.rcl_loss(z, batch["label"]) for z in levels]
+        contrastive = sum(c for c, _ in terms) / len(terms)
+        penalty = sum(p for _, p in terms) / len(terms)
+        return self.scl_weight * contrastive + self.penalty_weight * penalty
+
+    def end_local(self, module, trainee, steps, optimizer):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._levels = [], []
+        return None
+
+
+def consensus_coefficients(gram: torch.Tensor, sizes: torch.Tensor, iterations: int = 5000) -> torch.Tensor:
+    """FedCOME's merge as coefficients on the updates: alpha = sum_i n_i x_i / sum_i n_i, where
+    Delta x_i is node i's update corrected to the nearest vector in the cone
+    {y : Delta_k . y >= 0 for every k}. By Moreau's decomposition x_i = e_i + lambda_i with
+    lambda_i = argmin_{lambda >= 0} ||Delta (e_i + lambda)||^2, a non-negative least-squares problem
+    in the Gram matrix ``gram`` = Delta^T Delta, solved here by accelerated projected gradient."""
+    m = gram.shape[0]
+    g = gram.double()
+    scale = g.diagonal().max().clamp(min=1e-300)
+    g = g / scale  # the solution does not depend on the scale
+    step = 1.0 / (2 * torch.linalg.eigvalsh(g).max().clamp(min=1e-12))
+    eye = torch.eye(m, dtype=torch.float64, device=g.device)
+    lam = torch.zeros(m, m, dtype=torch.float64, device=g.device)  # row i: lambda_i
+    momentum = lam.clone()
+    t = 1.0
+    for _ in range(iterations):
+        grad = 2 * (eye + momentum) @ g
+        nxt = (momentum - step * grad).clamp(min=0)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        momentum = nxt + ((t - 1) / t_next) * (nxt - lam)
+        if torch.allclose(nxt, lam, atol=1e-13, rtol=0):
+            lam = nxt
+            break
+        lam, t = nxt, t_next
+    x = eye + lam
+    w = sizes.double().to(g.device)
+    return (w[:, None] * x).sum(0) / w.sum()
+
+
+class FedCOME(Strategy):
+    """FedCOME (Zheng, Ye, Li and Gao, "Federated Learning via Consensus Mechanism on Heterogeneous
+    Data: A New Perspective on Convergence", ICASSP 2024; arXiv 2311.12358).
+
+    Consensus: after a round, the server adjusts each node's update Delta_i slightly, to the nearest
+    vector that makes an acute (or right) angle with every node's original update, so that the
+    merged step lowers no node's first-order risk; the adjusted updates are averaged with FedAvg's
+    size weights. The adjustment is solved as in the authors' code (github.com/fedcome/fedcome,
+    ``SIMPLE_SIMPLE_QP``): min_x ||Delta x - Delta_i||^2 s.t. Delta_k^T Delta x >= 0 for all k (see
+    :func:`consensus_coefficients`). The merged step is a combination of the updates, so only
+    their Gram matrix is needed to find it.
+
+    Choices: the consensus covers the trainable parameters; buffers (BatchNorm statistics) take
+    FedAvg's weighted mean. The authors' code also clips every coordinate of the merged step at
+    0.005; the method's description does not, and the bound depends on the learning rate, so it is
+    an option here (``clip``), off by default. All nodes take part every round (the paper's
+    client-sampling rule for partial participation does not apply).
+    """
+
+    name = "fedcome"
+    description = ("FedCOME (Zheng et al. 2024): server adjusts each update so the merged step lowers every "
+                   "node's risk, then size-weighted mean")
+    size_weighted = True
+    server_aggregates = True
+
+    def __init__(self, clip: float | None = None):
+        if clip is not None and clip <= 0:
+            raise HSLError(f"fedcome clip must be positive (or null for none), got {clip}.")
+        self.clip = clip
+
+    def aggregate(self, received, contributions, sizes, is_param):
+        updates = contributions[:, is_param] - received[is_param]
+        alpha = consensus_coefficients(updates @ updates.T, sizes)
+        step = alpha.to(updates.dtype) @ updates
+        if self.clip is not None:
+            step = step.clamp(-self.clip, self.clip)
+        merged = received.clone()
+        merged[is_param] += step
+        w = sizes.to(contributions.dtype)
+        merged[~is_param] = (w @ contributions[:, ~is_param]) / w.sum()
+        return merged
+
+
 class Foundation(Strategy):
     """Foundation-model baseline: a frozen pretrained encoder (``FoundationProbe``, the CLIP image
     tower by default) with a linear probe, federated (size-weighted mean of the probe: only the
@@ -428,8 +677,8 @@ class Foundation(Strategy):
 
 STRATEGIES: dict[str, type[Strategy]] = {
     s.name: s
-    for s in (HSL, FedAvg, Swarm, Personalized, FedProx, Scaffold, Moon, FedBN, FedPer, FedRep, Ditto, Foundation,
-              Local, Central)
+    for s in (HSL, FedAvg, Swarm, Personalized, FedProx, Scaffold, Moon, FedBN, FedPer, FedRep, Ditto, SplitAVG,
+              FedRCL, FedCOME, Foundation, Local, Central)
 }
 
 

@@ -31,6 +31,17 @@ class StatePacker:
             return torch.zeros(0, dtype=torch.float64, device=device)
         return torch.cat([state[k].detach().reshape(-1).to(device=device, dtype=torch.float64) for k in self.keys])
 
+    def mask(self, selected: set[str]) -> torch.Tensor:
+        """Which entries of the flat vector belong to the ``selected`` keys."""
+        if not self.keys:
+            return torch.zeros(0, dtype=torch.bool)
+        return torch.cat([torch.full((n,), k in selected, dtype=torch.bool) for k, n in zip(self.keys, self.sizes)])
+
+    def representable(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` rounded to what the entries' own dtypes hold (what a node actually receives), so
+        a checkpoint of the unpacked state restores it exactly."""
+        return self.pack(self.unpack(flat), flat.device)
+
     def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for key, chunk, shape, dtype in zip(self.keys, flat.split(self.sizes), self.shapes, self.dtypes):

@@ -104,6 +104,13 @@ class Backbone(nn.Module):
         self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
         self.in_chans = in_chans
 
+    def feature_levels(self) -> list[nn.Module]:
+        """The trunk's stem and stages as timm lists them (``feature_info``), for multi-level losses."""
+        info = getattr(self.trunk, "feature_info", None)
+        if not info:
+            raise HSLError(f"backbone {type(self.trunk).__name__} lists no feature levels (timm feature_info).")
+        return [self.trunk.get_submodule(f["module"]) for f in info]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise HSLError(

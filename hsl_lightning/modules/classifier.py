@@ -31,6 +31,10 @@ class ClassifierModule(BinaryTaskModule):
         """The pooled encoder feature (representation-level methods such as MOON use it)."""
         return self.encoder(batch["image"])
 
+    def feature_levels(self) -> list[nn.Module]:
+        """The backbone's stem and stages: multi-level methods (FedRCL) hook them."""
+        return self.encoder.feature_levels()
+
     def training_loss(self, batch: dict):
         loss = F.binary_cross_entropy_with_logits(self(batch["image"]).float(), batch["label"].float())
         return loss, {}

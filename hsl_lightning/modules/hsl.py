@@ -83,6 +83,13 @@ class HSLModule(BinaryTaskModule):
         """The projected primary feature f1 (representation-level methods such as MOON use it)."""
         return self.net.primary_proj(self.net.primary_encoder(batch["image"]))
 
+    def feature_levels(self) -> list:
+        """The primary encoder's stem and stages: multi-level methods (FedRCL) hook them."""
+        if self.net.sat_encoder is None:
+            raise HSLError("With shared_encoder the primary encoder also sees SAT images, so its feature levels do not "
+                           "belong to the primary labels; multi-level methods need shared_encoder: false.")
+        return self.net.primary_encoder.feature_levels()
+
     def training_loss(self, batch: dict):
         if "sat_image" not in batch:
             raise HSLError("HSLModule trains on paired batches with 'sat_image'; the data module has no SAT "

@@ -1,0 +1,126 @@
+"""Round checkpoints: a killed federation continues exactly where its last complete round ended."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hsl_lightning import ClassifierModule, Federation, HSLError
+
+from conftest import tiny_data, tiny_hsl
+
+TESTS = Path(__file__).resolve().parent
+
+JOB = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_data, tiny_hsl
+from hsl_lightning import Federation
+torch.manual_seed(0)
+Federation(rounds={rounds}, run_dir={run_dir!r}, wandb="disabled", progress=False, threads=1).fit(
+    tiny_hsl(), tiny_data(samples_per_epoch=384), ckpt_path={ckpt!r})
+"""
+
+
+def job(run_dir, rounds, ckpt=None):
+    code = JOB.format(tests=str(TESTS), rounds=rounds, run_dir=str(run_dir), ckpt=ckpt)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def fit(run_dir, rounds, strategy="hsl", ckpt=None, **kwargs):
+    torch.manual_seed(0)
+    if strategy == "hsl":
+        model, data = tiny_hsl(), tiny_data(**kwargs)
+    else:
+        model, data = ClassifierModule(backbone="test_resnet"), tiny_data(use_sat=False, **kwargs)
+    return Federation(strategy=strategy, rounds=rounds, run_dir=str(run_dir), wandb="disabled", progress=False,
+                      threads=1).fit(model, data, ckpt_path=ckpt)
+
+
+def same_result(a, b, dir_a, dir_b):
+    assert [n["test_auc"] for n in a["nodes"]] == [n["test_auc"] for n in b["nodes"]]
+    assert [n["val_auc"] for n in a["nodes"]] == [n["val_auc"] for n in b["nodes"]]
+    assert a["best_round"] == b["best_round"]
+    assert [h["mean_val_auc"] for h in a["history"]] == [h["mean_val_auc"] for h in b["history"]]
+    for name in ("model.pt",):
+        if (Path(dir_a) / name).exists():
+            wa = torch.load(Path(dir_a) / name, weights_only=True)["state"]
+            wb = torch.load(Path(dir_b) / name, weights_only=True)["state"]
+            assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
+    rounds = 5
+    proc = job(tmp_path / "killed", rounds)
+    marker = tmp_path / "killed" / "checkpoints" / "round-0002" / "complete.json"
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline, "round 2 never completed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # in the middle of round 3
+    proc.wait()
+    done = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert done[-1] in ("round-0002", "round-0003") and not (tmp_path / "killed" / "summary.json").exists()
+
+    resumed = job(tmp_path / "killed", rounds, ckpt="last")
+    out = resumed.communicate(timeout=300)[0].decode()
+    assert resumed.returncode == 0, out
+    assert "resuming from" in out
+    straight = fit(tmp_path / "straight", rounds, samples_per_epoch=384)
+    after = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    same_result(straight, after, tmp_path / "straight", tmp_path / "killed")
+
+
+@pytest.mark.parametrize("strategy", ["scaffold", "moon", "ditto", "personalized", "fedcome"])
+def test_strategy_state_survives_a_resume(tmp_path, strategy):
+    straight = fit(tmp_path / "a", 3, strategy)
+    fit(tmp_path / "b", 2, strategy)  # stops after round 2 ...
+    resumed = fit(tmp_path / "b", 3, strategy, ckpt="last")  # ... and goes on to 3
+    same_result(straight, resumed, tmp_path / "a", tmp_path / "b")
+    for node in (tmp_path / "a" / "nodes").glob("*.pt") if (tmp_path / "a" / "nodes").exists() else []:
+        wa = torch.load(node, weights_only=True)["state"]
+        wb = torch.load(tmp_path / "b" / "nodes" / node.name, weights_only=True)["state"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), node.name
+
+
+def test_only_the_newest_complete_round_is_kept_and_loads_without_unpickling(tmp_path):
+    fit(tmp_path, 3, "scaffold")
+    rounds = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert rounds == ["round-0003"]
+    state = torch.load(tmp_path / "checkpoints" / "round-0003" / "rank-0.pt", weights_only=True)
+    assert state["round"] == 3 and set(state["strategy"]) == {"c", "ci"}
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    fit(tmp_path, 1, "fedavg")
+    with pytest.raises(HSLError, match="different run .*strategy"):
+        fit(tmp_path, 2, "fedprox", ckpt="last")
+    with pytest.raises(HSLError, match="different run .*state"):
+        torch.manual_seed(0)
+        Federation(strategy="fedavg", rounds=2, run_dir=str(tmp_path), wandb="disabled", progress=False).fit(
+            ClassifierModule(backbone="resnet18"), tiny_data(use_sat=False), ckpt_path="last")
+    with pytest.raises(HSLError, match="more than federation.rounds"):
+        fit(tmp_path, 2, "fedavg")  # writes round 2
+        fit(tmp_path, 1, "fedavg", ckpt="last")
+
+
+def test_resume_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(HSLError, match="set federation.run_dir"):
+        Federation(wandb="disabled").fit(tiny_hsl(), tiny_data(), ckpt_path="last")
+    with pytest.raises(HSLError, match="No complete federation checkpoint"):
+        fit(tmp_path / "x", 1, ckpt=str(tmp_path / "nowhere"))
+    fit(tmp_path / "fresh", 1, "fedavg", ckpt="last")  # nothing to resume yet: starts from round 1
+    assert "starting from round 1" in capsys.readouterr().out
+    file = tmp_path / "fresh" / "checkpoints" / "round-0001" / "rank-0.pt"
+    file.write_bytes(file.read_bytes()[:100])  # truncated
+    with pytest.raises(HSLError, match="Could not read checkpoint file"):
+        fit(tmp_path / "fresh", 2, "fedavg", ckpt="last")
