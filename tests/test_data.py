@@ -119,3 +119,23 @@ def test_node_with_no_training_data_is_a_clear_error():
     dm = tiny_data(primary=SyntheticLesions(num_samples=6, size=28), scenario=Scenario(num_nodes=3, sizes=[100, 1, 1]))
     with pytest.raises(HSLError, match="no training samples"):
         dm.setup()
+
+
+def test_eval_sizes_keep_evaluation_sets_equal_while_training_sizes_follow_the_sweep():
+    sizes = {}
+    for ratio in (1, 8):
+        dm = tiny_data(use_sat=False, scenario=Scenario(num_nodes=2, sizes=[1, ratio], eval_sizes=[1, 1]))
+        dm.setup()
+        sizes[ratio] = [(len(n.train), len(n.val), len(n.test)) for n in dm.nodes]
+    (a1, v1, t1), (b1, w1, u1) = sizes[1]
+    (a8, v8, t8), (b8, w8, u8) = sizes[8]
+    assert a1 == b1 and b8 >= 7 * a8  # training sets follow the ratio ...
+    assert a1 + b1 == pytest.approx(a8 + b8, abs=2)  # ... at a constant total
+    assert (v1, t1) == (w1, u1) == (v8, t8) == (w8, u8)  # evaluation sets stay equal
+
+
+def test_batches_say_which_node_each_image_comes_from():
+    dm = tiny_data(use_sat=False)
+    batch = next(iter(dm.train_loader([0, 2], seed=0, with_sat=False)))
+    assert set(batch["node"].tolist()) == {0, 2}
+    assert next(iter(dm.eval_loader(1, "test")))["node"].unique().tolist() == [1]

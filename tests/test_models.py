@@ -75,3 +75,14 @@ def test_wrong_channel_count_is_a_clear_error():
     net = create_backbone("resnet18", in_chans=1)
     with pytest.raises(HSLError, match="in_chans"):
         net(torch.rand(2, 3, 28, 28))
+
+
+def test_shared_bottom_ablation_replaces_experts_and_gates():
+    net = HSLNetwork(backbone="test_resnet", proj_dim=16, num_experts=4, expert_hidden=8, mixture="shared_bottom")
+    assert not any("gates" in k or "experts" in k for k in net.state_dict())
+    out = net(torch.rand(3, 1, 28, 28), torch.rand(3, 1, 28, 28))
+    assert out.primary_logit.shape == out.sat_logit.shape == (3,)
+    hidden = net.mmoe.bottom[0].out_features
+    assert hidden == 4 * 8  # as many hidden units as all experts together
+    with pytest.raises(HSLError, match="mixture must be one of mmoe, shared_bottom"):
+        HSLNetwork(backbone="test_resnet", mixture="moe")

@@ -133,7 +133,12 @@ class FederatedDataModule(L.LightningDataModule):
         if self.primary.per_node:
             return raw
         names = self.scenario.node_names
-        if "all" in raw or self.splits == "pooled":
+        if ("all" in raw or self.splits == "pooled") and self.scenario.eval_sizes is not None:
+            # evaluation sets sized apart from training sets: split the pool first, then partition each split
+            pool = raw["all"] if "all" in raw else ImageSet.cat([raw[s] for s in SPLITS])
+            parts = stratified_split(pool.labels, self.split_fractions, g)
+            raw = {s: pool.subset(p) for s, p in zip(SPLITS, parts)}
+        elif "all" in raw or self.splits == "pooled":
             pool = raw["all"] if "all" in raw else ImageSet.cat([raw[s] for s in SPLITS])
             counts = self.scenario.class_counts(pool.positives, len(pool) - pool.positives, g)
             out = {}
@@ -145,7 +150,7 @@ class FederatedDataModule(L.LightningDataModule):
         out = {name: {} for name in names}
         for s in SPLITS:
             data = raw[s]
-            counts = self.scenario.class_counts(data.positives, len(data) - data.positives, g)
+            counts = self.scenario.class_counts(data.positives, len(data) - data.positives, g, evaluation=s != "train")
             for name, idx in zip(names, partition(data.labels, counts, g)):
                 out[name][s] = data.subset(idx)
         return out

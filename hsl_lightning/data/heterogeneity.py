@@ -92,6 +92,9 @@ class Scenario:
         acquisition: one scanner per node (feature skew).
         feature_skew: when ``acquisition`` is not given, random scanners of this strength in [0, 1]
             (0 = identical scanners).
+        eval_sizes: relative sizes of the nodes' validation and test sets (default: ``sizes``);
+            e.g. ``[1, 1]`` keeps evaluation sets equal while a quantity sweep shrinks one node's
+            training set.
     """
 
     num_nodes: int = 3
@@ -101,16 +104,18 @@ class Scenario:
     dirichlet_alpha: float | None = None
     acquisition: list[Acquisition] | None = None
     feature_skew: float = 0.0
+    eval_sizes: list[float] | None = None
 
     def __post_init__(self):
         if self.num_nodes < 1:
             raise HSLError(f"scenario.num_nodes must be at least 1, got {self.num_nodes}.")
-        for key in ("names", "sizes", "prevalence", "acquisition"):
+        for key in ("names", "sizes", "prevalence", "acquisition", "eval_sizes"):
             value = getattr(self, key)
             if value is not None and len(value) != self.num_nodes:
                 raise HSLError(f"scenario.{key} has {len(value)} entries but num_nodes is {self.num_nodes}.")
-        if self.sizes is not None and (min(self.sizes) <= 0):
-            raise HSLError(f"scenario.sizes must all be positive, got {self.sizes}.")
+        for key in ("sizes", "eval_sizes"):
+            if getattr(self, key) is not None and min(getattr(self, key)) <= 0:
+                raise HSLError(f"scenario.{key} must all be positive, got {getattr(self, key)}.")
         if self.prevalence is not None and not all(0 <= p <= 1 for p in self.prevalence):
             raise HSLError(f"scenario.prevalence values must lie in [0, 1], got {self.prevalence}.")
         if self.prevalence is not None and self.dirichlet_alpha is not None:
@@ -133,14 +138,17 @@ class Scenario:
             return list(self.acquisition)
         return [Acquisition.random(self.feature_skew, g) if self.feature_skew > 0 else Acquisition() for _ in range(n)]
 
-    def class_counts(self, n_pos: int, n_neg: int, g: torch.Generator) -> list[tuple[int, int]]:
-        """(positives, negatives) per node drawn from a pool with ``n_pos``/``n_neg`` samples."""
+    def class_counts(self, n_pos: int, n_neg: int, g: torch.Generator,
+                     evaluation: bool = False) -> list[tuple[int, int]]:
+        """(positives, negatives) per node drawn from a pool with ``n_pos``/``n_neg`` samples
+        (``evaluation``: for a validation / test split, sized by ``eval_sizes`` when given)."""
         k = self.num_nodes
         if self.dirichlet_alpha is not None:
             pos = _dirichlet(k, self.dirichlet_alpha, g)
             neg = _dirichlet(k, self.dirichlet_alpha, g)
             return list(zip(_split_counts(n_pos, pos), _split_counts(n_neg, neg)))
-        sizes = torch.tensor(self.sizes if self.sizes else [1.0] * k, dtype=torch.float64)
+        relative = self.eval_sizes if evaluation and self.eval_sizes else self.sizes
+        sizes = torch.tensor(relative if relative else [1.0] * k, dtype=torch.float64)
         sizes = sizes / sizes.sum()
         if self.prevalence is None:
             return list(zip(_split_counts(n_pos, sizes), _split_counts(n_neg, sizes)))

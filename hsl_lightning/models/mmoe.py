@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hsl_lightning.errors import HSLError
 from hsl_lightning.models.backbones import create_backbone
 
 PRIMARY, SAT = 0, 1
@@ -48,6 +49,22 @@ class MMoE(nn.Module):
         return mixed, gates
 
 
+class SharedBottom(nn.Module):
+    """The ablation of the MMoE: one shared network feeds every task (no experts, no gates), with as
+    many hidden units as all experts together."""
+
+    def __init__(self, in_features: int = 1024, num_experts: int = 12, expert_hidden: int = 62,
+                 expert_dim: int = 32, expert_dropout: float = 0.3, num_tasks: int = 2):
+        super().__init__()
+        self.bottom = _mlp(in_features, expert_hidden * num_experts, expert_dim, expert_dropout)
+        self.num_tasks = num_tasks
+
+    def forward(self, h: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        shared = self.bottom(h)
+        ones = torch.ones(h.shape[0], 1, device=h.device, dtype=h.dtype)
+        return [shared] * self.num_tasks, [ones] * self.num_tasks
+
+
 @dataclass
 class HSLOutput:
     primary_logit: torch.Tensor  # (B,)
@@ -56,7 +73,10 @@ class HSLOutput:
 
 
 class HSLNetwork(nn.Module):
-    """Primary and SAT encoders coupled by an MMoE, with one binary tower per task."""
+    """Primary and SAT encoders coupled by an MMoE, with one binary tower per task.
+
+    ``mixture``: ``mmoe`` (the method) or ``shared_bottom`` (ablation: :class:`SharedBottom`).
+    """
 
     def __init__(
         self,
@@ -73,8 +93,12 @@ class HSLNetwork(nn.Module):
         expert_dropout: float = 0.3,
         tower_hidden: int = 16,
         tower_dropout: float = 0.4,
+        mixture: str = "mmoe",
     ):
         super().__init__()
+        mixtures = {"mmoe": MMoE, "shared_bottom": SharedBottom}
+        if mixture not in mixtures:
+            raise HSLError(f"mixture must be one of {', '.join(mixtures)}, got '{mixture}'.")
         self.temperature = temperature
         make = lambda: create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, weights=weights)  # noqa: E731
         self.primary_encoder = make()
@@ -86,7 +110,7 @@ class HSLNetwork(nn.Module):
         self.sat_proj = nn.Sequential(nn.Linear(n, proj_dim), nn.ReLU())
         self.primary_skip = nn.Linear(proj_dim, skip_dim)
         self.sat_skip = nn.Linear(proj_dim, skip_dim)
-        self.mmoe = MMoE(2 * proj_dim, num_experts, expert_hidden, skip_dim, expert_dropout, num_tasks=2)
+        self.mmoe = mixtures[mixture](2 * proj_dim, num_experts, expert_hidden, skip_dim, expert_dropout, num_tasks=2)
         self.primary_tower = _mlp(skip_dim, tower_hidden, 1, tower_dropout)
         self.sat_tower = _mlp(skip_dim, tower_hidden, 1, tower_dropout)
 
