@@ -50,3 +50,25 @@ def test_medmnist_config_runs_one_round_on_the_real_files(tmp_path, medmnist_roo
     drawn = json.loads((run_dir / "data.json").read_text())
     prevalence = [d["pos_train"] / d["n_train"] for d in drawn]
     assert prevalence == sorted(prevalence)  # the configured 15/25/35/45 % malignancy gradient
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("data_config, scenario", [
+    ("breast_pneumonia", "combined"), ("pneumonia_breast", "feature"), ("breast_synthetic", "quantity"),
+], ids=["breast+pneumonia-sat", "pneumonia+breast-sat", "breast+synthetic-sat"])
+def test_study_data_configs_run_one_round_with_a_scenario(tmp_path, medmnist_root, data_config, scenario):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HSL_DATA_ROOT": str(medmnist_root)}
+    res = run_hsl("fit", "--config", str(REPO / "configs" / "data" / f"{data_config}.yaml"),
+                  "--config", str(REPO / "configs" / "scenarios" / f"{scenario}.yaml"),
+                  "--model.init_args.backbone", "test_resnet", "--federation.rounds", "1",
+                  "--data.samples_per_epoch", "64", "--federation.wandb", "disabled",
+                  "--federation.run_dir", str(run_dir), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    drawn = json.loads((run_dir / "data.json").read_text())
+    expected_nodes = {"combined": 5, "feature": 7, "quantity": 2}[scenario]
+    assert len(drawn) == expected_nodes and all(d["n_train"] > 0 and d["n_sat"] > 0 for d in drawn)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == "hsl" and len(summary["nodes"]) == expected_nodes

@@ -91,6 +91,7 @@ class Federation:
         wandb: ``auto`` (online when logged in, else offline), ``online``, ``offline`` or ``disabled``.
         wandb_project: W&B project name.
         progress: show a progress bar over rounds and institutions.
+        save_weights: write the deployed weights (``model.pt``, ``nodes/<name>.pt``) at the end.
         checkpoint: write a checkpoint after every round (``<run_dir>/checkpoints``; the newest
             complete round is kept), so ``fit(..., ckpt_path="last")`` continues a killed run.
         seed: seeds training (sampling, augmentation, dropout); set from ``seed_everything`` by the CLI.
@@ -112,6 +113,7 @@ class Federation:
         wandb: WandbMode = "auto",
         wandb_project: str = "hsl_lightning",
         progress: bool = True,
+        save_weights: bool = True,
         checkpoint: bool = True,
         seed: int = 0,
         threads: int | None = None,
@@ -125,6 +127,7 @@ class Federation:
         self.run_dir = run_dir
         self.wandb, self.wandb_project = wandb, wandb_project
         self.progress, self.checkpoint, self.seed, self.threads = progress, checkpoint, seed, threads
+        self.save_weights = save_weights
         self.run_config: dict | None = None  # the resolved CLI config, attached to loggers and saved
         self.summary: dict | None = None
 
@@ -397,7 +400,7 @@ class Federation:
         return {"strategy": self.strategy.name, "strategy_options": self.strategy.options(), "rounds": self.rounds,
                 "local_epochs": self.local_epochs, "contribute": self.contribute, "accelerator": self.accelerator,
                 "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed,
-                "checkpoint": self.checkpoint}
+                "checkpoint": self.checkpoint, "save_weights": self.save_weights}
 
     def _deploy(self, module, packer: StatePacker, hosted: dict, global_flat: torch.Tensor) -> None:
         """Load the model an institution deploys: its personal model if it has one, else shared + local."""
@@ -491,6 +494,12 @@ class Federation:
 
     def _save_weights(self, fabric, run_dir, module, packer, best, plan, names, mine) -> None:
         """``model.pt``: the deployed shared state; ``nodes/<name>.pt``: what differs per node."""
+        if self.save_weights:
+            self._write_weights(fabric, run_dir, packer, best, plan, names, mine)
+        if fabric.world_size == 1:  # leave the user's module holding the deployed model of the first institution
+            self._deploy(module, packer, best["hosted"][mine[0]], best["global"])
+
+    def _write_weights(self, fabric, run_dir, packer, best, plan, names, mine) -> None:
         if fabric.global_rank == 0 and packer.numel and not self.strategy.personal:
             # torch.save, not fabric.save: the latter waits at a barrier that only rank 0 would reach.
             torch.save({"round": best["round"] + 1, "state": packer.unpack(best["global"].cpu())}, run_dir / "model.pt")
@@ -506,8 +515,6 @@ class Federation:
                 name = "+".join(names[i] for i in plan[t])
                 torch.save({"round": best["round"] + 1, "state": {k: v.cpu() for k, v in own.items()}},
                            run_dir / "nodes" / f"{name}.pt")
-        if fabric.world_size == 1:  # leave the user's module holding the deployed model of the first institution
-            self._deploy(module, packer, best["hosted"][mine[0]], best["global"])
 
     def _summary(self, dm, names, plan, val_history, best_round, test, wall, nbytes) -> dict:
         best_val = val_history[best_round]

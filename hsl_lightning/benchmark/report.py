@@ -1,0 +1,285 @@
+"""What a benchmark grid measured: a long CSV, a Markdown report and plots.
+
+Statistics, for one method, scenario and sweep step: per seed, the mean of the nodes' test AUCs,
+the worst node's AUC and the standard deviation across nodes (the paper's "stability"); then the
+mean and standard deviation of each over seeds. A scenario's figure averages its sweep steps
+within each seed first. Nodes whose test AUC is undefined (one class) are left out, and counted.
+
+Verdicts (``compare`` in the grid): the per-seed difference of scenario means between the compared
+method and each reference, with a 95 % t-interval over seeds: "wins" when the interval lies above
+zero, "loses" when below, "ties" otherwise (and "n/a" with one seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from hsl_lightning.benchmark.grid import Grid
+from hsl_lightning.benchmark.runner import run_dir
+
+#: strategies that are not distributed training methods (bounds and the frozen-encoder baseline)
+NOT_DISTRIBUTED = {"local", "central", "foundation"}
+# two-sided 95 % Student t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       15: 2.131, 20: 2.086, 30: 2.042}
+
+COLUMNS = ["method", "strategy", "scenario", "step", "step_index", "seed", "node", "n_train", "n_val", "n_test",
+           "val_auc", "test_auc", "best_round", "wall_s"]
+
+
+def collect(grid: Grid) -> list[dict]:
+    """One row per method, scenario, sweep step, seed and node, from the cells' summary.json files."""
+    rows = []
+    for cell in grid.cells():
+        file = run_dir(grid.out, cell) / "summary.json"
+        if not file.is_file():
+            continue
+        summary = json.loads(file.read_text())
+        for node in summary["nodes"]:
+            rows.append({"method": cell.method, "strategy": summary["method"], "scenario": cell.scenario,
+                         "step": cell.step, "step_index": cell.step_index, "seed": cell.seed, "node": node["name"],
+                         "n_train": node["n_train"], "n_val": node["n_val"], "n_test": node["n_test"],
+                         "val_auc": node["val_auc"], "test_auc": node["test_auc"],
+                         "best_round": summary["best_round"], "wall_s": summary["wall_s"]})
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _nanfree(values) -> list[float]:
+    return [float(v) for v in values if v is not None and not math.isnan(float(v))]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else math.nan  # no spread from one seed
+
+
+class Stats:
+    """Per-seed node statistics, grouped, with the summaries the report prints."""
+
+    def __init__(self, rows: list[dict]):
+        self.nodes = defaultdict(list)  # (method, scenario, step, seed) -> node AUCs
+        self.undefined = defaultdict(int)
+        self.steps = defaultdict(dict)  # scenario -> {step index: label}
+        self.strategy = {}
+        for r in rows:
+            key = (r["method"], r["scenario"], r["step"], r["seed"])
+            self.steps[r["scenario"]][r["step_index"]] = r["step"]
+            self.strategy[r["method"]] = r["strategy"]
+            auc = r["test_auc"]
+            if auc is None or math.isnan(float(auc)):
+                self.undefined[(r["method"], r["scenario"])] += 1
+                self.nodes.setdefault(key, [])
+            else:
+                self.nodes[key].append(float(auc))
+
+    def per_seed(self, method: str, scenario: str, step: str | None = None) -> dict[int, dict]:
+        """seed -> {mean, worst, spread}; with ``step`` None, averaged over the scenario's steps."""
+        steps = [step] if step is not None else [self.steps[scenario][i] for i in sorted(self.steps[scenario])]
+        by_seed = defaultdict(list)
+        for (m, s, st, seed), aucs in self.nodes.items():
+            if m == method and s == scenario and st in steps and aucs:
+                arr = np.asarray(aucs)
+                by_seed[seed].append((arr.mean(), arr.min(), arr.std()))
+        return {seed: {"mean": float(np.mean([v[0] for v in vals])), "worst": float(np.mean([v[1] for v in vals])),
+                       "spread": float(np.mean([v[2] for v in vals]))}
+                for seed, vals in by_seed.items() if len(vals) == len(steps)}
+
+    def summary(self, method: str, scenario: str, step: str | None = None) -> dict:
+        seeds = self.per_seed(method, scenario, step)
+        out = {"seeds": len(seeds)}
+        for k in ("mean", "worst", "spread"):
+            out[k], out[f"{k}_std"] = _mean_std([v[k] for v in seeds.values()])
+        return out
+
+
+def verdict(diffs: list[float]) -> tuple[str, float, float, float]:
+    """(verdict, mean difference, std over seeds, 95 % half-width)."""
+    if not diffs:
+        return "n/a", math.nan, math.nan, math.nan
+    mean, std = _mean_std(diffs)
+    if len(diffs) < 2:
+        return "n/a", mean, std, math.nan
+    df = len(diffs) - 1
+    t = T95.get(df) or T95[max(k for k in T95 if k <= df)]
+    half = t * std / math.sqrt(len(diffs))
+    word = "wins" if mean - half > 0 else "loses" if mean + half < 0 else "ties"
+    return word, mean, std, half
+
+
+def _fmt(mean: float, std: float | None = None) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.3f}" if std is None or math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def headline(grid: Grid, stats: Stats) -> str:
+    """Mean node test AUC ± std over seeds, per method (rows) and scenario (columns)."""
+    scenarios = [s for s in grid.scenarios if s in stats.steps]
+    lines = ["| method | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    for method in grid.methods:
+        cells = [_fmt(*(lambda x: (x["mean"], x["mean_std"]))(stats.summary(method, s))) for s in scenarios]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "") -> str:
+    stats = Stats(rows)
+    done = {(r["method"], r["scenario"], r["step"], r["seed"]) for r in rows}
+    total = len(grid.cells())
+    parts = [f"# Benchmark: {grid.source.stem if grid.source else grid.out.name}", ""]
+    if grid.description:
+        parts += [grid.description.strip(), ""]
+    if command:
+        parts += [f"Command: `{command}`", ""]
+    if machine:
+        parts += [f"Machine: {machine}", ""]
+    parts += [f"Cells finished: {len(done)} of {total}; seeds {grid.seeds}. Figures: mean node test AUC, "
+              "mean ± std over seeds (sweeps averaged over their steps within each seed).", ""]
+    parts += ["## Mean node test AUC", "", headline(grid, stats), ""]
+    if grid.compare:
+        parts += _verdicts(grid, stats)
+    for scenario in grid.scenarios:
+        if scenario not in stats.steps:
+            continue
+        parts += [f"## {scenario}", "",
+                  "| method | step | mean node AUC | worst node | across-node std | seeds |", "|---|---|---|---|---|---|"]
+        steps = [stats.steps[scenario][i] for i in sorted(stats.steps[scenario])]
+        for method in grid.methods:
+            for step in (steps if len(steps) > 1 else [None]):
+                x = stats.summary(method, scenario, step)
+                if not x["seeds"]:
+                    continue
+                parts.append(f"| {method} | {step or '-'} | {_fmt(x['mean'], x['mean_std'])} | "
+                             f"{_fmt(x['worst'], x['worst_std'])} | {_fmt(x['spread'], x['spread_std'])} | {x['seeds']} |")
+        undefined = {m: n for (m, s), n in stats.undefined.items() if s == scenario}
+        if undefined:
+            parts += ["", "Nodes with an undefined test AUC (one class in the test set), left out: " +
+                      ", ".join(f"{m}: {n}" for m, n in undefined.items()) + "."]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _verdicts(grid: Grid, stats: Stats) -> list[str]:
+    me, against = grid.compare["method"], grid.compare.get("against", [])
+    lines = [f"## {me} against the references", "",
+             f"Per-seed difference of the scenario's mean node AUC ({me} minus reference), mean ± std over seeds, "
+             "95 % t-interval half-width; verdict by whether the interval excludes zero.", "",
+             "| scenario | reference | difference | ± 95 % | verdict |", "|---|---|---|---|---|"]
+    for scenario in grid.scenarios:
+        mine = stats.per_seed(me, scenario)
+        for ref in against:
+            theirs = stats.per_seed(ref, scenario)
+            diffs = [mine[s]["mean"] - theirs[s]["mean"] for s in sorted(set(mine) & set(theirs))]
+            word, mean, std, half = verdict(diffs)
+            lines.append(f"| {scenario} | {ref} | {_fmt(mean, std)} | {_fmt(half)} | {word} |")
+    distributed = [m for m in grid.methods if stats.strategy.get(m) not in NOT_DISTRIBUTED and m != me]
+    lines += ["", f"{me} against every distributed method (mean node AUC over seeds) and against central:", ""]
+    for scenario in grid.scenarios:
+        x = stats.summary(me, scenario)
+        if not x["seeds"]:
+            continue
+        others = {m: stats.summary(m, scenario)["mean"] for m in distributed}
+        others = {m: v for m, v in others.items() if not math.isnan(v)}
+        best = max(others, key=others.get) if others else None
+        central = [m for m in grid.methods if stats.strategy.get(m) == "central"]
+        gap = x["mean"] - stats.summary(central[0], scenario)["mean"] if central else math.nan
+        above = best is not None and x["mean"] > others[best]
+        lines.append(f"- {scenario}: {me} {_fmt(x['mean'])}; best other distributed method "
+                     f"{best or '-'} {_fmt(others.get(best, math.nan))} ({'above' if above else 'not above'}); "
+                     f"{me} minus central {_fmt(gap)}.")
+    return lines + [""]
+
+
+def plots(grid: Grid, rows: list[dict]) -> list[Path]:
+    """Per-node AUC box plots per scenario; AUC against the sweep step for swept scenarios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = Stats(rows)
+    out = grid.out / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    methods = [m for m in grid.methods if any(k[0] == m for k in stats.nodes)]
+    for scenario in grid.scenarios:
+        if scenario not in stats.steps:
+            continue
+        data = [[a for (m, s, _, _), aucs in stats.nodes.items() if m == method and s == scenario for a in aucs]
+                for method in methods]
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(methods) + 2), 4))
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(methods) + 1), methods, rotation=45, ha="right")
+        ax.set_ylabel("node test AUC")
+        ax.set_title(f"{scenario}: per-node test AUC (all seeds{', all steps' if grid.steps(scenario)[0][1] is not None else ''})")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        files.append(out / f"{scenario}_nodes.png")
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+        steps = [stats.steps[scenario][i] for i in sorted(stats.steps[scenario])]
+        if len(steps) > 1:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for method in methods:
+                xs, ys, es = [], [], []
+                for i, step in enumerate(steps):
+                    x = stats.summary(method, scenario, step)
+                    if x["seeds"]:
+                        xs.append(i), ys.append(x["mean"]), es.append(x["mean_std"])
+                if xs:
+                    ys, es = np.asarray(ys), np.asarray(es)
+                    ax.plot(xs, ys, marker="o", label=method)
+                    ax.fill_between(xs, ys - es, ys + es, alpha=0.1)
+            ax.set_xticks(range(len(steps)), steps)
+            ax.set_xlabel(grid.scenarios[scenario]["sweep"]["key"])
+            ax.set_ylabel("mean node test AUC")
+            ax.set_title(f"{scenario}: AUC along the gradient (mean ± std over seeds)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            files.append(out / f"{scenario}_gradient.png")
+            fig.savefig(files[-1], dpi=120)
+            plt.close(fig)
+    return files
+
+
+def log_to_wandb(grid: Grid, report: str, files: list[Path], mode: str) -> None:
+    from hsl_lightning.federation.loggers import resolve_wandb_mode
+
+    resolved = resolve_wandb_mode(mode)
+    if resolved == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project="hsl_lightning", name=f"benchmark-{grid.out.name}", dir=str(grid.out),
+                     mode=resolved, job_type="benchmark", reinit="finish_previous")
+    run.log({f"plots/{f.stem}": wandb.Image(str(f)) for f in files})
+    run.summary["report"] = report
+    run.finish()
+
+
+def write_report(grid: Grid, command: str = "", machine: str = "", wandb_mode: str = "disabled") -> dict:
+    """results.csv, report.md and plots/ under the grid's ``out``; returns their paths."""
+    rows = collect(grid)
+    write_csv(rows, grid.out / "results.csv")
+    text = markdown(grid, rows, command, machine)
+    (grid.out / "report.md").write_text(text)
+    files = plots(grid, rows) if rows else []
+    log_to_wandb(grid, text, files, wandb_mode)
+    return {"csv": grid.out / "results.csv", "report": grid.out / "report.md", "plots": files, "rows": len(rows)}

@@ -1,0 +1,99 @@
+"""Runs a benchmark grid: every cell is one ``hsl fit``, in worker processes, resumable.
+
+A cell is done when its ``summary.json`` exists; a rerun of the same command skips done cells and
+runs the rest (a killed cell starts over: cells are short and write no checkpoints). A failing
+cell is logged to ``failures.jsonl`` with its message and does not stop the grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from hsl_lightning.benchmark.grid import Cell, Grid
+
+
+def run_dir(out: Path, cell: Cell) -> Path:
+    return out / "runs" / cell.key
+
+
+def cell_args(cell: Cell, directory: Path, threads: int) -> list[str]:
+    args = ["fit"]
+    for config in cell.configs:
+        args += ["--config", config]
+    for key, value in cell.settings:
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    args += ["--seed_everything", str(cell.seed), "--data.seed", str(cell.seed),
+             "--federation.run_dir", str(directory), "--federation.wandb", "disabled",
+             "--federation.progress", "false", "--federation.checkpoint", "false",
+             "--federation.save_weights", "false", "--federation.threads", str(threads)]
+    return args
+
+
+def _run_cell(args: list[str], directory: str) -> dict:
+    """In a worker: one ``hsl fit``, its output into the cell's ``log.txt``."""
+    from hsl_lightning.cli import HSLCLI, _hsl_message
+
+    start = time.perf_counter()
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    with open(Path(directory) / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            HSLCLI(args=args)
+            return {"ok": True, "wall_s": time.perf_counter() - start}
+        except SystemExit as exc:  # the CLI's own argument errors
+            return {"ok": False, "error": f"hsl fit exited with {exc.code}; see {directory}/log.txt"}
+        except Exception as exc:  # noqa: BLE001 - one failing cell must not stop the grid
+            message = _hsl_message(exc) or f"{type(exc).__name__}: {exc}"
+            return {"ok": False, "error": message}
+
+
+def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress: bool = True) -> dict:
+    """Run every cell not yet done; returns counts of done, ran, failed cells and the wall time."""
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    cells = grid.cells()
+    todo = [c for c in cells if not (run_dir(grid.out, c) / "summary.json").is_file()]
+    grid.out.mkdir(parents=True, exist_ok=True)
+    failures = grid.out / "failures.jsonl"
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="benchmark", unit="cell",
+               disable=not progress, dynamic_ncols=True)
+    start, ran, failed = time.perf_counter(), 0, 0
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending = {}
+        queue = list(todo)
+        try:
+            while queue or pending:
+                while queue and len(pending) < workers:
+                    cell = queue.pop(0)
+                    directory = run_dir(grid.out, cell)
+                    future = pool.submit(_run_cell, cell_args(cell, directory, threads), str(directory))
+                    pending[future] = cell
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    cell = pending.pop(future)
+                    result = future.result()
+                    ran += 1
+                    if not result["ok"]:
+                        failed += 1
+                        with open(failures, "a") as f:
+                            f.write(json.dumps({"cell": cell.key, "error": result["error"]}) + "\n")
+                        bar.write(f"failed: {cell.key}: {result['error']}")
+                    bar.set_postfix_str(cell.key)
+                    bar.update(1)
+        except KeyboardInterrupt:
+            for future in pending:
+                future.cancel()
+            raise
+    bar.close()
+    return {"cells": len(cells), "already_done": len(cells) - len(todo), "ran": ran, "failed": failed,
+            "wall_s": round(time.perf_counter() - start, 1)}
