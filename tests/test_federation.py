@@ -87,6 +87,68 @@ def test_diverging_node_stops_the_run_naming_node_and_round(tmp_path, monkeypatc
         fit(tmp_path, rounds=1)
 
 
+def failing_node(monkeypatch, node_index, error=RuntimeError("disk read failed")):
+    """Local training of the node that owns training images of ``node_index`` raises ``error``."""
+    original = HSLModule.training_loss
+
+    def training_loss(self, batch):
+        if int(batch["node"][0]) == node_index:
+            raise error
+        return original(self, batch)
+
+    monkeypatch.setattr(HSLModule, "training_loss", training_loss)
+
+
+def test_a_failing_node_stops_the_run_naming_node_round_and_cause(tmp_path, monkeypatch):
+    failing_node(monkeypatch, 1)
+    with pytest.raises(HSLError, match=r"node node1 failed in round 1: RuntimeError: disk read failed.*min_nodes"):
+        fit(tmp_path, rounds=1)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_min_nodes_drops_a_failing_node_from_the_round_and_logs_it(tmp_path, monkeypatch, capsys):
+    failing_node(monkeypatch, 1)
+    summary = fit(tmp_path, rounds=2, min_nodes=2)
+    assert "node node1 dropped from round 1" in capsys.readouterr().out
+    assert [h["dropped"] for h in summary["history"]] == [["node1"], ["node1"]]
+    assert [h["nodes_dropped"] for h in summary["history"]] == [1, 1]
+    assert len(summary["nodes"]) == 3  # the dropped node is still evaluated with the merged model
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "nodes_dropped" in header
+
+
+def test_the_merge_of_a_round_with_a_dropped_node_is_the_mean_of_the_others(tmp_path, monkeypatch):
+    from hsl_lightning.federation.sync import StatePacker
+
+    failing_node(monkeypatch, 1)
+    trained, merged = [], []
+    train_local, representable = Federation._train_local, StatePacker.representable
+
+    def spy_train(self, *args, **kwargs):
+        out = train_local(self, *args, **kwargs)
+        trained.append({k: v.detach().clone() for k, v in out[0].items()})
+        return out
+
+    def spy_merge(self, flat):
+        out = representable(self, flat)
+        merged.append(self.unpack(out))
+        return out
+
+    monkeypatch.setattr(Federation, "_train_local", spy_train)
+    monkeypatch.setattr(StatePacker, "representable", spy_merge)
+    fit(tmp_path, rounds=1, min_nodes=2)
+    assert len(trained) == 2 and len(merged) == 1  # node0 and node2 finished
+    for key, value in merged[0].items():
+        if value.dtype.is_floating_point:
+            assert torch.allclose(value, (trained[0][key] + trained[1][key]) / 2, atol=1e-6), key
+
+
+def test_too_few_finished_nodes_stop_the_run(tmp_path, monkeypatch):
+    failing_node(monkeypatch, 1)
+    with pytest.raises(HSLError, match="Only 2 of 3 node.*min_nodes=3"):
+        fit(tmp_path, rounds=1, min_nodes=3)
+
+
 def test_channel_mismatch_is_a_clear_error(tmp_path):
     with pytest.raises(HSLError, match="3-channel"):
         fit(tmp_path, model=tiny_hsl(in_chans=3))

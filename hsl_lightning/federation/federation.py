@@ -91,6 +91,10 @@ class Federation:
         wandb: ``auto`` (online when logged in, else offline), ``online``, ``offline`` or ``disabled``.
         wandb_project: W&B project name.
         progress: show a progress bar over rounds and institutions.
+        min_nodes: what to do when a node's local training fails (an exception, or a non-finite
+            loss): None (default) stops the run with a message naming the node, the round and the
+            cause; a number drops the failing node from that round (it keeps what it received, and
+            the failure is logged) as long as at least that many nodes finished the round.
         save_weights: write the deployed weights (``model.pt``, ``nodes/<name>.pt``) at the end.
         checkpoint: write a checkpoint after every round (``<run_dir>/checkpoints``; the newest
             complete round is kept), so ``fit(..., ckpt_path="last")`` continues a killed run.
@@ -113,6 +117,7 @@ class Federation:
         wandb: WandbMode = "auto",
         wandb_project: str = "hsl_lightning",
         progress: bool = True,
+        min_nodes: int | None = None,
         save_weights: bool = True,
         checkpoint: bool = True,
         seed: int = 0,
@@ -128,6 +133,9 @@ class Federation:
         self.wandb, self.wandb_project = wandb, wandb_project
         self.progress, self.checkpoint, self.seed, self.threads = progress, checkpoint, seed, threads
         self.save_weights = save_weights
+        if min_nodes is not None and min_nodes < 1:
+            raise HSLError(f"min_nodes must be at least 1 (or null to stop on any failure), got {min_nodes}.")
+        self.min_nodes = min_nodes
         self.run_config: dict | None = None  # the resolved CLI config, attached to loggers and saved
         self.summary: dict | None = None
 
@@ -219,14 +227,17 @@ class Federation:
             loggers = make_loggers(run_dir, self.wandb, self.wandb_project, run_dir.name, config)
             for row in history:  # a resumed run logs the restored rounds again, into fresh logs
                 for logger in loggers:
-                    logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
+                    logger.log_metrics({k: v for k, v in row.items() if k not in ("round", "dropped")}, step=row["round"])
         bar = tqdm(total=self.rounds * len(mine), initial=min(first, self.rounds) * len(mine),
                    desc=f"{self.strategy.name}", unit="node-round",
                    disable=not (self.progress and rank == 0), dynamic_ncols=True)
 
         for r in range(first, self.rounds):
-            # layout: [weighted shared state | strategy extras | bytes of other traffic | sum of weights]
-            acc = torch.zeros(packer.numel + n_extra + 2, dtype=torch.float64, device=fabric.device)
+            # layout: [weighted shared state | strategy extras | bytes of other traffic | which trainees
+            # finished the round (one slot each) | sum of weights]
+            acc = torch.zeros(packer.numel + n_extra + 2 + len(plan), dtype=torch.float64, device=fabric.device)
+            finished_at = packer.numel + n_extra + 1
+            failures = []
             start_flat = global_flat  # what every node received this round
             train_loss = torch.full((len(names),), math.nan, dtype=torch.float64)
             own = {}  # contributions kept only when the merge is personal (one flat state per institution)
@@ -234,7 +245,16 @@ class Federation:
                 self._load(module, packer, _shared_of(hosted[t], global_flat), hosted[t]["local"])
                 received = _clone(module.state_dict()) if self.strategy.personal_model else None
                 bar.set_postfix_str(f"round {r + 1}/{self.rounds} {'+'.join(names[i] for i in plan[t])}")
-                state, loss, extra = self._train_local(fabric, module, dm, plan[t], names, r, t)
+                try:
+                    state, loss, extra = self._train_local(fabric, module, dm, plan[t], names, r, t)
+                except Exception as exc:  # noqa: BLE001 - any failure of one node's training
+                    failures.append(self._node_failed(exc, "+".join(names[i] for i in plan[t]), r))
+                    self.strategy.abort_local(module, t)
+                    if self.strategy.server_aggregates:
+                        own[t] = start_flat  # no update from this node
+                    bar.update(1)
+                    continue
+                acc[finished_at + t] = 1
                 w = self.strategy.weight(n_train[t])
                 flat = packer.pack(state, fabric.device)
                 acc[:packer.numel] += w * flat
@@ -253,12 +273,16 @@ class Federation:
                 for i in plan[t]:
                     train_loss[i] = loss
                 bar.update(1)
-            acc[-2] = self.strategy.traffic(module)
+            acc[finished_at - 1] = self.strategy.traffic(module)
             total = all_reduce_sum(fabric, acc)
+            finished = total[finished_at:finished_at + len(plan)]
+            self._check_quorum(int(finished.sum()), len(plan), r)
             shared_sum = total[:packer.numel]
             if packer.numel:
                 if self.strategy.personal:
                     for t in mine:
+                        if t not in own:  # dropped this round: keeps its state
+                            continue
                         merged = self.strategy.combine(own[t], shared_sum, self.strategy.weight(n_train[t]),
                                                        float(total[-1]))
                         hosted[t]["shared"] = packer.representable(merged)
@@ -269,11 +293,12 @@ class Federation:
                         for t in mine:
                             stacked[t] = own[t]
                         stacked = all_reduce_sum(fabric, stacked)
-                        sizes = torch.tensor(n_train, dtype=torch.float64, device=fabric.device)
+                        sizes = torch.tensor(n_train, dtype=torch.float64, device=fabric.device) * finished
                         global_flat = self.strategy.aggregate(start_flat, stacked, sizes, is_param)
                     global_flat = packer.representable(global_flat)  # what nodes receive, exactly
             self.strategy.after_round(total[packer.numel:packer.numel + n_extra] if n_extra else None, len(plan))
-            traffic = int(total[-2])
+            traffic = int(total[finished_at - 1])
+            dropped = [("+".join(names[i] for i in plan[t])) for t in range(len(plan)) if finished[t] == 0]
             del own, start_flat
 
             val = self._evaluate_all(fabric, module, dm, plan, mine, hosted, global_flat, packer, "val", owner)
@@ -291,11 +316,12 @@ class Federation:
             # every node sends its state and receives the merge; SplitAVG's feature maps come on top
             row = {"round": r + 1, "mean_val_auc": stats["mean"], "std_val_auc": stats["std"],
                    "min_val_auc": stats["min"], "bytes_sent_per_node": payload,
-                   "bytes_features_round": traffic, "bytes_round": 2 * payload * len(plan) + traffic}
+                   "bytes_features_round": traffic, "bytes_round": 2 * payload * len(plan) + traffic,
+                   "nodes_dropped": len(dropped)}
             for i, name in enumerate(names):
                 row.update({f"{name}/val_{m}": val[i][m] for m in METRICS})
                 row[f"{name}/train_loss"] = float(loss_all[i])
-            history.append(row)
+            history.append({**row, "dropped": dropped})
             for logger in loggers:
                 logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=r + 1)
             if rank == 0 and self.progress:
@@ -338,6 +364,22 @@ class Federation:
         if getattr(module, "uses_sat", False) and not dm.uses_sat:
             raise HSLError(f"{type(module).__name__} trains on primary + SAT pairs but the data module has no SAT "
                            "(data.use_sat is false). Give it a SAT, or use ClassifierModule.")
+
+    def _node_failed(self, exc: Exception, node: str, r: int) -> str:
+        """Stop the run (no ``min_nodes``) or report the node as dropped from round ``r``."""
+        cause = str(exc) if isinstance(exc, HSLError) else f"{type(exc).__name__}: {exc}"
+        if self.min_nodes is None:
+            if isinstance(exc, HSLError) and f"node {node}, round {r + 1}" in cause:
+                raise exc  # already names the node and the round
+            raise HSLError(f"Local training of node {node} failed in round {r + 1}: {cause}. Set federation.min_nodes "
+                           "to drop failing nodes from a round instead of stopping.") from exc
+        print(f"hsl: node {node} dropped from round {r + 1} (min_nodes {self.min_nodes}): {cause}")
+        return node
+
+    def _check_quorum(self, finished: int, trainees: int, r: int) -> None:
+        if finished == 0 or (self.min_nodes is not None and finished < min(self.min_nodes, trainees)):
+            raise HSLError(f"Only {finished} of {trainees} node(s) finished round {r + 1}, fewer than min_nodes="
+                           f"{self.min_nodes}; the failures are printed above.")
 
     def _save_checkpoint(self, fabric, run_dir, r, fingerprint, packer, global_flat, hosted, best, history) -> None:
         """This rank's share of the checkpoint after round ``r``; rank 0 marks it complete once all have saved."""
@@ -400,7 +442,7 @@ class Federation:
         return {"strategy": self.strategy.name, "strategy_options": self.strategy.options(), "rounds": self.rounds,
                 "local_epochs": self.local_epochs, "contribute": self.contribute, "accelerator": self.accelerator,
                 "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed,
-                "checkpoint": self.checkpoint, "save_weights": self.save_weights}
+                "checkpoint": self.checkpoint, "save_weights": self.save_weights, "min_nodes": self.min_nodes}
 
     def _deploy(self, module, packer: StatePacker, hosted: dict, global_flat: torch.Tensor) -> None:
         """Load the model an institution deploys: its personal model if it has one, else shared + local."""

@@ -113,8 +113,13 @@ class Strategy:
         vector of ``extra_size`` to be summed over all institutions."""
         return None
 
+    def abort_local(self, module: nn.Module, trainee: int) -> None:
+        """Local training failed part-way (the node is dropped from the round): undo what
+        ``begin_local`` set up; the node's per-round state is not updated."""
+
     def after_round(self, extra_total: torch.Tensor | None, num_trainees: int) -> None:
-        """The round's all-reduce is done; ``extra_total`` is the sum of ``end_local`` vectors."""
+        """The round's all-reduce is done; ``extra_total`` is the sum of ``end_local`` vectors
+        (of the nodes that finished the round); ``num_trainees`` counts all nodes."""
 
     def begin_personal(self, module: nn.Module, trainee: int, received: dict[str, torch.Tensor]) -> None:
         """(``personal_model`` strategies) the node's own model is loaded and about to train;
@@ -294,6 +299,9 @@ class FedRep(Strategy):
         for name, p in module.named_parameters():
             p.requires_grad_(self._trainable[name])
         return None
+
+    def abort_local(self, module, trainee):
+        self.end_local(module, trainee, 0, None)
 
 
 class Scaffold(Strategy):
@@ -579,6 +587,9 @@ class FedRCL(Strategy):
             hook.remove()
         self._hooks, self._levels = [], []
         return None
+
+    def abort_local(self, module, trainee):
+        self.end_local(module, trainee, 0, None)
 
 
 def consensus_coefficients(gram: torch.Tensor, sizes: torch.Tensor, iterations: int = 5000) -> torch.Tensor:
