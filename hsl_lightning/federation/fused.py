@@ -1,0 +1,229 @@
+"""Train N institutions' models of one architecture as one: ``torch.func`` over stacked weights.
+
+Simulating a federation trains N copies of a model (one per institution) on their own batches.
+Run one after another, small models at small image sizes leave a GPU idle between kernel
+launches. :class:`FusedModels` stacks the N models' parameters and buffers along a new leading
+dimension (``torch.func.stack_module_state``) and runs the architecture once under
+``torch.vmap(torch.func.functional_call)`` on inputs shaped ``(N, B, ...)``:
+
+* every launch serves all N institutions (vmap's batching rules turn a convolution with batched
+  weights into one grouped convolution with ``groups * N``, a Linear into a batched matmul, a
+  BatchNorm into one BatchNorm over ``N * C`` channels);
+* the stacked parameters are ordinary leaf tensors; ``loss.sum()`` over institutions gives each
+  institution's slice exactly the gradient of its own loss, and elementwise optimizers (SGD,
+  Adam, AdamW, also ``foreach``/``capturable``) on the stacked tensors do what N separate
+  optimizers would do;
+* BatchNorm buffers are stacked too and passed with ``in_dims=0``, so each institution keeps and
+  updates its own running statistics, in place in the stacked buffer, as in sequential training;
+* the whole step (forward, backward, optimizer) can be captured in one CUDA graph.
+
+Why vmap and not a hand-written "grouped" ResNet (Conv2d with ``groups * N`` over channel-stacked
+inputs): vmap produces that same grouped computation from any architecture (timm backbones, the
+HSL network with its MMoE, dropout with independent masks per institution via
+``randomness="different"``), with no per-architecture conversion code to keep in step with timm,
+and the N modules' own ``state_dict`` names map one to one onto the stacked tensors.
+
+Usage::
+
+    fused = FusedModels(models)                      # N modules, same architecture
+    opt = torch.optim.AdamW(fused.parameters(), lr=1e-3, foreach=True)
+    losses = fused.train_step(x, y, opt)             # x (N, B, C, H, W), y (N, B); losses (N,)
+    fused.unstack()                                  # write weights back into the N modules
+    fused.load_from(models)                          # ... and read them in again (e.g. after FedAvg)
+
+For other losses: ``fused.map(lambda m, batch: m.training_loss(batch)[0], batch)`` with every
+tensor of ``batch`` shaped ``(N, B, ...)`` returns the ``(N,)`` losses.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+
+def _signature(model: nn.Module) -> list[tuple]:
+    """What must agree between models: submodule types and names, parameter and buffer shapes and dtypes."""
+    sig: list[tuple] = [("module", name, type(m).__name__) for name, m in model.named_modules()]
+    sig += [("parameter", n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in model.named_parameters()]
+    sig += [("buffer", n, tuple(b.shape), b.dtype) for n, b in model.named_buffers()]
+    return sig
+
+
+def _check_same_architecture(models: Sequence[nn.Module]) -> None:
+    if len(models) == 0:
+        raise ValueError("FusedModels needs at least one model; got an empty list.")
+    ref = _signature(models[0])
+    for i, m in enumerate(models[1:], start=1):
+        sig = _signature(m)
+        if sig == ref:
+            continue
+        for a, b in zip(ref, sig):
+            if a != b:
+                raise ValueError(
+                    f"The models differ in architecture, so they cannot be fused: model 0 has {a[0]} '{a[1]}' "
+                    f"{a[2:]}, model {i} has {b[0]} '{b[1]}' {b[2:]}. Build every institution's model from the same "
+                    "configuration."
+                )
+        longer, idx = (ref, 0) if len(ref) > len(sig) else (sig, i)
+        extra = longer[min(len(ref), len(sig))]
+        raise ValueError(
+            f"The models differ in architecture, so they cannot be fused: only model {idx} has {extra[0]} "
+            f"'{extra[1]}'. Build every institution's model from the same configuration."
+        )
+    devices = {p.device for m in models for p in m.parameters()} | {b.device for m in models for b in m.buffers()}
+    if len(devices) > 1:
+        raise ValueError(f"The models are on different devices ({sorted(map(str, devices))}); move them to one first.")
+
+
+class _Apply(nn.Module):
+    """Lets ``functional_call`` run any function of the module, not only its forward."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.m = inner
+        self.fn: Callable | None = None
+
+    def forward(self, *args):
+        return self.fn(self.m, *args)
+
+
+class FusedModels:
+    """N models of one architecture, trained as one through ``torch.vmap`` (see the module docstring).
+
+    ``models``: the N institutions' modules (same architecture, same device). Their current
+    weights and buffers are copied into stacked tensors; the modules themselves are not used again
+    until :meth:`unstack` writes the stacked state back into them.
+    """
+
+    def __init__(self, models: Sequence[nn.Module]):
+        models = list(models)
+        _check_same_architecture(models)
+        self.models = models
+        self.n = len(models)
+        params, buffers = stack_module_state(models)
+        # Leaf tensors an optimizer can step; the stacked buffers are updated in place (BatchNorm).
+        self.params: dict[str, torch.Tensor] = {
+            k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()
+        }
+        self.buffers: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in buffers.items()}
+        # A stateless copy that only provides the code and the non-tensor attributes.
+        self._apply = _Apply(copy.deepcopy(models[0]).to("meta"))
+        self._apply.train(models[0].training)
+
+    # --- modes and state
+    @property
+    def training(self) -> bool:
+        return self._apply.m.training
+
+    def train(self, mode: bool = True) -> "FusedModels":
+        self._apply.train(mode)
+        return self
+
+    def eval(self) -> "FusedModels":
+        return self.train(False)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The stacked parameters (leading dimension N) that require gradients: hand them to an optimizer."""
+        return [p for p in self.params.values() if p.requires_grad]
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self.params.items())
+
+    @torch.no_grad()
+    def unstack(self, models: Sequence[nn.Module] | None = None) -> list[nn.Module]:
+        """Copy the stacked parameters and buffers into the N modules (those given at construction by
+        default), in place; returns the modules."""
+        models = self.models if models is None else list(models)
+        if len(models) != self.n:
+            raise ValueError(f"unstack needs {self.n} models, got {len(models)}.")
+        for i, m in enumerate(models):
+            for name, p in m.named_parameters():
+                p.copy_(self.params[name][i])
+            for name, b in m.named_buffers():
+                b.copy_(self.buffers[name][i])
+        return models
+
+    @torch.no_grad()
+    def load_from(self, models: Sequence[nn.Module] | None = None) -> None:
+        """Copy the N modules' parameters and buffers into the stacked tensors, in place (their memory,
+        and so optimizer state and captured CUDA graphs, stay valid)."""
+        models = self.models if models is None else list(models)
+        if len(models) != self.n:
+            raise ValueError(f"load_from needs {self.n} models, got {len(models)}.")
+        _check_same_architecture([self.models[0], *models])
+        for i, m in enumerate(models):
+            for name, p in m.named_parameters():
+                self.params[name][i].copy_(p)
+            for name, b in m.named_buffers():
+                self.buffers[name][i].copy_(b)
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """One ``state_dict`` per institution (detached copies), keyed as the modules' own."""
+        ref = self.models[0]
+        # state_dict keys -> the stacked tensor's name (tied weights appear under several keys).
+        by_id = {id(t): n for n, t in list(ref.named_parameters()) + list(ref.named_buffers())}
+        keys = {k: by_id[id(v)] for k, v in ref.state_dict(keep_vars=True).items() if id(v) in by_id}
+        stacked = {**self.params, **self.buffers}
+        return [{k: stacked[name][i].detach().clone() for k, name in keys.items()} for i in range(self.n)]
+
+    # --- computation
+    def map(self, fn: Callable[..., Any], *args: Any, randomness: str = "different") -> Any:
+        """``fn(module, *args)`` for every institution at once: each tensor in ``args`` (nested in
+        dicts/lists/tuples as well) has the institutions along dimension 0; so has every output.
+        ``randomness``: dropout masks per institution (``different``) or shared (``same``)."""
+        apply = self._apply
+        names_p = list(self.params)
+        names_b = list(self.buffers)
+
+        def one(params, buffers, *a):
+            state = {"m." + k: v for k, v in params.items()}
+            state.update({"m." + k: v for k, v in buffers.items()})
+            return functional_call(apply, state, a, tie_weights=True, strict=True)
+
+        apply.fn = fn
+        try:
+            params = {k: self.params[k] for k in names_p}
+            buffers = {k: self.buffers[k] for k in names_b}
+            return torch.vmap(one, in_dims=(0, 0, *[0] * len(args)), randomness=randomness)(params, buffers, *args)
+        finally:
+            apply.fn = None
+
+    def forward(self, x: torch.Tensor, *args: Any) -> Any:
+        """The models' forward on ``x`` shaped ``(N, B, ...)``: outputs shaped ``(N, B, ...)``."""
+        return self.map(lambda m, *a: m(*a), x, *args)
+
+    __call__ = forward
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy with logits (mean over each institution's batch): shape ``(N,)``."""
+        if x.shape[0] != self.n or y.shape[0] != self.n:
+            raise ValueError(f"Inputs must have the {self.n} institutions along dimension 0; got x {tuple(x.shape)}, "
+                             f"y {tuple(y.shape)}.")
+
+        def loss(m, xi, yi):
+            logits = m(xi)
+            if logits.shape != yi.shape and logits.numel() == yi.numel():
+                logits = logits.reshape(yi.shape)  # (B, 1) logits against (B,) labels
+            dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 logits: loss in fp32
+            return F.binary_cross_entropy_with_logits(logits.to(dtype), yi.to(dtype))
+
+        return self.map(loss, x, y)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+        """One step for all institutions: BCE-with-logits per institution, summed (so each institution's
+        gradient is that of its own loss), backward, and ``optimizer.step()`` when an optimizer is given
+        (its gradients are reset first, to None). Returns the ``(N,)`` losses, detached; no host sync, so
+        the step can be captured in a CUDA graph."""
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        losses = self.losses(x, y)
+        losses.sum().backward()
+        if optimizer is not None:
+            optimizer.step()
+        return losses.detach()

@@ -1,0 +1,138 @@
+"""FusedModels (N models trained as one under torch.vmap) against training them one after another."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from hsl_lightning.federation.fused import FusedModels
+
+N, B = 3, 8
+
+
+def _models(dtype=torch.float64, **kwargs):
+    torch.manual_seed(0)
+    return [timm.create_model("test_resnet", in_chans=1, num_classes=1, **kwargs).to(dtype) for _ in range(N)]
+
+
+def _batches(steps, dtype):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.rand(N, B, 1, 28, 28, generator=g, dtype=dtype), torch.randint(0, 2, (N, B), generator=g).to(dtype))
+            for _ in range(steps)]
+
+
+def _sequential(models, batches, make_opt):
+    opts = [make_opt(m.parameters()) for m in models]
+    losses = []
+    for x, y in batches:
+        step = []
+        for i, (m, opt) in enumerate(zip(models, opts)):
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(m(x[i]).squeeze(1), y[i])
+            loss.backward()
+            opt.step()
+            step.append(loss.detach())
+        losses.append(torch.stack(step))
+    return losses
+
+
+def _assert_states_close(fused, models, atol):
+    sds = fused.state_dicts()
+    for i, m in enumerate(models):
+        ref = m.state_dict()
+        assert sds[i].keys() == ref.keys()
+        for k, v in ref.items():
+            assert torch.allclose(sds[i][k].to(v.dtype), v, atol=atol, rtol=0), (i, k, (sds[i][k] - v).abs().max())
+
+
+@pytest.mark.parametrize("dtype, make_opt, atol", [
+    # float64: AdamW's normalisation turns rounding noise in near-zero gradients into visible
+    # steps, so the exact equality is checked where rounding is negligible ...
+    (torch.float64, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-4, foreach=True), 1e-8),
+    # ... and float32 with SGD + momentum + weight decay at the float tolerance.
+    (torch.float32, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4, foreach=True), 1e-4),
+])
+def test_fused_matches_sequential_training(dtype, make_opt, atol):
+    models = _models(dtype)
+    sequential = [copy.deepcopy(m) for m in models]
+    batches = _batches(3, dtype)
+    fused = FusedModels(models)
+    opt = make_opt(fused.parameters())
+    fused_losses = [fused.train_step(x, y, opt) for x, y in batches]
+    seq_losses = _sequential(sequential, batches, make_opt)
+
+    for a, b in zip(fused_losses, seq_losses):
+        assert a.shape == (N,)
+        assert torch.allclose(a, b, atol=atol, rtol=0)
+    # parameters and BatchNorm running statistics (incl. num_batches_tracked), per institution
+    _assert_states_close(fused, sequential, atol)
+    assert all(int(sd["bn1.num_batches_tracked"]) == 3 for sd in fused.state_dicts())
+    # the institutions really differ (own batches -> own running statistics)
+    assert not torch.allclose(fused.buffers["bn1.running_mean"][0], fused.buffers["bn1.running_mean"][1])
+
+    # outputs, in eval mode (running statistics) and in train mode
+    x = batches[0][0]
+    for mode in (False, True):
+        fused.train(mode)
+        out = fused(x)
+        for i, m in enumerate(sequential):
+            m.train(mode)
+            assert torch.allclose(out[i], m(x[i]), atol=atol, rtol=0)
+
+    # written back into the modules
+    fused.unstack()
+    for m, ref in zip(models, sequential):
+        for (k, v), (_, w) in zip(m.state_dict().items(), ref.state_dict().items()):
+            assert torch.allclose(v, w, atol=atol, rtol=0), k
+
+
+def test_load_from_keeps_tensors_in_place():
+    models = _models(torch.float32)
+    fused = FusedModels(models)
+    ptr = fused.params["fc.weight"].data_ptr()
+    others = _models(torch.float32)
+    with torch.no_grad():
+        for m in others:
+            m.fc.weight.fill_(0.5)
+    fused.load_from(others)
+    assert fused.params["fc.weight"].data_ptr() == ptr
+    assert torch.all(fused.params["fc.weight"] == 0.5)
+    assert fused.params["fc.weight"].is_leaf and fused.params["fc.weight"].requires_grad
+
+
+def test_hsl_training_loss_under_map():
+    """The HSL network (two encoders + MMoE) fuses as well (dropout off, so it can be compared)."""
+    from hsl_lightning import HSLModule
+
+    torch.manual_seed(0)
+    models = [HSLModule(backbone="test_resnet", num_experts=4, proj_dim=64, expert_dropout=0.0, tower_dropout=0.0)
+              for _ in range(N)]
+    sequential = [copy.deepcopy(m) for m in models]
+    g = torch.Generator().manual_seed(2)
+    batch = dict(image=torch.rand(N, B, 1, 28, 28, generator=g), sat_image=torch.rand(N, B, 1, 28, 28, generator=g),
+                 label=torch.randint(0, 2, (N, B), generator=g), sat_label=torch.randint(0, 2, (N, B), generator=g))
+    fused = FusedModels(models)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    losses = fused.map(lambda m, b: m.training_loss(b)[0], batch)
+    losses.sum().backward()
+    opt.step()
+    for i, m in enumerate(sequential):
+        loss = m.training_loss({k: v[i] for k, v in batch.items()})[0]
+        loss.backward()
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+        assert torch.allclose(losses[i], loss, atol=1e-5)
+    _assert_states_close(fused, sequential, 1e-5)
+
+
+def test_architecture_mismatch_is_a_clear_error():
+    a = timm.create_model("test_resnet", in_chans=1, num_classes=1)
+    b = timm.create_model("test_resnet", in_chans=1, num_classes=2)
+    with pytest.raises(ValueError, match="differ in architecture.*fc.weight"):
+        FusedModels([a, b])
+    c = timm.create_model("resnet10t", in_chans=1, num_classes=1)
+    with pytest.raises(ValueError, match="differ in architecture"):
+        FusedModels([a, c])
+    with pytest.raises(ValueError, match="at least one model"):
+        FusedModels([])
