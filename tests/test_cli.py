@@ -20,7 +20,10 @@ def run_hsl(*args, env=None, timeout=300):
     (["--federation.roundz", "2"], "roundz"),  # a config typo
     (["--federation.rounds", "two"], "rounds"),  # a wrong type
     (["--federation.strategy", "fedavgg"], "Did you mean: fedavg"),  # an unknown strategy
-], ids=["typo", "wrong-type", "unknown-strategy"])
+    (["--data.scenario.feature_skw", "0.5"], "feature_skw"),  # a scenario key typo
+    (["--data.scenario.prevalence", "[0.2, 1.4, 0.5]"], "prevalence values must lie in [0, 1]"),
+    (["--federation.min_nodes", "0"], "min_nodes must be at least 1"),
+], ids=["typo", "wrong-type", "unknown-strategy", "scenario-typo", "bad-prevalence", "bad-min-nodes"])
 def test_bad_settings_are_one_message_with_exit_code_2(capsys, override, message):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", QUICKSTART, *override])

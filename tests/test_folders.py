@@ -86,3 +86,11 @@ def test_simulated_scanners_apply_to_folder_institutions(tmp_path):
     assert len(dm.nodes) == 2 and all(n.acquisition != Acquisition() for n in dm.nodes)
     raw = ImageFolders(str(tmp_path)).load()["hospital_a"]["test"].images
     assert not torch.equal(dm.nodes[0].test.images, raw)
+
+
+def test_mixed_grey_and_colour_images_become_the_configured_channels(tmp_path):
+    make_tree(tmp_path)
+    write_images(tmp_path, "hospital_b", "train", "0", 2, mode="RGB")  # two colour images among grey ones
+    grey = ImageFolders(str(tmp_path)).load()["hospital_b"]["train"].images
+    colour = ImageFolders(str(tmp_path), channels=3).load()["hospital_b"]["train"].images
+    assert grey.shape[1] == 1 and colour.shape[1] == 3 and len(grey) == len(colour) > 0

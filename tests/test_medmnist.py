@@ -79,3 +79,14 @@ def test_download_keeps_only_a_file_with_the_official_md5(tmp_path, monkeypatch,
     assert hashlib.md5(payload["bytes"]).hexdigest() == mm.MD5["breastmnist"][0]
     splits = MedMNIST("breastmnist", root=str(tmp_path), download=True).load()
     assert len(splits["train"]) == 546 and (tmp_path / "breastmnist.npz").is_file()
+
+
+def test_float_images_with_nan_pixels_are_a_clear_error(tmp_path):
+    arrays = {}
+    for s in ("train", "val", "test"):
+        images = np.zeros((3, 28, 28), np.float32)
+        images[0, 0, 0] = np.nan
+        arrays[f"{s}_images"], arrays[f"{s}_labels"] = images, np.array([[0], [1], [0]], np.uint8)
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    with pytest.raises(HSLError, match=r"train_images must be uint8 .* got float32"):
+        MedMNIST("breastmnist", root=str(tmp_path)).load()

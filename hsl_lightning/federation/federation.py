@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def _optimizer(configured):
     if isinstance(configured, (list, tuple)) and configured:
         return _optimizer(configured[0])
     raise HSLError("configure_optimizers must return an optimizer (or a dict / list holding one) for federated training.")
+
+
+def _launched_externally() -> bool:
+    """Whether this process is one rank of a torchrun (torchelastic) or SLURM ``srun`` launch."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return TorchElasticEnvironment.detect() or SLURMEnvironment.detect() or (
+        "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
 def _shared_of(hosted: dict, global_flat: torch.Tensor) -> torch.Tensor:
@@ -158,8 +167,8 @@ class Federation:
         world = int(self.devices) * int(self.num_nodes)
         if world == 1:
             fabric_strategy = "auto"
-        elif "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            fabric_strategy = "ddp"  # launched by torchrun / SLURM: join, don't spawn
+        elif _launched_externally():
+            fabric_strategy = "ddp"  # every rank was started by torchrun or srun: join, don't spawn
         else:
             fabric_strategy = "ddp_spawn"
         fabric = Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
@@ -335,10 +344,13 @@ class Federation:
         hosted = best["hosted"]
         test = self._evaluate_all(fabric, module, dm, plan, mine, hosted, best["global"], packer, "test", owner)
         self._save_weights(fabric, run_dir, module, packer, best, plan, names, mine)
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
+        peaks = fabric.all_gather(peak.to(fabric.device)).reshape(-1).cpu() if world > 1 else peak
         if rank != 0:
             return None
         summary = self._summary(dm, names, plan, val_history=history, best_round=best["round"], test=test,
                                 wall=time.perf_counter() - start, nbytes=payload)
+        summary["peak_rss_mb_per_rank"] = [round(float(p), 1) for p in peaks]
         _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
         final = {f"{n['name']}/test_auc": n["test_auc"] for n in summary["nodes"]}
         final.update({"test/mean_auc": summary["mean_test_auc"], "test/std_auc": summary["std_test_auc"],
