@@ -1,0 +1,142 @@
+"""Orchestration overhead: hsl_lightning's Federation against a minimal hand-written loop.
+
+The same federated workload, FedAvg: N institutions, R rounds of one local epoch, a ResNet-10t
+classifier on the synthetic task at 28 px, batch 32, AdamW, no augmentation or rebalancing, one
+thread. (a) ``Federation(strategy="fedavg").fit`` with checkpoints, weights and W&B off (it still
+validates every node every round, picks the best round, and tests at the end, as it always does);
+(b) a plain PyTorch loop over the same data tensors that does exactly the same local steps and the
+size-weighted averaging, and nothing else. Both start after the data is built; each is timed
+in-process, alternating a/b, ``--repeats`` times; the ratio of medians is reported, with a
+breakdown of (a) from a profile of one more run.
+
+    .venv/bin/python benchmarks/overhead.py            # about 3 minutes on 2 cores
+
+Prints a table, writes benchmarks/results/overhead.json, ends with one line ``RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import platform
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hsl_lightning import ClassifierModule, FederatedDataModule, Federation, Scenario, SyntheticLesions  # noqa: E402
+
+
+def make_data(nodes: int, per_node: int, batch: int) -> FederatedDataModule:
+    dm = FederatedDataModule(primary=SyntheticLesions(num_samples=int(per_node / 0.6) * nodes, size=28),
+                             use_sat=False, scenario=Scenario(num_nodes=nodes), splits="pooled",
+                             split_fractions=(0.6, 0.2, 0.2), batch_size=batch, augment=False, rebalance=False)
+    dm.setup()
+    return dm
+
+
+def run_federation(dm, rounds: int, backbone: str, run_dir: str) -> float:
+    torch.manual_seed(0)
+    model = ClassifierModule(backbone=backbone)
+    federation = Federation(strategy="fedavg", rounds=rounds, local_epochs=1, contribute="last", run_dir=run_dir,
+                            wandb="disabled", progress=False, checkpoint=False, save_weights=False, threads=1)
+    start = time.perf_counter()
+    federation.fit(model, dm)
+    return time.perf_counter() - start
+
+
+def run_plain(dm, rounds: int, backbone: str) -> float:
+    """The same local steps and averaging, written out with nothing else."""
+    torch.manual_seed(0)
+    model = ClassifierModule(backbone=backbone)
+    data = [(n.train.images, n.train.labels) for n in dm.nodes]
+    batch = dm.batch_size
+    sizes = torch.tensor([len(y) for _, y in data], dtype=torch.float64)
+    start = time.perf_counter()
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for r in range(rounds):
+        merged = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+        for i, (images, labels) in enumerate(data):
+            model.load_state_dict(global_state)
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=model.lr, weight_decay=model.weight_decay)
+            g = torch.Generator().manual_seed(r * 1000 + i)
+            order = torch.randperm(len(labels), generator=g)
+            for s in range(len(labels) // batch):  # full batches, as the Federation's loader (drop_last)
+                idx = order[s * batch:(s + 1) * batch]
+                x = images[idx].float() / 255
+                loss = F.binary_cross_entropy_with_logits(model(x), labels[idx].float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            for k, v in model.state_dict().items():
+                merged[k] += sizes[i] * v.double()
+        global_state = {k: (v / sizes.sum()).to(global_state[k].dtype) if global_state[k].is_floating_point()
+                        else (v / sizes.sum()).round().to(global_state[k].dtype) for k, v in merged.items()}
+    return time.perf_counter() - start
+
+
+def breakdown(dm, rounds: int, backbone: str, run_dir: str) -> dict:
+    """Seconds of the Federation run spent in its main parts (one profiled run)."""
+    profile = cProfile.Profile()
+    profile.enable()
+    run_federation(dm, rounds, backbone, run_dir)
+    profile.disable()
+    stats = pstats.Stats(profile)
+    parts = {"_train_local": "local training", "_evaluate_all": "validation and test",
+             "pack": "packing states", "_load": "loading states", "_run": "whole run"}
+    out = {}
+    for (file, _, name), row in stats.stats.items():
+        if name in parts and "hsl_lightning" in file:
+            out[parts[name]] = round(row[3], 3)  # cumulative seconds
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--per-node", type=int, default=480, help="training images per institution")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--backbone", default="resnet10t")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.json"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    dm = make_data(args.nodes, args.per_node, args.batch)
+    run_dir = "/tmp/hsl_overhead_run"
+    run_plain(dm, 1, args.backbone), run_federation(dm, 1, args.backbone, run_dir)  # warm-up
+    times = {"hsl_lightning": [], "plain_loop": []}
+    for _ in range(args.repeats):
+        times["hsl_lightning"].append(run_federation(dm, args.rounds, args.backbone, run_dir))
+        times["plain_loop"].append(run_plain(dm, args.rounds, args.backbone))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["hsl_lightning"] / med["plain_loop"]
+    parts = breakdown(dm, args.rounds, args.backbone, run_dir)
+    steps = args.rounds * sum(len(n.train) // args.batch for n in dm.nodes)
+    print(f"workload: FedAvg, {args.nodes} institutions x {args.per_node} images, {args.rounds} rounds x 1 epoch, "
+          f"{args.backbone}, batch {args.batch}, 28 px, 1 thread: {steps} optimizer steps")
+    print(f"{'run':<16}{'median s':>10}   all runs")
+    for k, v in times.items():
+        print(f"{k:<16}{med[k]:>10.2f}   {', '.join(f'{x:.2f}' for x in v)}")
+    print(f"ratio hsl_lightning / plain loop: {ratio:.3f}")
+    print("hsl_lightning breakdown (profiled run, cumulative s): " + ", ".join(f"{k} {v}" for k, v in parts.items()))
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, torch {torch.__version__}",
+              "workload": {k: v for k, v in vars(args).items() if k != "out"} | {"optimizer_steps": steps}, "seconds": times, "median_s": med,
+              "ratio": round(ratio, 4), "breakdown_s": parts}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print("RESULT " + json.dumps({"ratio": round(ratio, 4), "hsl_lightning_s": round(med["hsl_lightning"], 3),
+                                  "plain_loop_s": round(med["plain_loop"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
