@@ -242,6 +242,7 @@ class Federation:
                    disable=not (self.progress and rank == 0), dynamic_ncols=True)
 
         for r in range(first, self.rounds):
+            round_start = time.perf_counter()
             # layout: [weighted shared state | strategy extras | bytes of other traffic | which trainees
             # finished the round (one slot each) | sum of weights]
             acc = torch.zeros(packer.numel + n_extra + 2 + len(plan), dtype=torch.float64, device=fabric.device)
@@ -326,7 +327,7 @@ class Federation:
             row = {"round": r + 1, "mean_val_auc": stats["mean"], "std_val_auc": stats["std"],
                    "min_val_auc": stats["min"], "bytes_sent_per_node": payload,
                    "bytes_features_round": traffic, "bytes_round": 2 * payload * len(plan) + traffic,
-                   "nodes_dropped": len(dropped)}
+                   "nodes_dropped": len(dropped), "round_s": round(time.perf_counter() - round_start, 4)}
             for i, name in enumerate(names):
                 row.update({f"{name}/val_{m}": val[i][m] for m in METRICS})
                 row[f"{name}/train_loss"] = float(loss_all[i])
