@@ -105,3 +105,17 @@ def test_statistics_by_hand():
     whole = stats.summary("m", "s")  # steps averaged within each seed
     assert whole["mean"] == pytest.approx(0.70)
     assert stats.undefined[("m", "s")] == 1
+
+
+def test_grid_sections_of_the_wrong_shape_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for text, message in (("- a\n- b\n", "must be a mapping of keys"),
+                          ("methods: [hsl, fedavg]\nscenarios: {q: configs/scenarios/quantity.yaml}\n",
+                           "methods must be a mapping"),
+                          ("methods: {hsl: configs/methods/hsl.yaml}\nscenarios:\n  q:\n    config: "
+                           "configs/scenarios/quantity.yaml\n    sweep: {key: data.scenario.sizes, steps: [[1, 1]]}\n",
+                           "a sweep is a mapping")):
+        path = tmp_path / "grid.yaml"
+        path.write_text(text)
+        with pytest.raises(HSLError, match=message):
+            Grid.load(path)

@@ -139,3 +139,25 @@ def test_batches_say_which_node_each_image_comes_from():
     batch = next(iter(dm.train_loader([0, 2], seed=0, with_sat=False)))
     assert set(batch["node"].tolist()) == {0, 2}
     assert next(iter(dm.eval_loader(1, "test")))["node"].unique().tolist() == [1]
+
+
+def test_dirichlet_label_mix_is_the_same_in_every_split_of_a_node():
+    official = tiny_data(use_sat=False, scenario=Scenario(num_nodes=3, dirichlet_alpha=0.3))
+    official.primary.load = lambda root=None: {s: x for s, x in zip(("train", "val", "test"), _three_splits())}
+    official.setup()
+    for node in official.nodes:
+        rates = [n.positives / max(1, len(n)) for n in (node.train, node.val, node.test)]
+        assert max(rates) - min(rates) < 0.2, rates  # a node's splits share its label mix
+    with pytest.raises(HSLError, match="eval_sizes cannot be combined with dirichlet_alpha"):
+        Scenario(num_nodes=2, dirichlet_alpha=0.5, eval_sizes=[1, 1])
+
+
+def _three_splits():
+    from hsl_lightning.data.base import ImageSet
+
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for n in (600, 200, 200):
+        labels = (torch.arange(n) % 2).long()
+        out.append(ImageSet(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g), labels))
+    return out

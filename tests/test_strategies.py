@@ -406,3 +406,32 @@ def test_fedrcl_adds_its_term_on_every_feature_level_during_training_only():
     model.train()
     model.training_step(batch, 0)
     assert s._levels == []  # hooks removed after local training
+
+
+def test_scaffold_on_a_rank_that_hosted_no_node_takes_the_global_update():
+    s = get_strategy("scaffold")
+    s.after_round(torch.ones(4, dtype=torch.float64) * 6, num_trainees=3)  # this rank never called begin_local
+    assert torch.equal(s._c, torch.full((4,), 2.0))
+
+
+def test_fedrep_abort_before_local_training_started_is_harmless():
+    s = get_strategy("fedrep")
+    s.abort_local(ClassifierModule(backbone="test_resnet"), trainee=0)  # nothing was set up: nothing to undo
+
+
+def test_a_failing_personal_pass_drops_the_node_with_min_nodes(tmp_path, monkeypatch, capsys):
+    from hsl_lightning.federation.strategies import Ditto
+
+    original = Ditto.begin_personal
+
+    def begin_personal(self, module, trainee, received):
+        if trainee == 2:
+            raise RuntimeError("personal model broke")
+        return original(self, module, trainee, received)
+
+    monkeypatch.setattr(Ditto, "begin_personal", begin_personal)
+    torch.manual_seed(0)
+    summary = Federation(strategy="ditto", rounds=1, run_dir=str(tmp_path), wandb="disabled", progress=False,
+                         min_nodes=2).fit(ClassifierModule(backbone="test_resnet"), tiny_data(use_sat=False))
+    assert summary["history"][0]["dropped"] == ["node2"]
+    assert "node node2 dropped from round 1" in capsys.readouterr().out

@@ -8,7 +8,7 @@ feature) is kept. Two numbers say how far the nodes' feature distributions are a
   features, stratified k-fold cross-validation) that guesses the node from the feature; 1/N is
   chance (the nodes look alike), 1 means every node is told apart;
 - **MMD**: the mean over node pairs of the squared maximum mean discrepancy (biased estimate) with a
-  Gaussian kernel whose bandwidth is the median distance between all features of the run.
+  Gaussian kernel exp(-d^2 / m), m the median squared distance between all features of the run.
 
 A t-SNE map per run, coloured by node, draws the same thing. Needs the ``analysis`` extra
 (scikit-learn, matplotlib).
@@ -106,7 +106,7 @@ def node_separability(features: np.ndarray, nodes: np.ndarray, folds: int = 5, s
 
 
 def mean_pairwise_mmd(features: np.ndarray, nodes: np.ndarray) -> float:
-    """Mean over node pairs of the biased squared MMD, Gaussian kernel, median-distance bandwidth."""
+    """Mean over node pairs of the biased squared MMD, kernel exp(-d^2 / median squared distance)."""
     x = torch.as_tensor(features, dtype=torch.float64)
     d2 = torch.cdist(x, x).pow(2)
     bandwidth2 = d2[d2 > 0].median() if (d2 > 0).any() else torch.tensor(1.0, dtype=torch.float64)

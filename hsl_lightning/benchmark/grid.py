@@ -69,7 +69,8 @@ def _entry(name: str, value, kind: str) -> dict:
     configs = [value["config"]] if isinstance(value["config"], str) else list(value["config"])
     sweep = value.get("sweep")
     if sweep is not None:
-        if kind != "scenario" or not isinstance(sweep, dict) or set(sweep) != {"key", "steps"} or not sweep["steps"]:
+        if (kind != "scenario" or not isinstance(sweep, dict) or set(sweep) != {"key", "steps"}
+                or not isinstance(sweep["steps"], dict) or not sweep["steps"]):
             raise HSLError(f"Benchmark {kind} '{name}': a sweep is a mapping with 'key' (a dotted setting) and "
                            "'steps' (label -> value), on scenarios only.")
     return {"configs": configs, "settings": dict(value.get("settings") or {}), "sweep": sweep}
@@ -96,6 +97,8 @@ class Grid:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise HSLError(f"Benchmark grid {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise HSLError(f"Benchmark grid {path} must be a mapping of keys ({', '.join(KEYS)}).")
         unknown = set(raw) - set(KEYS)
         if unknown:
             key = sorted(unknown)[0]
@@ -104,6 +107,9 @@ class Grid:
         for key in ("methods", "scenarios"):
             if not raw.get(key):
                 raise HSLError(f"Benchmark grid {path} lists no {key}.")
+            if not isinstance(raw[key], dict):
+                raise HSLError(f"Benchmark grid {path}: {key} must be a mapping of name -> config (or "
+                               f"{{config, settings}}), got a {type(raw[key]).__name__}.")
         seeds = raw.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise HSLError(f"Benchmark grid {path}: seeds must be a list of integers, got {seeds!r}.")

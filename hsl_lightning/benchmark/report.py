@@ -150,7 +150,8 @@ def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "")
     if machine:
         parts += [f"Machine: {machine}", ""]
     parts += [f"Cells finished: {len(done)} of {total}; seeds {grid.seeds}. Figures: mean node test AUC, "
-              "mean ± std over seeds (sweeps averaged over their steps within each seed).", ""]
+              "mean ± std over seeds (sweeps averaged over their steps within each seed); a method's figure uses "
+              "the seeds for which all its cells of the scenario finished (the per-scenario tables give the count).", ""]
     parts += ["## Mean node test AUC", "", headline(grid, stats), ""]
     if grid.compare:
         parts += _verdicts(grid, stats)
@@ -236,6 +237,9 @@ def plots(grid: Grid, rows: list[dict]) -> list[Path]:
         steps = [stats.steps[scenario][i] for i in sorted(stats.steps[scenario])]
         if len(steps) > 1:
             fig, ax = plt.subplots(figsize=(7, 4))
+            n = len(methods)  # a colour per method (20 of them) and a marker shape to tell lines apart
+            ax.set_prop_cycle(color=[plt.cm.tab20.colors[i % 20] for i in range(n)],
+                              marker=[("o", "s", "^", "D")[i % 4] for i in range(n)])
             for method in methods:
                 xs, ys, es = [], [], []
                 for i, step in enumerate(steps):
@@ -244,7 +248,7 @@ def plots(grid: Grid, rows: list[dict]) -> list[Path]:
                         xs.append(i), ys.append(x["mean"]), es.append(x["mean_std"])
                 if xs:
                     ys, es = np.asarray(ys), np.asarray(es)
-                    ax.plot(xs, ys, marker="o", label=method)
+                    ax.plot(xs, ys, label=method)
                     ax.fill_between(xs, ys - es, ys + es, alpha=0.1)
             ax.set_xticks(range(len(steps)), steps)
             ax.set_xlabel(grid.scenarios[scenario]["sweep"]["key"])

@@ -14,11 +14,13 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from hsl_lightning.benchmark.grid import Cell, Grid
+from hsl_lightning.errors import HSLError
 
 
 def run_dir(out: Path, cell: Cell) -> Path:
@@ -59,6 +61,8 @@ def _run_cell(args: list[str], directory: str) -> dict:
 
 def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress: bool = True) -> dict:
     """Run every cell not yet done; returns counts of done, ran, failed cells and the wall time."""
+    if workers < 1:
+        raise HSLError(f"hsl benchmark needs at least one worker, got --workers {workers}.")
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
     cells = grid.cells()
     todo = [c for c in cells if not (run_dir(grid.out, c) / "summary.json").is_file()]
@@ -68,7 +72,8 @@ def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress:
                disable=not progress, dynamic_ncols=True)
     start, ran, failed = time.perf_counter(), 0, 0
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    try:
         pending = {}
         queue = list(todo)
         try:
@@ -79,9 +84,15 @@ def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress:
                     future = pool.submit(_run_cell, cell_args(cell, directory, threads), str(directory))
                     pending[future] = cell
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                broken = False
                 for future in finished:
                     cell = pending.pop(future)
-                    result = future.result()
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool as exc:  # a worker died (out of memory, a crash)
+                        result, broken = {"ok": False, "error": f"worker process died: {exc}"}, True
+                    except Exception as exc:  # noqa: BLE001
+                        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                     ran += 1
                     if not result["ok"]:
                         failed += 1
@@ -90,10 +101,17 @@ def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress:
                         bar.write(f"failed: {cell.key}: {result['error']}")
                     bar.set_postfix_str(cell.key)
                     bar.update(1)
+                if broken:  # the pool is unusable: requeue what was in flight, start a new pool
+                    queue = list(pending.values()) + queue
+                    pending = {}
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
         except KeyboardInterrupt:
             for future in pending:
                 future.cancel()
             raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     return {"cells": len(cells), "already_done": len(cells) - len(todo), "ran": ran, "failed": failed,
             "wall_s": round(time.perf_counter() - start, 1)}

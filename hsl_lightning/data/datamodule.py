@@ -148,9 +148,11 @@ class FederatedDataModule(L.LightningDataModule):
                 out[name] = {s: node.subset(p) for s, p in zip(SPLITS, parts)}
             return out
         out = {name: {} for name in names}
+        shares = self.scenario.label_shares(g)  # one label mix per node, the same in every split
         for s in SPLITS:
             data = raw[s]
-            counts = self.scenario.class_counts(data.positives, len(data) - data.positives, g, evaluation=s != "train")
+            counts = self.scenario.class_counts(data.positives, len(data) - data.positives, g, evaluation=s != "train",
+                                                shares=shares)
             for name, idx in zip(names, partition(data.labels, counts, g)):
                 out[name][s] = data.subset(idx)
         return out

@@ -120,6 +120,8 @@ class Scenario:
             raise HSLError(f"scenario.prevalence values must lie in [0, 1], got {self.prevalence}.")
         if self.prevalence is not None and self.dirichlet_alpha is not None:
             raise HSLError("scenario: give either prevalence or dirichlet_alpha for label skew, not both.")
+        if self.dirichlet_alpha is not None and self.eval_sizes is not None:
+            raise HSLError("scenario.eval_sizes cannot be combined with dirichlet_alpha (Dirichlet draws set the sizes).")
         if self.dirichlet_alpha is not None and self.dirichlet_alpha <= 0:
             raise HSLError(f"scenario.dirichlet_alpha must be positive, got {self.dirichlet_alpha}.")
         if not 0 <= self.feature_skew <= 1:
@@ -138,14 +140,21 @@ class Scenario:
             return list(self.acquisition)
         return [Acquisition.random(self.feature_skew, g) if self.feature_skew > 0 else Acquisition() for _ in range(n)]
 
-    def class_counts(self, n_pos: int, n_neg: int, g: torch.Generator,
-                     evaluation: bool = False) -> list[tuple[int, int]]:
+    def label_shares(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each node's share of the positives and of the negatives under Dirichlet label skew (None
+        otherwise); draw once and pass to :meth:`class_counts` for every split of the same world."""
+        if self.dirichlet_alpha is None:
+            return None
+        return _dirichlet(self.num_nodes, self.dirichlet_alpha, g), _dirichlet(self.num_nodes, self.dirichlet_alpha, g)
+
+    def class_counts(self, n_pos: int, n_neg: int, g: torch.Generator, evaluation: bool = False,
+                     shares: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[tuple[int, int]]:
         """(positives, negatives) per node drawn from a pool with ``n_pos``/``n_neg`` samples
-        (``evaluation``: for a validation / test split, sized by ``eval_sizes`` when given)."""
+        (``evaluation``: for a validation / test split, sized by ``eval_sizes`` when given;
+        ``shares``: Dirichlet shares from :meth:`label_shares`, drawn here when not given)."""
         k = self.num_nodes
         if self.dirichlet_alpha is not None:
-            pos = _dirichlet(k, self.dirichlet_alpha, g)
-            neg = _dirichlet(k, self.dirichlet_alpha, g)
+            pos, neg = shares if shares is not None else self.label_shares(g)
             return list(zip(_split_counts(n_pos, pos), _split_counts(n_neg, neg)))
         relative = self.eval_sizes if evaluation and self.eval_sizes else self.sizes
         sizes = torch.tensor(relative if relative else [1.0] * k, dtype=torch.float64)

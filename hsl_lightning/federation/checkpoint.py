@@ -3,8 +3,9 @@
 After every round each rank writes ``<run_dir>/checkpoints/round-NNNN/rank-K.pt`` (the states of
 the institutions it hosts, the merged state, the strategy's per-node state, the best round so far
 and the metric history), each file written to a temporary name and renamed, so a kill never leaves
-a half-written file. When every rank has written, rank 0 marks the round complete
-(``complete.json``, also renamed into place) and deletes older rounds. Only complete rounds are
+a half-written file. When every rank has written, the first rank of every machine marks the round
+complete (``complete.json``, also renamed into place) and deletes older rounds, so each machine's
+run directory holds a complete, resumable round of its own ranks (a shared directory works too). Only complete rounds are
 resumed. Files hold tensors, numbers and strings only and are read with
 ``torch.load(weights_only=True)``: nothing is unpickled.
 
@@ -44,7 +45,7 @@ def save_rank(run_dir: Path, completed: int, rank: int, payload: dict) -> None:
 def mark_complete(run_dir: Path, completed: int, world_size: int) -> None:
     """Called once every rank has saved: the round becomes resumable; older rounds are removed."""
     folder = _round_dir(run_dir, completed)
-    tmp = folder / "complete.json.tmp"
+    tmp = folder / f"complete.json.{os.getpid()}.tmp"  # machines sharing a directory each write their own
     tmp.write_text(json.dumps({"round": completed, "world_size": world_size}))
     os.replace(tmp, folder / "complete.json")
     for old in (run_dir / "checkpoints").glob("round-*"):
@@ -76,7 +77,11 @@ def resolve(ckpt_path: str, run_dir: Path) -> Path | None:
 
 
 def load_rank(folder: Path, rank: int, world_size: int, device) -> dict:
-    info = json.loads((folder / "complete.json").read_text())
+    try:
+        info = json.loads((folder / "complete.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise HSLError(f"Checkpoint {folder} is not complete on this machine ({exc}). On several machines each one "
+                       "needs the run directory it wrote (or a shared one).") from exc
     if info["world_size"] != world_size:
         raise HSLError(f"Checkpoint {folder} was written by {info['world_size']} rank(s); resume it with the same "
                        f"devices x num_nodes (now {world_size}).")

@@ -255,8 +255,17 @@ class Federation:
                 self._load(module, packer, _shared_of(hosted[t], global_flat), hosted[t]["local"])
                 received = _clone(module.state_dict()) if self.strategy.personal_model else None
                 bar.set_postfix_str(f"round {r + 1}/{self.rounds} {'+'.join(names[i] for i in plan[t])}")
+                personal_state = None
                 try:
                     state, loss, extra = self._train_local(fabric, module, dm, plan[t], names, r, t)
+                    flat = packer.pack(state, fabric.device)  # before a personal pass reuses the module
+                    local = {k: state[k].detach().clone() for k in local_keys}
+                    if received is not None:  # then train the node's own model, anchored at what it received
+                        module.load_state_dict(hosted[t]["personal"] or received)
+                        self.strategy.begin_personal(module, t, received)
+                        personal_state, _, _ = self._train_local(fabric, module, dm, plan[t], names, r, t,
+                                                                 personal=True)
+                        self.strategy.end_personal(module, t)
                 except Exception as exc:  # noqa: BLE001 - any failure of one node's training
                     failures.append(self._node_failed(exc, "+".join(names[i] for i in plan[t]), r))
                     self.strategy.abort_local(module, t)
@@ -266,19 +275,14 @@ class Federation:
                     continue
                 acc[finished_at + t] = 1
                 w = self.strategy.weight(n_train[t])
-                flat = packer.pack(state, fabric.device)
                 acc[:packer.numel] += w * flat
                 if extra is not None:
                     acc[packer.numel:packer.numel + n_extra] += extra.to(acc.device)
                 acc[-1] += w
                 if keep_own:
                     own[t] = flat
-                hosted[t]["local"] = {k: state[k].detach().clone() for k in local_keys}
-                if received is not None:  # then train the node's own model, anchored at what it received
-                    module.load_state_dict(hosted[t]["personal"] or received)
-                    self.strategy.begin_personal(module, t, received)
-                    personal_state, _, _ = self._train_local(fabric, module, dm, plan[t], names, r, t, personal=True)
-                    self.strategy.end_personal(module, t)
+                hosted[t]["local"] = local
+                if personal_state is not None:
                     hosted[t]["personal"] = _clone(personal_state)
                 for i in plan[t]:
                     train_loss[i] = loss
@@ -411,7 +415,7 @@ class Federation:
         checkpoint.save_rank(run_dir, r + 1, fabric.global_rank, state)
         if fabric.world_size > 1:
             fabric.barrier()
-        if fabric.global_rank == 0:
+        if fabric.local_rank == 0:  # each machine marks (and prunes) its own copy of the round
             checkpoint.mark_complete(run_dir, r + 1, fabric.world_size)
 
     def _restore(self, fabric, run_dir, ckpt_path, fingerprint, packer, hosted):

@@ -301,7 +301,8 @@ class FedRep(Strategy):
         return None
 
     def abort_local(self, module, trainee):
-        self.end_local(module, trainee, 0, None)
+        if self._trainable:  # begin_local ran
+            self.end_local(module, trainee, 0, None)
 
 
 class Scaffold(Strategy):
@@ -353,7 +354,8 @@ class Scaffold(Strategy):
         return (new - old).double()
 
     def after_round(self, extra_total, num_trainees):
-        self._c = self._c + (extra_total / num_trainees).to(self._c.dtype)
+        update = (extra_total / num_trainees).float()
+        self._c = update if self._c is None else self._c + update.to(self._c)  # None: this rank hosted no node yet
 
     def state_dict(self):
         return {"c": self._c, "ci": dict(self._ci)}
