@@ -92,6 +92,22 @@ class _Apply(nn.Module):
         return self.fn(self.m, *args)
 
 
+def _batchnorm_in_fp32(module: nn.Module) -> None:
+    """Run every BatchNorm of the (code-only) copy in float32 when its input is bf16/fp16.
+
+    Under vmap the stacked BatchNorm takes CUDA's native kernel, which wants the input in the
+    dtype of the float32 running statistics (cuDNN's, used without vmap, accepts mixed dtypes); so
+    under autocast the input is upcast, normalised, and cast back."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            def forward(x, _forward=m.forward):
+                if x.dtype in (torch.float16, torch.bfloat16):
+                    with torch.autocast(x.device.type, enabled=False):
+                        return _forward(x.float()).to(x.dtype)
+                return _forward(x)
+            m.forward = forward
+
+
 class FusedModels:
     """N models of one architecture, trained as one through ``torch.vmap`` (see the module docstring).
 
@@ -114,6 +130,7 @@ class FusedModels:
         # A stateless copy that only provides the code and the non-tensor attributes.
         self._apply = _Apply(copy.deepcopy(models[0]).to("meta"))
         self._apply.train(models[0].training)
+        _batchnorm_in_fp32(self._apply)
 
     # --- modes and state
     @property
