@@ -49,11 +49,10 @@ def same_result(a, b, dir_a, dir_b):
     assert [n["val_auc"] for n in a["nodes"]] == [n["val_auc"] for n in b["nodes"]]
     assert a["best_round"] == b["best_round"]
     assert [h["mean_val_auc"] for h in a["history"]] == [h["mean_val_auc"] for h in b["history"]]
-    for name in ("model.pt",):
-        if (Path(dir_a) / name).exists():
-            wa = torch.load(Path(dir_a) / name, weights_only=True)["state"]
-            wb = torch.load(Path(dir_b) / name, weights_only=True)["state"]
-            assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    if (Path(dir_a) / "model.pt").exists():
+        wa = torch.load(Path(dir_a) / "model.pt", weights_only=True)["state"]
+        wb = torch.load(Path(dir_b) / "model.pt", weights_only=True)["state"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.slow

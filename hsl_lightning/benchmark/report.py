@@ -133,7 +133,8 @@ def headline(grid: Grid, stats: Stats) -> str:
     scenarios = [s for s in grid.scenarios if s in stats.steps]
     lines = ["| method | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
     for method in grid.methods:
-        cells = [_fmt(*(lambda x: (x["mean"], x["mean_std"]))(stats.summary(method, s))) for s in scenarios]
+        summaries = [stats.summary(method, s) for s in scenarios]
+        cells = [_fmt(x["mean"], x["mean_std"]) for x in summaries]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -77,6 +77,13 @@ def _clone(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def _clone_hosted(hosted: dict) -> dict:
+    """A detached copy of one institution's entry of ``hosted`` (local, shared, personal state)."""
+    return {"local": _clone(hosted["local"]),
+            "shared": None if hosted["shared"] is None else hosted["shared"].clone(),
+            "personal": None if hosted["personal"] is None else _clone(hosted["personal"])}
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -210,10 +217,11 @@ class Federation:
         # Per institution hosted here: its non-shared entries, and its own shared state if the strategy personalises.
         # "personal": a whole model the node deploys instead of the shared one (Ditto); None otherwise.
         hosted = {t: {"local": {k: template[k] for k in local_keys}, "shared": None, "personal": None} for t in mine}
+        report = dm.report()  # how each node was drawn: data.json, and part of the checkpoint fingerprint
         fingerprint = checkpoint.fingerprint(
             strategy=self.strategy.name, options=self.strategy.options(), seed=self.seed,
             local_epochs=self.local_epochs, contribute=self.contribute, nodes=names, plan=plan,
-            model=type(module).__name__, state={k: list(v.shape) for k, v in template.items()}, data=dm.report())
+            model=type(module).__name__, state={k: list(v.shape) for k, v in template.items()}, data=report)
         del template
         best = {"score": -math.inf, "round": -1}
         history = []
@@ -229,7 +237,7 @@ class Federation:
         loggers = []
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(run_dir / "data.json", json.dumps(dm.report(), indent=2))
+            _atomic_write(run_dir / "data.json", json.dumps(report, indent=2))
             if self.run_config is not None:
                 _atomic_write(run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
             config = {"federation": self._describe(), **(self.run_config or {})}
@@ -323,10 +331,7 @@ class Federation:
             improved = score > best["score"] or best["round"] < 0
             if improved:
                 best = {"score": score, "round": r, "global": global_flat.clone(),
-                        "hosted": {t: {"local": _clone(h["local"]),
-                                       "shared": None if h["shared"] is None else h["shared"].clone(),
-                                       "personal": None if h["personal"] is None else _clone(h["personal"])}
-                                   for t, h in hosted.items()}}
+                        "hosted": {t: _clone_hosted(h) for t, h in hosted.items()}}
             # every node sends its state and receives the merge; SplitAVG's feature maps come on top
             row = {"round": r + 1, "mean_val_auc": stats["mean"], "std_val_auc": stats["std"],
                    "min_val_auc": stats["min"], "bytes_sent_per_node": payload,
@@ -443,10 +448,7 @@ class Federation:
         self.strategy.load_state_dict(state["strategy"])
         best = {"score": state["best_score"], "round": state["best_round"]}
         if state["best"] is None:
-            best.update({"global": global_flat.clone(), "hosted": {t: {"local": _clone(h["local"]),
-                         "shared": None if h["shared"] is None else h["shared"].clone(),
-                         "personal": None if h["personal"] is None else _clone(h["personal"])}
-                         for t, h in hosted.items()}})
+            best.update({"global": global_flat.clone(), "hosted": {t: _clone_hosted(h) for t, h in hosted.items()}})
         else:
             best.update({"global": packer.pack(state["best"]["global"], device),
                          "hosted": {t: restored(state["best"]["hosted"][t]) for t in hosted}})
