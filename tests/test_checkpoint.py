@@ -34,14 +34,14 @@ def job(run_dir, rounds, ckpt=None):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def fit(run_dir, rounds, strategy="hsl", ckpt=None, **kwargs):
+def fit(run_dir, rounds, strategy="hsl", ckpt=None, val_every_n_rounds=1, **kwargs):
     torch.manual_seed(0)
     if strategy == "hsl":
         model, data = tiny_hsl(), tiny_data(**kwargs)
     else:
         model, data = ClassifierModule(backbone="test_resnet"), tiny_data(use_sat=False, **kwargs)
     return Federation(strategy=strategy, rounds=rounds, run_dir=str(run_dir), wandb="disabled", progress=False,
-                      threads=1).fit(model, data, ckpt_path=ckpt)
+                      threads=1, val_every_n_rounds=val_every_n_rounds).fit(model, data, ckpt_path=ckpt)
 
 
 def same_result(a, b, dir_a, dir_b):
@@ -89,6 +89,24 @@ def test_strategy_state_survives_a_resume(tmp_path, strategy):
         wa = torch.load(node, weights_only=True)["state"]
         wb = torch.load(tmp_path / "b" / "nodes" / node.name, weights_only=True)["state"]
         assert all(torch.equal(wa[k], wb[k]) for k in wa), node.name
+
+
+def test_resume_before_any_round_was_validated(tmp_path, monkeypatch):
+    straight = fit(tmp_path / "a", 3, "fedavg", val_every_n_rounds=3)
+    save = Federation._save_checkpoint
+
+    def save_then_stop(self, fabric, run_dir, r, *args):
+        save(self, fabric, run_dir, r, *args)
+        if r == 0:
+            raise KeyboardInterrupt  # killed after round 1, which was not validated
+
+    monkeypatch.setattr(Federation, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "b", 3, "fedavg", val_every_n_rounds=3)
+    monkeypatch.setattr(Federation, "_save_checkpoint", save)
+    resumed = fit(tmp_path / "b", 3, "fedavg", ckpt="last", val_every_n_rounds=3)
+    assert [n["test_auc"] for n in straight["nodes"]] == [n["test_auc"] for n in resumed["nodes"]]
+    assert straight["best_round"] == resumed["best_round"] == 3
 
 
 def test_only_the_newest_complete_round_is_kept_and_loads_without_unpickling(tmp_path):

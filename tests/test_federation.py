@@ -55,6 +55,20 @@ def test_final_round_is_the_one_with_best_mean_validation_auc(tmp_path):
     assert summary["mean_val_auc"] == max(history)
 
 
+def test_validation_every_n_rounds_skips_the_others_and_deploys_a_validated_round(tmp_path):
+    every = fit(tmp_path / "every", strategy="fedavg", rounds=3)
+    summary = fit(tmp_path / "sparse", strategy="fedavg", rounds=3, val_every_n_rounds=2)
+    validated = [h["round"] for h in summary["history"] if "mean_val_auc" in h]
+    assert validated == [2, 3]  # every 2nd round, and always the last
+    assert "node0/val_auc" not in summary["history"][0] and "node0/train_loss" in summary["history"][0]
+    assert summary["best_round"] in validated
+    # validation only reads: the rounds it does validate equal those of a run validating every round
+    for a, b in zip(every["history"][1:], summary["history"][1:]):
+        assert a["mean_val_auc"] == b["mean_val_auc"]
+    with pytest.raises(HSLError, match="val_every_n_rounds"):
+        Federation(val_every_n_rounds=0)
+
+
 def test_bytes_exchanged_are_the_shared_state(tmp_path):
     model = tiny_hsl()
     expected = sum(v.numel() * v.element_size() for v in model.state_dict().values())

@@ -31,6 +31,13 @@ class StatePacker:
             return torch.zeros(0, dtype=torch.float64, device=device)
         return torch.cat([state[k].detach().reshape(-1).to(device=device, dtype=torch.float64) for k in self.keys])
 
+    def accumulate(self, out: torch.Tensor, state: dict[str, torch.Tensor], weight: float) -> None:
+        """``out += weight * pack(state)`` without building the packed vector (``out``: float64)."""
+        offset = 0
+        for key, n in zip(self.keys, self.sizes):
+            out[offset:offset + n].add_(state[key].detach().reshape(-1).to(out.device), alpha=weight)
+            offset += n
+
     def mask(self, selected: set[str]) -> torch.Tensor:
         """Which entries of the flat vector belong to the ``selected`` keys."""
         if not self.keys:
