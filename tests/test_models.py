@@ -86,3 +86,20 @@ def test_shared_bottom_ablation_replaces_experts_and_gates():
     assert hidden == 4 * 8  # as many hidden units as all experts together
     with pytest.raises(HSLError, match="mixture must be one of mmoe, shared_bottom"):
         HSLNetwork(backbone="test_resnet", mixture="moe")
+
+
+@pytest.mark.parametrize("embedding", ["softmax", "identity"])
+def test_embedding_in_front_of_the_experts(embedding):
+    net = HSLNetwork(backbone="test_resnet", proj_dim=16, num_experts=4, expert_hidden=8, embedding=embedding).eval()
+    seen = {}
+    net.mmoe.register_forward_pre_hook(lambda module, args: seen.update(h=args[0]))
+    primary, sat = torch.rand(3, 1, 28, 28), torch.rand(3, 1, 28, 28)
+    net(primary, sat)
+    raw = torch.cat([net.primary_proj(net.primary_encoder(primary)), net.sat_features(sat)], dim=1)
+    expected = torch.softmax(raw / net.temperature, dim=1) if embedding == "softmax" else raw
+    assert torch.allclose(seen["h"], expected, atol=1e-6)
+
+
+def test_unknown_embedding_is_refused():
+    with pytest.raises(HSLError, match="embedding must be softmax or identity"):
+        HSLNetwork(backbone="test_resnet", embedding="tanh")

@@ -11,6 +11,10 @@ Mixture-of-Experts", KDD 2018). For task k with gate g_k and experts f_1..f_E:
 where f1, f2 are the projected encoder features of the primary and SAT images and s_k a
 per-task linear skip projection of that task's own feature. Defaults are the reference
 configuration (about 23.7 M parameters with two ResNet-18 trunks).
+
+``embedding: identity`` (a variant, not the reference) feeds [f1 ; f2] to the experts and gates
+unchanged: the softmax over 1024 non-negative features at T = 3 gives entries near 1/1024 whatever
+the image, which leaves the experts little to work with.
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ class HSLOutput:
 class HSLNetwork(nn.Module):
     """Primary and SAT encoders coupled by an MMoE, with one binary tower per task.
 
-    ``mixture``: ``mmoe`` (the method) or ``shared_bottom`` (ablation: :class:`SharedBottom`).
+    ``mixture``: ``mmoe`` (the method) or ``shared_bottom`` (ablation: :class:`SharedBottom`);
+    ``embedding``: ``softmax`` (the reference) or ``identity`` (see the module docstring).
     """
 
     def __init__(
@@ -94,12 +99,15 @@ class HSLNetwork(nn.Module):
         tower_hidden: int = 16,
         tower_dropout: float = 0.4,
         mixture: str = "mmoe",
+        embedding: str = "softmax",
     ):
         super().__init__()
         mixtures = {"mmoe": MMoE, "shared_bottom": SharedBottom}
         if mixture not in mixtures:
             raise HSLError(f"mixture must be one of {', '.join(mixtures)}, got '{mixture}'.")
-        self.temperature = temperature
+        if embedding not in ("softmax", "identity"):
+            raise HSLError(f"embedding must be softmax or identity, got '{embedding}'.")
+        self.temperature, self.embedding = temperature, embedding
         make = lambda: create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, weights=weights)  # noqa: E731
         self.primary_encoder = make()
         # With a shared trunk both tasks read the same weights (registered once, so the state holds
@@ -127,7 +135,9 @@ class HSLNetwork(nn.Module):
             f2 = self.sat_features(primary if sat is None else sat)
         else:
             f2 = sat_feature.expand(f1.shape[0], -1)
-        h = torch.softmax(torch.cat([f1, f2], dim=1) / self.temperature, dim=1)
+        h = torch.cat([f1, f2], dim=1)
+        if self.embedding == "softmax":
+            h = torch.softmax(h / self.temperature, dim=1)
         (z_primary, z_sat), gates = self.mmoe(h)
         z_primary = z_primary + self.primary_skip(f1)
         z_sat = z_sat + self.sat_skip(f2)

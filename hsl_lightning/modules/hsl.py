@@ -25,8 +25,9 @@ class HSLModule(BinaryTaskModule):
     the same for every image; ``paired``: each image gets a fixed, seeded SAT partner from the
     evaluation batch (``sat_image``). The default and the measurements behind it are in the README.
 
-    The network's arguments (backbone ... tower_dropout, mixture) are those of :class:`HSLNetwork`;
-    ``mixture: shared_bottom`` replaces the MMoE by one shared network (an ablation).
+    The network's arguments (backbone ... tower_dropout, mixture, embedding) are those of
+    :class:`HSLNetwork`; ``mixture: shared_bottom`` replaces the MMoE by one shared network (an
+    ablation); ``embedding: identity`` skips the softmax in front of the experts (a variant).
     """
 
     uses_sat = True
@@ -55,6 +56,7 @@ class HSLModule(BinaryTaskModule):
         momentum: float = 0.0,
         sat_inference: SatInference = "primary",
         mixture: Literal["mmoe", "shared_bottom"] = "mmoe",
+        embedding: Literal["softmax", "identity"] = "softmax",
     ):
         super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum)
         if sat_inference not in ("primary", "reference", "paired"):
@@ -65,7 +67,7 @@ class HSLModule(BinaryTaskModule):
             backbone=backbone, in_chans=in_chans, pretrained=pretrained, weights=weights,
             shared_encoder=shared_encoder, proj_dim=proj_dim, skip_dim=skip_dim, temperature=temperature,
             num_experts=num_experts, expert_hidden=expert_hidden, expert_dropout=expert_dropout,
-            tower_hidden=tower_hidden, tower_dropout=tower_dropout, mixture=mixture,
+            tower_hidden=tower_hidden, tower_dropout=tower_dropout, mixture=mixture, embedding=embedding,
         )
         # Public SAT images for 'reference' inference; not part of the state (never averaged).
         self.register_buffer("sat_reference", None, persistent=False)
