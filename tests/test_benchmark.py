@@ -30,7 +30,7 @@ def test_smoke_grid_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
              for r in rows}
     assert sizes["1"][0] == sizes["1"][1] and sizes["4"][1] > 3 * sizes["4"][0]  # the sweep reached the data
     report = (out / "report.md").read_text()
-    assert "| hsl |" in report and "| quantity | fedavg |" in report
+    assert "| hsl |" in report and "| quantity | fedavg |" in report and "## Mean node validation AUC" in report
     assert {p.name for p in (out / "plots").iterdir()} == {"quantity_nodes.png", "quantity_gradient.png"}
     main(["benchmark", "--config", str(SMOKE), "--out", str(out), "--wandb", "disabled"])
     assert "0 cell(s) run (0 failed), 4 already done" in capsys.readouterr().out
@@ -96,8 +96,9 @@ def test_statistics_by_hand():
             for i, auc in enumerate(aucs):
                 rows.append({"method": "m", "strategy": "fedavg", "scenario": "s", "step": step,
                              "step_index": 0 if step == "a" else 1, "seed": seed, "node": f"n{i}",
-                             "test_auc": auc - shift})
-    rows.append({**rows[0], "node": "n2", "test_auc": float("nan")})  # undefined: left out, counted
+                             "test_auc": auc - shift, "val_auc": auc + 0.05})
+    rows.append({**rows[0], "node": "n2", "test_auc": float("nan"), "val_auc": float("nan")})  # undefined: left out
+    assert Stats(rows, "val_auc").summary("m", "s", "a")["mean"] == pytest.approx(0.80)  # validation table
     stats = Stats(rows)
     a = stats.summary("m", "s", "a")
     assert a["mean"] == pytest.approx(0.75) and a["mean_std"] == pytest.approx(math.sqrt(0.005))
