@@ -8,6 +8,8 @@ times, alternating:
 - ``hsl_lightning``: ``Federation(strategy="fedavg")`` in one process, the cores as threads
   (checkpoints, weights and W&B off; it also validates each node every round and tests at the end);
 - ``hsl_lightning_ranks``: the same with one rank per core (spawned), each hosting N / cores nodes;
+- ``..._val_last``: the two above validating after the last round only (``val_every_n_rounds=R``),
+  the closest to the Flower and plain runs, which validate nothing (they still test at the end);
 - ``flower``: ``flwr.simulation.run_simulation`` with a NumPyClient per institution (Ray backend,
   one CPU per client) and Flower's FedAvg, in the interpreter given by ``--flower-python``;
 - ``plain``: a hand-written loop doing the same steps and averaging, the cores as threads.
@@ -53,7 +55,7 @@ def done():
     stamp("end")
     print("STAMPS " + json.dumps(STAMPS), flush=True)
 NODES, PER_NODE, ROUNDS, BATCH, BACKBONE = {nodes}, {per_node}, {rounds}, {batch}, {backbone!r}
-CORES, RANKS = {cores}, {ranks}
+CORES, RANKS, VAL_EVERY = {cores}, {ranks}, {val_every}
 '''
 
 DATA = r'''
@@ -88,7 +90,8 @@ if __name__ == "__main__":  # spawned ranks import this file: only the launching
     stamp("ready")
     summary = Federation(strategy="fedavg", rounds=ROUNDS, local_epochs=1, contribute="last",
                          run_dir="/tmp/hsl_vs_flower", wandb="disabled", progress=False, checkpoint=False,
-                         save_weights=False, devices=RANKS, threads=CORES // RANKS).fit(model, dm)
+                         save_weights=False, devices=RANKS, threads=CORES // RANKS,
+                         val_every_n_rounds=VAL_EVERY).fit(model, dm)
     STAMPS["round_s"] = [h["round_s"] for h in summary["history"]]
     stamp("finished")
     done()
@@ -250,11 +253,14 @@ def main() -> None:
         raise SystemExit(f"No Python with Flower at {args.flower_python}; see this script's docstring.")
     cores = os.cpu_count() or 1
     fmt = dict(nodes=args.nodes, per_node=args.per_node, rounds=args.rounds, batch=args.batch, backbone=args.backbone,
-               root=str(ROOT), cores=cores, ranks=1)
+               root=str(ROOT), cores=cores, ranks=1, val_every=1)
     # every variant may use all cores: Flower runs one client per core in Ray actors; hsl_lightning
     # either runs one process with all cores as threads, or one rank per core hosting N / cores nodes
     codes = {"hsl_lightning": (sys.executable, HSL.format(**fmt)),
              "hsl_lightning_ranks": (sys.executable, HSL.format(**{**fmt, "ranks": cores})),
+             "hsl_lightning_val_last": (sys.executable, HSL.format(**{**fmt, "val_every": args.rounds})),
+             "hsl_lightning_ranks_val_last": (sys.executable, HSL.format(**{**fmt, "ranks": cores,
+                                                                             "val_every": args.rounds})),
              "plain": (sys.executable, PLAIN.format(**fmt)),
              "flower": (args.flower_python, FLOWER.format(**fmt))}
     runs = {k: [] for k in codes}
@@ -265,20 +271,21 @@ def main() -> None:
             env = {**os.environ, "HSL_FLOWER_FIT_LOG": str(log), "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
             runs[name].append(run_child(python, code, env))
             r = runs[name][-1]
-            print(f"repeat {rep + 1} {name:<20} wall {r['wall_s']:.1f} s, import {r['import_s']:.2f} s, start-up + "
+            print(f"repeat {rep + 1} {name:<28} wall {r['wall_s']:.1f} s, import {r['import_s']:.2f} s, start-up + "
                   f"tear-down {r['frame_s']:.2f} s, steady round {r['steady_round_s']:.2f} s, "
                   f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
     keys = ["wall_s", "import_s", "frame_s", "first_round_s", "steady_round_s", "peak_rss_mb"]
     med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
     print(f"\nworkload: FedAvg, {args.nodes} institutions x {args.per_node} images, {args.rounds} rounds, "
           f"{args.backbone}, batch {args.batch}, 28 px, {cores} cores for each variant; medians of {args.repeats}")
-    print(f"{'':<22}" + "".join(f"{k:>15}" for k in keys))
+    print(f"{'':<30}" + "".join(f"{k:>15}" for k in keys))
     for name, m in med.items():
-        print(f"{name:<22}" + "".join(f"{m[k]:>15.2f}" for k in keys))
-    best = min(("hsl_lightning", "hsl_lightning_ranks"), key=lambda k: med[k]["wall_s"])
+        print(f"{name:<30}" + "".join(f"{m[k]:>15.2f}" for k in keys))
+    best = min((k for k in codes if k.startswith("hsl")), key=lambda k: med[k]["wall_s"])
     h, f = med[best], med["flower"]
     headline = {
         "hsl_variant": best,
+        "wall_speedup_vs_flower_default_validation": round(f["wall_s"] / med["hsl_lightning"]["wall_s"], 3),
         "startup_plus_teardown_s": round(h["frame_s"], 2),
         "flower_startup_plus_teardown_s": round(f["frame_s"], 2),
         "wall_speedup_vs_flower": round(f["wall_s"] / h["wall_s"], 3),
