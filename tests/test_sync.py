@@ -69,3 +69,19 @@ def test_packer_counts_native_bytes_and_round_trips():
     assert packer.nbytes == sum(v.numel() * v.element_size() for v in st.values())
     back = packer.unpack(packer.pack(st))
     assert all(torch.equal(back[k], st[k]) for k in st)
+
+
+def test_accumulate_and_the_unpack_cache_equal_the_plain_operations():
+    a, b, _ = states()
+    packer = StatePacker(a, list(a))
+    acc = torch.zeros(packer.numel, dtype=torch.float64)
+    packer.accumulate(acc, a, 2.0)
+    packer.accumulate(acc, b, 3.0)
+    assert torch.allclose(acc, 2.0 * packer.pack(a) + 3.0 * packer.pack(b), rtol=0, atol=1e-12)
+    merged = packer.representable(acc / 5.0)
+    first = packer.unpack(merged)  # from the cache
+    first["lin.weight"] = torch.zeros(2, 3)  # callers may edit their dict ...
+    again = packer.unpack(merged)  # ... without touching the cached one
+    fresh = StatePacker(a, list(a)).unpack(merged.clone())
+    assert set(again) == set(fresh) and all(torch.equal(again[k], fresh[k]) for k in fresh)
+    assert again["bn.num_batches_tracked"].dtype == torch.long

@@ -25,6 +25,9 @@ class StatePacker:
         self.numel = sum(self.sizes)
         #: bytes one institution sends per synchronisation: the entries in their own dtype
         self.nbytes = sum(template[k].numel() * template[k].element_size() for k in self.keys)
+        # (vector, its unpacked state) of the last ``representable`` result: every node loads the
+        # merged state of a round, so it is unpacked once (vectors are replaced, never edited in place)
+        self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     def pack(self, state: dict[str, torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
         if not self.keys:
@@ -47,9 +50,14 @@ class StatePacker:
     def representable(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` rounded to what the entries' own dtypes hold (what a node actually receives), so
         a checkpoint of the unpacked state restores it exactly."""
-        return self.pack(self.unpack(flat), flat.device)
+        state = self.unpack(flat)
+        out = self.pack(state, flat.device)
+        self._last = (out, state)
+        return out
 
     def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._last is not None and flat is self._last[0]:
+            return dict(self._last[1])
         out = {}
         for key, chunk, shape, dtype in zip(self.keys, flat.split(self.sizes), self.shapes, self.dtypes):
             value = chunk.reshape(shape)
