@@ -71,10 +71,14 @@ def test_cells_are_ordered_seed_by_seed_with_settings_in_order(monkeypatch):
     monkeypatch.chdir(REPO)
     grid = Grid.load(REPO / "configs" / "benchmarks" / "heterogeneity.yaml")
     cells = grid.cells()
-    assert len(cells) == 16 * (1 + 5 + 10 + 1) * 5
+    assert len(cells) == 17 * (1 + 5 + 10 + 1) * 5
     assert [c.seed for c in cells] == sorted(c.seed for c in cells)
     fedrep = next(c for c in cells if c.method == "fedrep")
     assert dict(fedrep.settings)["federation.local_epochs"] == 2  # the method's setting wins over the grid's
+    synthetic = next(c for c in cells if c.method == "hsl_synthetic_sat")  # its data config comes after the grid's
+    assert synthetic.configs.index("configs/data/breast_synthetic.yaml") > synthetic.configs.index(
+        "configs/data/breast_pneumonia.yaml")
+    assert dict(synthetic.settings)["data.sat_fraction"] == 0.07
     step = next(c for c in cells if c.scenario == "quantity" and c.step == "80")
     assert dict(step.settings)["data.scenario.sizes"] == [1, 80]
 
