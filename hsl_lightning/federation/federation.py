@@ -341,7 +341,6 @@ class Federation:
                    "bytes_features_round": traffic, "bytes_round": 2 * payload * len(plan) + traffic,
                    "nodes_dropped": len(dropped)}
             validate = (r + 1) % self.val_every_n_rounds == 0 or r == self.rounds - 1
-            improved = False
             if validate:
                 val = self._evaluate_all(fabric, module, dm, plan, mine, hosted, global_flat, packer, "val", owner)
                 stats = summarize([val[i]["auc"] for i in range(len(names))])
@@ -463,13 +462,11 @@ class Federation:
         global_flat = packer.pack(state["global"], device)
         self.strategy.load_state_dict(state["strategy"])
         best = {"score": state["best_score"], "round": state["best_round"]}
-        if best["round"] < 0:
-            pass  # no round validated yet
-        elif state["best"] is None:
-            best.update({"global": global_flat.clone(), "hosted": {t: _clone_hosted(h) for t, h in hosted.items()}})
-        else:
+        if state["best"] is not None:
             best.update({"global": packer.pack(state["best"]["global"], device),
                          "hosted": {t: restored(state["best"]["hosted"][t]) for t in hosted}})
+        elif best["round"] >= 0:  # the best round is the checkpointed one (-1: none validated yet)
+            best.update({"global": global_flat.clone(), "hosted": {t: _clone_hosted(h) for t, h in hosted.items()}})
         if fabric.global_rank == 0:
             best_so_far = f"round {state['best_round'] + 1}" if state["best_round"] >= 0 else "none validated yet"
             print(f"hsl: resuming from {folder} after round {state['round']} (best so far: {best_so_far}).")
