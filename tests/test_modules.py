@@ -52,3 +52,42 @@ def test_sat_inference_policies_feed_the_sat_branch_as_documented():
         # 'reference' does not depend on which other images share the batch
         half = {k: v[:5] for k, v in batch.items()}
         assert torch.allclose(model.primary_logits(half, "reference"), out["reference"][:5], atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_fused_optimizer_takes_the_same_steps_as_torchs_default(optimizer):
+    """The fused kernel (default) and torch's per-parameter loop: same updates up to float rounding."""
+    dm = tiny_data()
+    batches = [b for _, b in zip(range(3), dm.train_loader([0], seed=0, with_sat=False))]
+    states = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = ClassifierModule(backbone="test_resnet", optimizer=optimizer, momentum=0.9, lr=0.01,
+                                 fused_optimizer=fused)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = model.configure_optimizers()
+        assert type(opt).__name__ == {"adamw": "AdamW", "sgd": "SGD"}[optimizer]
+        assert bool(opt.defaults.get("fused")) is fused
+        assert opt.defaults["lr"] == 0.01 and opt.defaults["weight_decay"] == 1e-4
+        model.train()
+        for i, batch in enumerate(batches):
+            opt.zero_grad()
+            model.training_step(batch, i).backward()
+            opt.step()
+        states[fused] = model.state_dict()
+    for k, v in states[False].items():
+        assert torch.allclose(states[True][k].double(), v.double(), rtol=1e-4, atol=1e-5), k
+    # the comparison is between trained models, not two copies of the initial one
+    assert not torch.equal(states[False]["head.1.weight"], initial["head.1.weight"])
+
+
+def test_fused_optimizer_falls_back_where_torch_has_no_fused_kernel(monkeypatch):
+    class NoFused(torch.optim.AdamW):
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFused)
+    opt = ClassifierModule(backbone="test_resnet").configure_optimizers()
+    assert isinstance(opt, NoFused) and not opt.defaults.get("fused")

@@ -25,11 +25,12 @@ class BinaryTaskModule(L.LightningModule):
     uses_sat = False  # whether training batches must carry SAT images
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 1e-4, optimizer: Optimizer = "adamw",
-                 momentum: float = 0.0):
+                 momentum: float = 0.0, fused_optimizer: bool = True):
         super().__init__()
         if optimizer not in ("adamw", "sgd"):
             raise HSLError(f"optimizer must be adamw or sgd, got '{optimizer}'.")
         self.lr, self.weight_decay, self.optimizer_name, self.momentum = lr, weight_decay, optimizer, momentum
+        self.fused_optimizer = fused_optimizer
         self._eval_metrics: dict[tuple[str, int], NodeMetrics] = {}
 
     # --- to implement
@@ -88,7 +89,24 @@ class BinaryTaskModule(L.LightningModule):
         self._log_eval("test")
 
     def configure_optimizers(self):
+        """AdamW (default) or SGD over the trainable parameters.
+
+        With ``fused_optimizer`` (default) the update runs in torch's fused kernel, one call for all
+        parameters: on a 2-core CPU a whole training step at 28 px (ResNet-10t/-18, classifier or HSL)
+        takes 14-44 % less time than with torch's default per-parameter loop (``benchmarks/optimizer.py``).
+        The arithmetic is the same;
+        results differ from the loop's by float rounding only. ``fused_optimizer: false`` keeps
+        torch's default implementation (figures recorded before this option reproduce exactly). Where
+        torch has no fused kernel (an older torch, an unsupported device) the default is used."""
         params = [p for p in self.parameters() if p.requires_grad]  # frozen parts (a foundation encoder) stay out
         if self.optimizer_name == "sgd":  # plain SGD is what SCAFFOLD's and FedProx's analyses assume
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            cls, kwargs = torch.optim.SGD, {"momentum": self.momentum}
+        else:
+            cls, kwargs = torch.optim.AdamW, {}
+        kwargs.update(lr=self.lr, weight_decay=self.weight_decay)
+        if self.fused_optimizer and params:
+            try:
+                return cls(params, fused=True, **kwargs)
+            except (RuntimeError, ValueError, TypeError):
+                pass  # no fused kernel for these parameters here: torch's default below
+        return cls(params, **kwargs)

@@ -18,8 +18,10 @@ class ClassifierModule(BinaryTaskModule):
 
     def __init__(self, backbone: str = "resnet18", in_chans: int = 1, pretrained: bool = False,
                  weights: str | None = None, dropout: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 optimizer: Optimizer = "adamw", momentum: float = 0.0):
-        super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum)
+                 optimizer: Optimizer = "adamw", momentum: float = 0.0,
+                 fused_optimizer: bool = True):
+        super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum,
+                         fused_optimizer=fused_optimizer)
         self.save_hyperparameters()
         self.encoder = create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, weights=weights)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.encoder.num_features, 1))

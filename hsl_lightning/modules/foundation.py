@@ -22,9 +22,11 @@ class FoundationProbe(ClassifierModule):
 
     def __init__(self, backbone: str = "vit_base_patch16_clip_224.openai", in_chans: int = 3, pretrained: bool = True,
                  weights: str | None = None, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 optimizer: Optimizer = "adamw", momentum: float = 0.0):
+                 optimizer: Optimizer = "adamw", momentum: float = 0.0,
+                 fused_optimizer: bool = True):
         super().__init__(backbone=backbone, in_chans=in_chans, pretrained=pretrained, weights=weights, dropout=0.0,
-                         lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum)
+                         lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum,
+                         fused_optimizer=fused_optimizer)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
 

@@ -54,11 +54,13 @@ class HSLModule(BinaryTaskModule):
         weight_decay: float = 1e-4,
         optimizer: Optimizer = "adamw",
         momentum: float = 0.0,
+        fused_optimizer: bool = True,
         sat_inference: SatInference = "primary",
         mixture: Literal["mmoe", "shared_bottom"] = "mmoe",
         embedding: Literal["softmax", "identity"] = "softmax",
     ):
-        super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum)
+        super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum,
+                         fused_optimizer=fused_optimizer)
         if sat_inference not in ("primary", "reference", "paired"):
             raise HSLError(f"sat_inference must be primary, reference or paired, got '{sat_inference}'.")
         self.save_hyperparameters()
