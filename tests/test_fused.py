@@ -1,13 +1,17 @@
 """FusedModels (N models trained as one under torch.vmap) against training them one after another."""
 
 import copy
+import math
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
+from hsl_lightning import ClassifierModule, Federation, HSLError, Scenario
 from hsl_lightning.federation.fused import FusedModels
+
+from conftest import tiny_data, tiny_hsl
 
 N, B = 3, 8
 
@@ -136,3 +140,98 @@ def test_architecture_mismatch_is_a_clear_error():
         FusedModels([a, c])
     with pytest.raises(ValueError, match="at least one model"):
         FusedModels([])
+
+
+# --- the Federation with fuse_institutions: the same run as one institution after another
+def _federation(tmp_path, fuse, make, data, name, **kwargs):
+    torch.manual_seed(0)
+    model = make()
+    kwargs = {"rounds": 2, "local_epochs": 2, "wandb": "disabled", "progress": False, "checkpoint": False, **kwargs}
+    summary = Federation(run_dir=str(tmp_path / f"{name}-{fuse}"), fuse_institutions=fuse, **kwargs).fit(model, data)
+    return summary, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _spy_groups(monkeypatch):
+    """Record the trainees of every fused group."""
+    groups, original = [], Federation._train_fused
+
+    def spy(self, fabric, module, dm, plan, group, *args):
+        groups.append(list(group))
+        return original(self, fabric, module, dm, plan, group, *args)
+
+    monkeypatch.setattr(Federation, "_train_fused", spy)
+    return groups
+
+
+def _classifier():
+    return ClassifierModule(backbone="test_resnet")
+
+
+def _hsl_sgd():  # SGD: AdamW would magnify rounding noise in near-zero gradients; no dropout to compare
+    return tiny_hsl(expert_dropout=0.0, tower_dropout=0.0, optimizer="sgd", lr=0.05, momentum=0.9)
+
+
+# model, data, federation options, tolerance on the states, fused groups expected (one list per round)
+FEDERATION_CASES = {
+    # all three nodes have 48 training images: one group of three
+    "fedavg_adamw": (_classifier, lambda: tiny_data(use_sat=False), {"strategy": "fedavg"}, 1e-4, [[0, 1, 2]] * 2),
+    # HSL contributes each node's best of two epochs, chosen on validation AUC
+    "hsl_sgd_best_epoch": (_hsl_sgd, tiny_data, {"strategy": "hsl", "contribute": "best"}, 1e-5, [[0, 1, 2]] * 2),
+    # 36, 36 and 72 images: nodes 0 and 1 fused, node 2 trains alone
+    "fedavg_unequal_epochs": (_classifier,
+                              lambda: tiny_data(use_sat=False, scenario=Scenario(num_nodes=3, sizes=[1, 1, 2])),
+                              {"strategy": "fedavg"}, 1e-4, [[0, 1]] * 2),
+}
+
+
+@pytest.mark.parametrize("case", list(FEDERATION_CASES))
+def test_fused_federation_equals_one_by_one_training(tmp_path, monkeypatch, case):
+    make, data, options, atol, expected = FEDERATION_CASES[case]
+    one_by_one, state_a = _federation(tmp_path, False, make, data(), case, **options)
+    groups = _spy_groups(monkeypatch)
+    fused, state_b = _federation(tmp_path, True, make, data(), case, **options)
+    assert groups == expected  # one fused group per round
+    assert fused["best_round"] == one_by_one["best_round"]
+    for a, b in zip(one_by_one["nodes"], fused["nodes"]):
+        assert b["test_auc"] == pytest.approx(a["test_auc"], abs=1e-6)
+    for ha, hb in zip(one_by_one["history"], fused["history"]):
+        for k, v in ha.items():
+            if k.endswith("train_loss"):
+                assert hb[k] == pytest.approx(v, abs=1e-5), k
+    for k, v in state_a.items():
+        assert torch.allclose(state_b[k].double(), v.double(), atol=atol, rtol=0), (k, (state_b[k] - v).abs().max())
+    assert fused["history"][0]["round_s"] > 0
+
+
+def test_fused_federation_refuses_strategies_with_local_hooks():
+    with pytest.raises(HSLError, match=r"cannot run strategy 'fedprox'.*local_loss.*It works with: hsl, fedavg"):
+        Federation(strategy="fedprox", fuse_institutions=True)
+    with pytest.raises(HSLError, match=r"'ditto'.*a personal model|'ditto'.*begin_personal"):
+        Federation(strategy="ditto", fuse_institutions=True)
+
+
+def test_fused_federation_refuses_a_non_elementwise_optimizer(tmp_path):
+    class WithLBFGS(ClassifierModule):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters())
+
+    with pytest.raises(HSLError, match=r"fuse_institutions: LBFGS cannot train fused institutions.*AdamW"):
+        _federation(tmp_path, True, lambda: WithLBFGS(backbone="test_resnet"), tiny_data(use_sat=False), "lbfgs",
+                    strategy="fedavg")
+
+
+def test_a_diverging_fused_node_is_named_and_dropped_alone(tmp_path, monkeypatch):
+    original = FusedModels.map
+
+    def nan_for_node1(self, fn, *args, **kwargs):
+        out = original(self, fn, *args, **kwargs)
+        return out * torch.tensor([1.0, float("nan"), 1.0])
+
+    monkeypatch.setattr(FusedModels, "map", nan_for_node1)
+    with pytest.raises(HSLError, match=r"Training diverged at node node1, round 1, epoch 1"):
+        _federation(tmp_path, True, _classifier, tiny_data(use_sat=False), "nan", strategy="fedavg")
+    summary, _ = _federation(tmp_path, True, _classifier, tiny_data(use_sat=False), "nan_min", strategy="fedavg",
+                             min_nodes=2)
+    assert [h["dropped"] for h in summary["history"]] == [["node1"], ["node1"]]
+    assert all(math.isfinite(h["node0/train_loss"]) and math.isfinite(h["node2/train_loss"])
+               for h in summary["history"])

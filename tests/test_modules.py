@@ -85,7 +85,8 @@ def test_fused_optimizer_falls_back_where_torch_has_no_fused_kernel(monkeypatch)
     class NoFused(torch.optim.AdamW):
         def __init__(self, params, fused=None, **kwargs):
             if fused:
-                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                                   "supported devices")
             super().__init__(params, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", NoFused)

@@ -3,7 +3,7 @@
 One picture of a run::
 
     for round in rounds:
-        for each institution hosted on this rank (one after another):
+        for each institution hosted on this rank (one after another, or fused: fuse_institutions):
             load the institution's model: the merged shared state + its own local entries
             train ``local_epochs`` on its data (LightningModule.training_step, driven by Fabric)
             contribute its best epoch (by local validation AUC) or its last one
@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation import checkpoint
+from hsl_lightning.federation.fused import FusedModels
 from hsl_lightning.federation.loggers import WandbMode, make_loggers
-from hsl_lightning.federation.strategies import Contribution, Strategy, get_strategy
+from hsl_lightning.federation.strategies import STRATEGIES, Contribution, Strategy, get_strategy
 from hsl_lightning.federation.sync import StatePacker, all_reduce_sum
 from hsl_lightning.metrics import NodeMetrics, summarize
 
@@ -58,6 +59,21 @@ def _optimizer(configured):
     if isinstance(configured, (list, tuple)) and configured:
         return _optimizer(configured[0])
     raise HSLError("configure_optimizers must return an optimizer (or a dict / list holding one) for federated training.")
+
+
+def _loss_value(out):
+    """The loss out of whatever ``training_step`` returned (a tensor, or a dict holding ``loss``)."""
+    return out["loss"] if isinstance(out, dict) else out
+
+
+# Strategy hooks that act on one institution's local training: strategies that override any of
+# them cannot train institutions fused (fuse_institutions).
+_LOCAL_HOOKS = ("begin_local", "begin_epoch", "local_loss", "after_backward", "end_local", "begin_personal",
+                "end_personal")
+
+
+def _local_hooks(kind: type[Strategy]) -> list[str]:
+    return [h for h in _LOCAL_HOOKS if getattr(kind, h) is not getattr(Strategy, h)]
 
 
 def _launched_externally() -> bool:
@@ -119,6 +135,16 @@ class Federation:
             about 7 % of a small FedAvg run (benchmarks/overhead.py); raise n to skip most of it.
         seed: seeds training (sampling, augmentation, dropout); set from ``seed_everything`` by the CLI.
         threads: CPU threads per rank (default: torch's choice, divided among local ranks).
+        fuse_institutions: train the institutions a rank hosts as one model under ``torch.vmap``
+            (:class:`~hsl_lightning.federation.fused.FusedModels`: each kernel launch serves all of
+            them) instead of one after another. Meant for GPUs, which small models leave idle
+            between launches; on CPUs it is mostly slower (a ResNet-10t classifier at 28 px trains at
+            0.71x, ``benchmarks/gpu.py --device cpu``). Institutions whose epochs have the same number
+            of steps are fused (a group of one trains as usual); the updates are those of separate
+            training up to float rounding, but dropout masks are drawn for the group at once, so
+            with dropout a run differs from an unfused one (and depends on the ranks' grouping).
+            Needs a strategy without local-training hooks (hsl, fedavg, local, central, swarm,
+            personalized, fedbn, fedper, splitavg, fedcome, foundation) and an elementwise torch optimizer.
     """
 
     def __init__(
@@ -142,6 +168,7 @@ class Federation:
         val_every_n_rounds: int = 1,
         seed: int = 0,
         threads: int | None = None,
+        fuse_institutions: bool = False,
     ):
         if rounds < 1 or local_epochs < 1:
             raise HSLError(f"rounds and local_epochs must be at least 1, got {rounds} and {local_epochs}.")
@@ -160,6 +187,9 @@ class Federation:
         if min_nodes is not None and min_nodes < 1:
             raise HSLError(f"min_nodes must be at least 1 (or null to stop on any failure), got {min_nodes}.")
         self.min_nodes = min_nodes
+        self.fuse_institutions = fuse_institutions
+        if fuse_institutions:
+            self._check_fusable()
         self.run_config: dict | None = None  # the resolved CLI config, attached to loggers and saved
         self.summary: dict | None = None
 
@@ -207,6 +237,12 @@ class Federation:
         mine = [t for t in range(len(plan)) if t % world == rank]
         owner = {node: t % world for t, nodes in enumerate(plan) for node in nodes}
         module = module.to(fabric.device)
+        if self.fuse_institutions:
+            try:
+                FusedModels.check_optimizer(_optimizer(module.configure_optimizers()))
+            except ValueError as exc:
+                raise HSLError(f"fuse_institutions: {exc} Configure one of those, or set federation.fuse_institutions "
+                               "to false.") from exc
         if getattr(module, "uses_sat", False) and hasattr(module, "set_sat_reference"):
             module.set_sat_reference(dm.sat_reference())
 
@@ -267,13 +303,22 @@ class Federation:
             start_flat = global_flat  # what every node received this round
             train_loss = torch.full((len(names),), math.nan, dtype=torch.float64)
             own = {}  # contributions kept only when the merge is personal (one flat state per institution)
+            # trainees trained as one model (fuse_institutions): their outcomes, computed first
+            fused = self._train_fused_round(fabric, module, dm, plan, mine, names, r, packer, hosted, global_flat,
+                                            bar) if self.fuse_institutions else {}
             for t in mine:
-                self._load(module, packer, _shared_of(hosted[t], global_flat), hosted[t]["local"])
+                if t not in fused:
+                    self._load(module, packer, _shared_of(hosted[t], global_flat), hosted[t]["local"])
                 received = _clone(module.state_dict()) if self.strategy.personal_model else None
                 bar.set_postfix_str(f"round {r + 1}/{self.rounds} {'+'.join(names[i] for i in plan[t])}")
                 personal_state = None
                 try:
-                    state, loss, extra = self._train_local(fabric, module, dm, plan[t], names, r, t)
+                    if t in fused:
+                        if isinstance(fused[t], Exception):
+                            raise fused[t]
+                        state, loss, extra = fused[t]
+                    else:
+                        state, loss, extra = self._train_local(fabric, module, dm, plan[t], names, r, t)
                     # packed before a personal pass reuses the module; else added straight into acc
                     flat = packer.pack(state, fabric.device) if keep_own or received is not None else None
                     local = {k: state[k].detach().clone() for k in local_keys}
@@ -333,7 +378,7 @@ class Federation:
             self.strategy.after_round(total[packer.numel:packer.numel + n_extra] if n_extra else None, len(plan))
             traffic = int(total[finished_at - 1])
             dropped = [("+".join(names[i] for i in plan[t])) for t in range(len(plan)) if finished[t] == 0]
-            del own, start_flat
+            del own, start_flat, fused
 
             loss_all = self._gather(fabric, train_loss.unsqueeze(1), owner)[:, 0]
             # every node sends its state and receives the merge; SplitAVG's feature maps come on top
@@ -477,7 +522,7 @@ class Federation:
                 "local_epochs": self.local_epochs, "contribute": self.contribute, "accelerator": self.accelerator,
                 "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed,
                 "checkpoint": self.checkpoint, "save_weights": self.save_weights, "min_nodes": self.min_nodes,
-                "val_every_n_rounds": self.val_every_n_rounds}
+                "val_every_n_rounds": self.val_every_n_rounds, "fuse_institutions": self.fuse_institutions}
 
     def _deploy(self, module, packer: StatePacker, hosted: dict, global_flat: torch.Tensor) -> None:
         """Load the model an institution deploys: its personal model if it has one, else shared + local."""
@@ -512,8 +557,7 @@ class Federation:
             for i, batch in enumerate(loader):
                 batch = fabric.to_device(batch)
                 with fabric.autocast():
-                    loss = module.training_step(batch, i)
-                    loss = loss["loss"] if isinstance(loss, dict) else loss
+                    loss = _loss_value(module.training_step(batch, i))
                     term = self.strategy.local_loss(module, batch)  # e.g. FedProx's proximal term
                     if term is not None:
                         loss = loss + term
@@ -526,9 +570,7 @@ class Federation:
             total_steps += steps
             epoch_loss = float(loss_sum) / max(1, steps)
             if not math.isfinite(epoch_loss):
-                raise HSLError(f"Training diverged at node {'+'.join(names[i] for i in nodes)}, round {r + 1}, epoch "
-                               f"{epoch + 1}: mean loss is {epoch_loss}. Lower the learning rate (model.lr) or check "
-                               "the node's data for NaN/inf pixels.")
+                raise self._diverged("+".join(names[i] for i in nodes), r, epoch, epoch_loss)
             if select_best:
                 aucs = [self._evaluate(fabric, module, dm, i, "val")["auc"] for i in nodes]
                 auc = summarize(aucs)["mean"]
@@ -538,6 +580,91 @@ class Federation:
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         extra = None if personal else self.strategy.end_local(module, t, total_steps, optimizer)
         return (best_state if best_state is not None else module.state_dict()), epoch_loss, extra
+
+    @staticmethod
+    def _diverged(node: str, r: int, epoch: int, loss: float) -> HSLError:
+        return HSLError(f"Training diverged at node {node}, round {r + 1}, epoch {epoch + 1}: mean loss is {loss}. "
+                        "Lower the learning rate (model.lr) or check the node's data for NaN/inf pixels.")
+
+    def _check_fusable(self) -> None:
+        hooks = _local_hooks(type(self.strategy))
+        if hooks or self.strategy.personal_model:
+            able = [name for name, kind in STRATEGIES.items() if not _local_hooks(kind) and not kind.personal_model]
+            raise HSLError(f"fuse_institutions trains a rank's institutions as one model, so it cannot run strategy "
+                           f"'{self.strategy.name}', which acts on each institution's own training "
+                           f"({', '.join(hooks) or 'a personal model'}). It works with: {', '.join(able)}; or set "
+                           "federation.fuse_institutions to false.")
+
+    def _train_fused_round(self, fabric, module, dm, plan, mine, names, r, packer, hosted, global_flat,
+                           bar) -> dict:
+        """This rank's trainees whose epochs have equally many steps, trained as one vmapped model per
+        such group. Returns {trainee: (state, loss, None), or the exception that stopped it}; the
+        trainees left out (alone in their group) train one by one in the round loop."""
+        with_sat = getattr(module, "uses_sat", False)
+        loaders = {t: dm.train_loader(plan[t], _seed(self.seed, r, t), with_sat=with_sat) for t in mine}
+        groups: dict[tuple, list[int]] = {}
+        for t, loader in loaders.items():  # same samples per epoch -> same steps and batch shapes
+            groups.setdefault((len(loader.sampler), len(loader)), []).append(t)
+        out = {}
+        for group in groups.values():
+            if len(group) < 2:
+                continue
+            bar.set_postfix_str(f"round {r + 1}/{self.rounds} {len(group)} nodes fused")
+            try:
+                starts = []
+                for t in group:
+                    state = packer.unpack(_shared_of(hosted[t], global_flat))
+                    state.update(hosted[t]["local"])
+                    starts.append(state)
+                out.update(self._train_fused(fabric, module, dm, plan, group, [loaders[t] for t in group], starts,
+                                             names, r))
+            except Exception as exc:  # noqa: BLE001 - reported per node by the round loop
+                out.update({t: exc for t in group})
+        return out
+
+    def _train_fused(self, fabric, module, dm, plan, group, loaders, starts, names, r) -> dict:
+        """One round of local training of ``group`` (trainees with equally long epochs) as one model."""
+        torch.manual_seed(_seed(self.seed, r, group[0]))  # dropout: one draw for the whole group
+        fused = FusedModels.from_states(module, starts)
+        optimizer = fused.optimizer_like(_optimizer(module.configure_optimizers()), module)
+        n = len(group)
+        labels = ["+".join(names[i] for i in plan[t]) for t in group]
+        select_best = self.contribute == "best" and self.local_epochs > 1
+        best_states, best_aucs = [None] * n, [-math.inf] * n
+        failed: list[Exception | None] = [None] * n
+        epoch_loss = [math.nan] * n
+        for epoch in range(self.local_epochs):
+            fused.train()
+            loss_sum = torch.zeros(n, device=fabric.device)
+            steps = 0
+            for i, batches in enumerate(zip(*loaders)):
+                batch = fabric.to_device({k: torch.stack([b[k] for b in batches]) for k in batches[0]})
+                with fabric.autocast():
+                    losses = fused.map(lambda m, b: _loss_value(m.training_step(b, i)), batch)
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(losses.sum())  # each slice gets the gradient of its own loss
+                optimizer.step()
+                loss_sum += losses.detach()
+                steps += 1
+            means = (loss_sum / max(1, steps)).tolist()
+            for j in range(n):
+                if failed[j] is None:
+                    epoch_loss[j] = means[j]
+                    if not math.isfinite(means[j]):  # the others train on: the slices are independent
+                        failed[j] = self._diverged(labels[j], r, epoch, means[j])
+            if select_best:
+                states = fused.state_dicts()
+                for j, t in enumerate(group):
+                    if failed[j] is not None:
+                        continue
+                    module.load_state_dict(states[j])
+                    auc = summarize([self._evaluate(fabric, module, dm, i, "val")["auc"] for i in plan[t]])["mean"]
+                    auc = -math.inf if math.isnan(auc) else auc
+                    if best_states[j] is None or auc > best_aucs[j]:
+                        best_aucs[j], best_states[j] = auc, states[j]
+        last = fused.state_dicts()
+        return {t: failed[j] or (best_states[j] if best_states[j] is not None else last[j], epoch_loss[j], None)
+                for j, t in enumerate(group)}
 
     @torch.no_grad()
     def _evaluate(self, fabric, module, dm, node: int, split: str) -> dict:

@@ -38,6 +38,7 @@ tensor of ``batch`` shaped ``(N, B, ...)`` returns the ``(N,)`` losses.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -119,9 +120,37 @@ class FusedModels:
     def __init__(self, models: Sequence[nn.Module]):
         models = list(models)
         _check_same_architecture(models)
+        params, buffers = stack_module_state(models)
+        self._setup(models, params, buffers)
+
+    @classmethod
+    def from_states(cls, module: nn.Module, states: Sequence[dict[str, torch.Tensor]]) -> "FusedModels":
+        """N institutions as one, from N ``state_dict``s of ``module``'s architecture (no N modules
+        needed). ``module`` provides the code, and the entries the states lack (non-persistent
+        buffers), the same for every institution; it is not changed."""
+        states = list(states)
+        if not states:
+            raise ValueError("FusedModels.from_states needs at least one state; got none.")
+        n = len(states)
+
+        def stacked(name: str, own: torch.Tensor) -> torch.Tensor:
+            if name not in states[0]:
+                return own.detach().unsqueeze(0).expand(n, *own.shape).clone()
+            missing = [i for i, s in enumerate(states) if name not in s]
+            if missing:
+                raise ValueError(f"State {missing[0]} has no entry '{name}'; every state must be a state_dict of the "
+                                 "same architecture.")
+            return torch.stack([s[name].to(own.device, own.dtype) for s in states])
+
+        params = {k: stacked(k, v).requires_grad_(v.requires_grad) for k, v in module.named_parameters()}
+        buffers = {k: stacked(k, v) for k, v in module.named_buffers()}
+        fused = cls.__new__(cls)
+        fused._setup([module] * n, params, buffers)
+        return fused
+
+    def _setup(self, models: list[nn.Module], params: dict, buffers: dict) -> None:
         self.models = models
         self.n = len(models)
-        params, buffers = stack_module_state(models)
         # Leaf tensors an optimizer can step; the stacked buffers are updated in place (BatchNorm).
         self.params: dict[str, torch.Tensor] = {
             k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()
@@ -187,6 +216,36 @@ class FusedModels:
         keys = {k: by_id[id(v)] for k, v in ref.state_dict(keep_vars=True).items() if id(v) in by_id}
         stacked = {**self.params, **self.buffers}
         return [{k: stacked[name][i].detach().clone() for k, name in keys.items()} for i in range(self.n)]
+
+    # Optimizers whose update of a parameter depends on that parameter's own elements only, so one
+    # instance over the stacked tensors does what one instance per institution would do.
+    ELEMENTWISE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad")
+
+    @classmethod
+    def check_optimizer(cls, optimizer: torch.optim.Optimizer) -> None:
+        """Raise ValueError unless ``optimizer`` can step stacked parameters (see ELEMENTWISE_OPTIMIZERS)."""
+        kind = type(optimizer)
+        if kind.__name__ not in cls.ELEMENTWISE_OPTIMIZERS or kind.__module__.split(".")[:2] != ["torch", "optim"]:
+            raise ValueError(f"{kind.__name__} cannot train fused institutions: only torch's elementwise optimizers "
+                             f"({', '.join(cls.ELEMENTWISE_OPTIMIZERS)}) update each institution's slice of a "
+                             "stacked parameter as its own optimizer would.")
+
+    def optimizer_like(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> torch.optim.Optimizer:
+        """An optimizer of ``optimizer``'s type, parameter groups and settings over the stacked
+        parameters; ``optimizer`` was configured on ``module`` (the architecture's parameters)."""
+        self.check_optimizer(optimizer)
+        kind = type(optimizer)
+        name_of = {id(p): n for n, p in module.named_parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            unknown = [p for p in group["params"] if id(p) not in name_of]
+            if unknown:
+                raise ValueError("The optimizer holds parameters that are not the module's own; configure it on the "
+                                 "module's parameters.")
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": [self.params[name_of[id(p)]] for p in group["params"]]})
+        accepted = inspect.signature(kind).parameters
+        return kind(groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
 
     # --- computation
     def map(self, fn: Callable[..., Any], *args: Any, randomness: str = "different") -> Any:
