@@ -132,7 +132,7 @@ class Federation:
             complete round is kept), so ``fit(..., ckpt_path="last")`` continues a killed run.
         val_every_n_rounds: validate every node after every n-th round and after the last; the
             deployed round is the validated round of best mean validation AUC. Validation costs
-            about 7 % of a small FedAvg run (benchmarks/overhead.py); raise n to skip most of it.
+            about 5 % of a small FedAvg run (benchmarks/overhead.py); raise n to skip most of it.
         seed: seeds training (sampling, augmentation, dropout); set from ``seed_everything`` by the CLI.
         threads: CPU threads per rank (default: torch's choice, divided among local ranks).
         fuse_institutions: train the institutions a rank hosts as one model under ``torch.vmap``
