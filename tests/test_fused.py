@@ -142,6 +142,33 @@ def test_architecture_mismatch_is_a_clear_error():
         FusedModels([])
 
 
+def test_from_states_stacks_like_the_modules_and_the_optimizer_keeps_its_groups():
+    models = _models(torch.float32)
+    a, b = FusedModels(models), FusedModels.from_states(models[0], [m.state_dict() for m in models])
+    assert a.params.keys() == b.params.keys() and a.buffers.keys() == b.buffers.keys()
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k]) and b.params[k].requires_grad and b.params[k].is_leaf
+    for k in a.buffers:
+        assert torch.equal(a.buffers[k], b.buffers[k])
+    with pytest.raises(ValueError, match="State 1 has no entry 'fc.bias'"):
+        FusedModels.from_states(models[0], [models[0].state_dict(), {k: v for k, v in models[1].state_dict().items()
+                                                                       if k != "fc.bias"}])
+
+    m = models[0]
+    head = [m.fc.weight, m.fc.bias]
+    body = [p for p in m.parameters() if all(p is not h for h in head)]
+    configured = torch.optim.AdamW([{"params": body}, {"params": head, "lr": 0.1, "weight_decay": 0.0}], lr=1e-3,
+                                   weight_decay=0.05, fused=True)
+    opt = b.optimizer_like(configured, m)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"]
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 0.1]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert opt.param_groups[1]["params"][0] is b.params["fc.weight"]
+    other = timm.create_model("test_resnet", in_chans=1, num_classes=1)
+    with pytest.raises(ValueError, match="not the module's own"):
+        b.optimizer_like(torch.optim.SGD(other.parameters(), lr=0.1), m)
+
+
 # --- the Federation with fuse_institutions: the same run as one institution after another
 def _federation(tmp_path, fuse, make, data, name, **kwargs):
     torch.manual_seed(0)

@@ -30,6 +30,8 @@ Usage::
     losses = fused.train_step(x, y, opt)             # x (N, B, C, H, W), y (N, B); losses (N,)
     fused.unstack()                                  # write weights back into the N modules
     fused.load_from(models)                          # ... and read them in again (e.g. after FedAvg)
+    fused = FusedModels.from_states(model, states)   # or: N state_dicts of one module (the Federation's way)
+    opt = fused.optimizer_like(model.configure_optimizers(), model)   # that optimizer, over the stack
 
 For other losses: ``fused.map(lambda m, batch: m.training_loss(batch)[0], batch)`` with every
 tensor of ``batch`` shaped ``(N, B, ...)`` returns the ``(N,)`` losses.

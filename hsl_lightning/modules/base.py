@@ -92,12 +92,12 @@ class BinaryTaskModule(L.LightningModule):
         """AdamW (default) or SGD over the trainable parameters.
 
         With ``fused_optimizer`` (default) the update runs in torch's fused kernel, one call for all
-        parameters: on a 2-core CPU a whole training step at 28 px (ResNet-10t/-18, classifier or HSL)
-        takes 14-44 % less time than with torch's default per-parameter loop (``benchmarks/optimizer.py``).
-        The arithmetic is the same;
-        results differ from the loop's by float rounding only. ``fused_optimizer: false`` keeps
-        torch's default implementation (figures recorded before this option reproduce exactly). Where
-        torch has no fused kernel (an older torch, an unsupported device) the default is used."""
+        parameters: on a 2-core CPU a whole training step at 28 px (ResNet-10t/-18, classifier or
+        HSL) takes 14-44 % less time than with torch's default per-parameter loop
+        (``benchmarks/optimizer.py``). The arithmetic is the same; results differ from the loop's by
+        float rounding only. ``fused_optimizer: false`` keeps torch's default implementation (figures
+        recorded before this option reproduce exactly). Where torch has no fused kernel (an older
+        torch, an unsupported device) the default is used."""
         params = [p for p in self.parameters() if p.requires_grad]  # frozen parts (a foundation encoder) stay out
         if self.optimizer_name == "sgd":  # plain SGD is what SCAFFOLD's and FedProx's analyses assume
             cls, kwargs = torch.optim.SGD, {"momentum": self.momentum}
