@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from hsl_lightning import ClassifierModule, Federation, HSLError, Scenario
+from hsl_lightning import ClassifierModule, Federation, HSLError, Scenario, SyntheticLesions
 from hsl_lightning.federation.fused import FusedModels
 
 from conftest import tiny_data, tiny_hsl
@@ -194,6 +194,10 @@ def _classifier():
     return ClassifierModule(backbone="test_resnet")
 
 
+def _classifier_sgd():  # SGD where AdamW's magnified rounding noise would hide a wrong step
+    return ClassifierModule(backbone="test_resnet", optimizer="sgd", lr=0.05, momentum=0.9)
+
+
 def _hsl_sgd():  # SGD: AdamW would magnify rounding noise in near-zero gradients; no dropout to compare
     return tiny_hsl(expert_dropout=0.0, tower_dropout=0.0, optimizer="sgd", lr=0.05, momentum=0.9)
 
@@ -204,10 +208,19 @@ FEDERATION_CASES = {
     "fedavg_adamw": (_classifier, lambda: tiny_data(use_sat=False), {"strategy": "fedavg"}, 1e-4, [[0, 1, 2]] * 2),
     # HSL contributes each node's best of two epochs, chosen on validation AUC
     "hsl_sgd_best_epoch": (_hsl_sgd, tiny_data, {"strategy": "hsl", "contribute": "best"}, 1e-5, [[0, 1, 2]] * 2),
-    # 36, 36 and 72 images: nodes 0 and 1 fused, node 2 trains alone
-    "fedavg_unequal_epochs": (_classifier,
+    # 36, 36 and 72 images: 1, 1 and 2 steps per epoch; nodes 0 and 1 idle while node 2 finishes
+    "fedavg_unequal_epochs": (_classifier_sgd,
                               lambda: tiny_data(use_sat=False, scenario=Scenario(num_nodes=3, sizes=[1, 1, 2])),
-                              {"strategy": "fedavg"}, 1e-4, [[0, 1]] * 2),
+                              {"strategy": "fedavg", "local_epochs": 3}, 1e-5, [[0, 1, 2]] * 2),
+    # 2, 2 and 5 steps per epoch, best of two epochs: epochs end at different lockstep steps
+    "hsl_unequal_best_epoch": (_hsl_sgd,
+                               lambda: tiny_data(batch_size=16, scenario=Scenario(num_nodes=3, sizes=[1, 2, 4])),
+                               {"strategy": "hsl", "contribute": "best"}, 1e-5, [[0, 1, 2]] * 2),
+    # 20 and 12 images, batch 16: batches of 16 and of 12 cannot be stacked, so no group forms
+    "fedavg_unstackable": (_classifier,
+                           lambda: tiny_data(use_sat=False, batch_size=16, primary=SyntheticLesions(num_samples=54, size=28),
+                                             scenario=Scenario(num_nodes=2, sizes=[5, 3])),
+                           {"strategy": "fedavg"}, 1e-4, []),
 }
 
 
@@ -217,7 +230,7 @@ def test_fused_federation_equals_one_by_one_training(tmp_path, monkeypatch, case
     one_by_one, state_a = _federation(tmp_path, False, make, data(), case, **options)
     groups = _spy_groups(monkeypatch)
     fused, state_b = _federation(tmp_path, True, make, data(), case, **options)
-    assert groups == expected  # one fused group per round
+    assert groups == expected  # one fused group per round (none when the batches cannot be stacked)
     assert fused["best_round"] == one_by_one["best_round"]
     for a, b in zip(one_by_one["nodes"], fused["nodes"]):
         assert b["test_auc"] == pytest.approx(a["test_auc"], abs=1e-6)

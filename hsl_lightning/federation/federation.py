@@ -20,6 +20,7 @@ seeded from (seed, round, institution), never from the rank.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -139,10 +140,12 @@ class Federation:
             (:class:`~hsl_lightning.federation.fused.FusedModels`: each kernel launch serves all of
             them) instead of one after another. Meant for GPUs, which small models leave idle
             between launches; on CPUs it is mostly slower (a ResNet-10t classifier at 28 px trains at
-            0.71x, ``benchmarks/gpu.py --device cpu``). Institutions whose epochs have the same number
-            of steps are fused (a group of one trains as usual); the updates are those of separate
-            training up to float rounding, but dropout masks are drawn for the group at once, so
-            with dropout a run differs from an unfused one (and depends on the ranks' grouping).
+            0.71x, ``benchmarks/gpu.py --device cpu``). Institutions whose batches have the same
+            shape are fused (in practice all of a rank's); one with fewer steps idles, rerunning its
+            last batch with its loss masked, until the longest is done, so very unequal sizes spend
+            compute on idle slices. Each takes exactly its own steps, equal to separate training up
+            to float rounding, but dropout masks are drawn for the group at once, so with dropout a
+            run differs from an unfused one (and depends on the ranks' grouping).
             Needs a strategy without local-training hooks (hsl, fedavg, local, central, swarm,
             personalized, fedbn, fedper, splitavg, fedcome, foundation) and an elementwise torch optimizer.
     """
@@ -597,14 +600,15 @@ class Federation:
 
     def _train_fused_round(self, fabric, module, dm, plan, mine, names, r, packer, hosted, global_flat,
                            bar) -> dict:
-        """This rank's trainees whose epochs have equally many steps, trained as one vmapped model per
-        such group. Returns {trainee: (state, loss, None), or the exception that stopped it}; the
-        trainees left out (alone in their group) train one by one in the round loop."""
+        """This rank's trainees trained as one vmapped model per group of equally shaped batches.
+        Returns {trainee: (state, loss, None), or the exception that stopped it}; trainees left out
+        (alone in their group, or without a batch) train one by one in the round loop."""
         with_sat = getattr(module, "uses_sat", False)
         loaders = {t: dm.train_loader(plan[t], _seed(self.seed, r, t), with_sat=with_sat) for t in mine}
-        groups: dict[tuple, list[int]] = {}
-        for t, loader in loaders.items():  # same samples per epoch -> same steps and batch shapes
-            groups.setdefault((len(loader.sampler), len(loader)), []).append(t)
+        groups: dict[int, list[int]] = {}
+        for t, loader in loaders.items():  # images per batch: the batch size, or the whole epoch if shorter
+            if len(loader):
+                groups.setdefault(min(len(loader.sampler), loader.batch_size), []).append(t)
         out = {}
         for group in groups.values():
             if len(group) < 2:
@@ -623,48 +627,65 @@ class Federation:
         return out
 
     def _train_fused(self, fabric, module, dm, plan, group, loaders, starts, names, r) -> dict:
-        """One round of local training of ``group`` (trainees with equally long epochs) as one model."""
+        """One round of local training of ``group`` as one model, in lockstep.
+
+        Trainee j takes exactly its own steps (its ``local_epochs`` epochs back to back, each as long
+        as its loader). Once it has taken them its slice idles: it reruns its last batch with its loss
+        masked out until the longest trainee is done. Its result is taken at its own last step, so
+        the idle steps never reach it; and since every trainee starts at step 0, the optimizer's step
+        count (one per parameter, shared by the slices) is right for each while it is active."""
         torch.manual_seed(_seed(self.seed, r, group[0]))  # dropout: one draw for the whole group
         fused = FusedModels.from_states(module, starts)
         optimizer = fused.optimizer_like(_optimizer(module.configure_optimizers()), module)
-        n = len(group)
+        n, epochs = len(group), self.local_epochs
         labels = ["+".join(names[i] for i in plan[t]) for t in group]
-        select_best = self.contribute == "best" and self.local_epochs > 1
-        best_states, best_aucs = [None] * n, [-math.inf] * n
-        failed: list[Exception | None] = [None] * n
-        epoch_loss = [math.nan] * n
-        for epoch in range(self.local_epochs):
-            fused.train()
-            loss_sum = torch.zeros(n, device=fabric.device)
-            steps = 0
-            for i, batches in enumerate(zip(*loaders)):
-                batch = fabric.to_device({k: torch.stack([b[k] for b in batches]) for k in batches[0]})
-                with fabric.autocast():
-                    losses = fused.map(lambda m, b: _loss_value(m.training_step(b, i)), batch)
-                optimizer.zero_grad(set_to_none=True)
-                fabric.backward(losses.sum())  # each slice gets the gradient of its own loss
-                optimizer.step()
-                loss_sum += losses.detach()
-                steps += 1
-            means = (loss_sum / max(1, steps)).tolist()
+        per_epoch = [len(loader) for loader in loaders]
+        total = [s * epochs for s in per_epoch]  # becomes the step a trainee stopped at if it diverges
+        batches_of = [itertools.chain.from_iterable(itertools.repeat(loader, epochs)) for loader in loaders]
+        select_best = self.contribute == "best" and epochs > 1
+        best_aucs = [-math.inf] * n
+        result: list = [None] * n  # per trainee: (state, last epoch's mean loss, None), or the exception
+        loss_sums = torch.zeros(epochs, n, device=fabric.device)
+        columns = torch.arange(n, device=fabric.device)
+        last: list = [None] * n
+        fused.train()
+        for k in range(max(total)):
+            active = [k < total[j] for j in range(n)]
             for j in range(n):
-                if failed[j] is None:
-                    epoch_loss[j] = means[j]
-                    if not math.isfinite(means[j]):  # the others train on: the slices are independent
-                        failed[j] = self._diverged(labels[j], r, epoch, means[j])
-            if select_best:
-                states = fused.state_dicts()
-                for j, t in enumerate(group):
-                    if failed[j] is not None:
-                        continue
-                    module.load_state_dict(states[j])
-                    auc = summarize([self._evaluate(fabric, module, dm, i, "val")["auc"] for i in plan[t]])["mean"]
-                    auc = -math.inf if math.isnan(auc) else auc
-                    if best_states[j] is None or auc > best_aucs[j]:
-                        best_aucs[j], best_states[j] = auc, states[j]
-        last = fused.state_dicts()
-        return {t: failed[j] or (best_states[j] if best_states[j] is not None else last[j], epoch_loss[j], None)
-                for j, t in enumerate(group)}
+                if active[j]:
+                    last[j] = next(batches_of[j])
+            batch = fabric.to_device({key: torch.stack([b[key] for b in last]) for key in last[0]})
+            mask = torch.tensor(active, device=fabric.device)
+            with fabric.autocast():
+                losses = fused.map(lambda m, b: _loss_value(m.training_step(b, k)), batch)
+            optimizer.zero_grad(set_to_none=True)
+            # each active slice gets the gradient of its own loss; idle slices none
+            fabric.backward(torch.where(mask, losses, torch.zeros_like(losses)).sum())
+            optimizer.step()
+            epoch_of = torch.tensor([min(k // max(1, s), epochs - 1) for s in per_epoch], device=fabric.device)
+            loss_sums[epoch_of, columns] += torch.where(mask, losses.detach().float(), 0.0)
+            ended = [j for j in range(n) if active[j] and (k + 1) % per_epoch[j] == 0]
+            for j in ended:  # trainee j finished an epoch with this step
+                epoch = (k + 1) // per_epoch[j] - 1
+                mean = float(loss_sums[epoch, j]) / per_epoch[j]
+                if not math.isfinite(mean):  # the others train on: the slices are independent
+                    result[j], total[j] = self._diverged(labels[j], r, epoch, mean), k + 1
+                    continue
+                finished = epoch == epochs - 1
+                if not (select_best or finished):
+                    continue
+                state = fused.state_dicts([j])[0]
+                if select_best:
+                    module.load_state_dict(state)
+                    auc = summarize([self._evaluate(fabric, module, dm, i, "val")["auc"] for i in plan[group[j]]])
+                    auc = -math.inf if math.isnan(auc["mean"]) else auc["mean"]
+                    if epoch == 0 or auc > best_aucs[j]:
+                        best_aucs[j], result[j] = auc, (state, mean, None)
+                    elif finished:
+                        result[j] = (result[j][0], mean, None)  # the best epoch's state, the last epoch's loss
+                else:
+                    result[j] = (state, mean, None)
+        return dict(zip(group, result))
 
     @torch.no_grad()
     def _evaluate(self, fabric, module, dm, node: int, split: str) -> dict:

@@ -210,14 +210,16 @@ class FusedModels:
             for name, b in m.named_buffers():
                 self.buffers[name][i].copy_(b)
 
-    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        """One ``state_dict`` per institution (detached copies), keyed as the modules' own."""
+    def state_dicts(self, indices: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+        """One ``state_dict`` per institution (detached copies), keyed as the modules' own; only those
+        of ``indices`` when given."""
         ref = self.models[0]
         # state_dict keys -> the stacked tensor's name (tied weights appear under several keys).
         by_id = {id(t): n for n, t in list(ref.named_parameters()) + list(ref.named_buffers())}
         keys = {k: by_id[id(v)] for k, v in ref.state_dict(keep_vars=True).items() if id(v) in by_id}
         stacked = {**self.params, **self.buffers}
-        return [{k: stacked[name][i].detach().clone() for k, name in keys.items()} for i in range(self.n)]
+        indices = range(self.n) if indices is None else indices
+        return [{k: stacked[name][i].detach().clone() for k, name in keys.items()} for i in indices]
 
     # Optimizers whose update of a parameter depends on that parameter's own elements only, so one
     # instance over the stacked tensors does what one instance per institution would do.
