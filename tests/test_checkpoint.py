@@ -34,14 +34,15 @@ def job(run_dir, rounds, ckpt=None):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def fit(run_dir, rounds, strategy="hsl", ckpt=None, val_every_n_rounds=1, **kwargs):
+def fit(run_dir, rounds, strategy="hsl", ckpt=None, val_every_n_rounds=1, fuse_institutions=False, **kwargs):
     torch.manual_seed(0)
     if strategy == "hsl":
         model, data = tiny_hsl(), tiny_data(**kwargs)
     else:
         model, data = ClassifierModule(backbone="test_resnet"), tiny_data(use_sat=False, **kwargs)
     return Federation(strategy=strategy, rounds=rounds, run_dir=str(run_dir), wandb="disabled", progress=False,
-                      threads=1, val_every_n_rounds=val_every_n_rounds).fit(model, data, ckpt_path=ckpt)
+                      threads=1, val_every_n_rounds=val_every_n_rounds,
+                      fuse_institutions=fuse_institutions).fit(model, data, ckpt_path=ckpt)
 
 
 def same_result(a, b, dir_a, dir_b):
@@ -89,6 +90,14 @@ def test_strategy_state_survives_a_resume(tmp_path, strategy):
         wa = torch.load(node, weights_only=True)["state"]
         wb = torch.load(tmp_path / "b" / "nodes" / node.name, weights_only=True)["state"]
         assert all(torch.equal(wa[k], wb[k]) for k in wa), node.name
+
+
+def test_a_fused_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """Fused training (with dropout, drawn per round and group) continues exactly after a resume."""
+    straight = fit(tmp_path / "a", 3, fuse_institutions=True)
+    fit(tmp_path / "b", 2, fuse_institutions=True)
+    resumed = fit(tmp_path / "b", 3, ckpt="last", fuse_institutions=True)
+    same_result(straight, resumed, tmp_path / "a", tmp_path / "b")
 
 
 def test_resume_before_any_round_was_validated(tmp_path, monkeypatch):
