@@ -275,3 +275,14 @@ def test_a_diverging_fused_node_is_named_and_dropped_alone(tmp_path, monkeypatch
     assert [h["dropped"] for h in summary["history"]] == [["node1"], ["node1"]]
     assert all(math.isfinite(h["node0/train_loss"]) and math.isfinite(h["node2/train_loss"])
                for h in summary["history"])
+
+
+def test_fused_on_two_ranks_equals_one_by_one_on_one(tmp_path):
+    """Rank 0 fuses nodes 0 and 2, rank 1 trains node 1 alone: the same run as one rank, one by one."""
+    one, state_a = _federation(tmp_path, False, _hsl_sgd, tiny_data(), "one_rank", strategy="hsl", threads=1)
+    two, _ = _federation(tmp_path, True, _hsl_sgd, tiny_data(), "two_ranks", strategy="hsl", threads=1, devices=2)
+    for a, b in zip(one["nodes"], two["nodes"]):
+        assert b["test_auc"] == pytest.approx(a["test_auc"], abs=1e-6)
+    deployed = torch.load(tmp_path / "two_ranks-True" / "model.pt", weights_only=True)["state"]
+    for k, v in torch.load(tmp_path / "one_rank-False" / "model.pt", weights_only=True)["state"].items():
+        assert torch.allclose(deployed[k].double(), v.double(), atol=1e-5, rtol=0), k
