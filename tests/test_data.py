@@ -3,10 +3,10 @@ import torch
 
 from hsl_lightning import HSLError, Scenario
 from hsl_lightning.data.heterogeneity import Acquisition, partition, stratified_split
-from hsl_lightning.data.sampling import PairedSampler
+from hsl_lightning.data.sampling import PairedSampler, augment, prepare_batch
 from hsl_lightning.data.synthetic import SyntheticAnchor, SyntheticLesions
 
-from conftest import tiny_data
+from conftest import tiny_data, tiny_hsl
 
 
 def pool(n_pos, n_neg):
@@ -161,3 +161,30 @@ def _three_splits():
         labels = (torch.arange(n) % 2).long()
         out.append(ImageSet(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g), labels))
     return out
+
+
+def test_augmentation_is_drawn_in_the_loader_and_applied_where_the_batch_is_trained():
+    dm = tiny_data()
+    raw = next(iter(dm.train_loader([0], seed=5)))
+    assert raw["image_theta"].shape == raw["sat_image_theta"].shape == (32, 2, 3)
+    ready = prepare_batch(raw)
+    assert "image_theta" not in ready and "sat_image_theta" not in ready and "image_theta" in raw  # raw untouched
+    # exactly what warping in the loader did: the loader's generator (seed + 1), image first, then SAT
+    g = torch.Generator().manual_seed(5 + 1)
+    assert torch.equal(ready["image"], augment(raw["image"], g))
+    assert torch.equal(ready["sat_image"], augment(raw["sat_image"], g))
+    assert not torch.equal(ready["image"], raw["image"]) and 0 <= ready["image"].min() and ready["image"].max() <= 1
+    assert prepare_batch(ready) is ready  # nothing pending: unchanged
+    hooked = dm.on_after_batch_transfer(raw, 0)  # under a lightning.Trainer
+    assert torch.equal(hooked["image"], ready["image"])
+    plain = tiny_data(augment=False)
+    assert "image_theta" not in next(iter(plain.train_loader([0], seed=5)))
+
+
+def test_a_module_augments_a_raw_training_batch_itself():
+    torch.manual_seed(0)
+    model = tiny_hsl(expert_dropout=0.0, tower_dropout=0.0).eval()  # no dropout: two calls compare
+    raw = next(iter(tiny_data().train_loader([0], seed=0)))
+    assert torch.equal(model.training_step(raw, 0), model.training_step(prepare_batch(raw), 0))
+    unaugmented = {k: v for k, v in raw.items() if not k.endswith("_theta")}
+    assert not torch.equal(model.training_step(raw, 0), model.training_step(unaugmented, 0))

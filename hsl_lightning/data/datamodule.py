@@ -16,7 +16,7 @@ import torch
 
 from hsl_lightning.data.base import SPLITS, ImageSet, Source, harmonize
 from hsl_lightning.data.heterogeneity import Acquisition, Scenario, partition, stratified_split
-from hsl_lightning.data.sampling import eval_loader, paired_loader
+from hsl_lightning.data.sampling import eval_loader, paired_loader, prepare_batch
 from hsl_lightning.data.synthetic import SyntheticAnchor, SyntheticLesions
 from hsl_lightning.errors import HSLError
 
@@ -216,6 +216,10 @@ class FederatedDataModule(L.LightningDataModule):
         g = torch.Generator().manual_seed(self.seed + 104729)
         idx = torch.randperm(len(self.sat_eval), generator=g)[:k]
         return self.sat_eval.images[idx].float() / 255
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Under a ``lightning.Trainer``: apply the batch's augmentation on its device (see sampling)."""
+        return prepare_batch(batch)
 
     def train_dataloader(self):
         return self.train_loader(range(len(self.node_names)), self.seed)

@@ -33,6 +33,7 @@ import yaml
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
+from hsl_lightning.data.sampling import prepare_batch
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation import checkpoint
 from hsl_lightning.federation.fused import FusedModels
@@ -558,7 +559,7 @@ class Federation:
             loss_sum = torch.zeros((), device=fabric.device)
             steps = 0
             for i, batch in enumerate(loader):
-                batch = fabric.to_device(batch)
+                batch = prepare_batch(fabric.to_device(batch))  # augmented on the device
                 with fabric.autocast():
                     loss = _loss_value(module.training_step(batch, i))
                     term = self.strategy.local_loss(module, batch)  # e.g. FedProx's proximal term
@@ -654,7 +655,8 @@ class Federation:
             for j in range(n):
                 if active[j]:
                     last[j] = next(batches_of[j])
-            batch = fabric.to_device({key: torch.stack([b[key] for b in last]) for key in last[0]})
+            ready = [prepare_batch(fabric.to_device(b)) for b in last]  # augmented on the device, then stacked
+            batch = {key: torch.stack([b[key] for b in ready]) for key in ready[0]}
             mask = torch.tensor(active, device=fabric.device)
             with fabric.autocast():
                 losses = fused.map(lambda m, b: _loss_value(m.training_step(b, k)), batch)

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from hsl_lightning.data.sampling import prepare_batch
 from hsl_lightning.errors import HSLError
 from hsl_lightning.metrics import NodeMetrics
 
@@ -46,6 +47,7 @@ class BinaryTaskModule(L.LightningModule):
         return self._trainer is not None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch = prepare_batch(batch)  # a batch straight from a training loader: augment it here
         loss, parts = self.training_loss(batch)
         if self._under_trainer:
             self.log("train/loss", loss, prog_bar=True, batch_size=batch["label"].shape[0])
