@@ -576,14 +576,18 @@ class Federation:
             if not math.isfinite(epoch_loss):
                 raise self._diverged("+".join(names[i] for i in nodes), r, epoch, epoch_loss)
             if select_best:
-                aucs = [self._evaluate(fabric, module, dm, i, "val")["auc"] for i in nodes]
-                auc = summarize(aucs)["mean"]
-                auc = -math.inf if math.isnan(auc) else auc
+                auc = self._local_val_auc(fabric, module, dm, nodes)
                 if best_state is None or auc > best_auc:
                     best_auc = auc
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         extra = None if personal else self.strategy.end_local(module, t, total_steps, optimizer)
         return (best_state if best_state is not None else module.state_dict()), epoch_loss, extra
+
+    def _local_val_auc(self, fabric, module, dm, nodes) -> float:
+        """Mean validation AUC of ``module`` over a trainee's nodes, for choosing its best epoch
+        (-inf when undefined, so any defined epoch beats it)."""
+        auc = summarize([self._evaluate(fabric, module, dm, i, "val")["auc"] for i in nodes])["mean"]
+        return -math.inf if math.isnan(auc) else auc
 
     @staticmethod
     def _diverged(node: str, r: int, epoch: int, loss: float) -> HSLError:
@@ -679,8 +683,7 @@ class Federation:
                 state = fused.state_dicts([j])[0]
                 if select_best:
                     module.load_state_dict(state)
-                    auc = summarize([self._evaluate(fabric, module, dm, i, "val")["auc"] for i in plan[group[j]]])
-                    auc = -math.inf if math.isnan(auc["mean"]) else auc["mean"]
+                    auc = self._local_val_auc(fabric, module, dm, plan[group[j]])
                     if epoch == 0 or auc > best_aucs[j]:
                         best_aucs[j], result[j] = auc, (state, mean, None)
                     elif finished:
