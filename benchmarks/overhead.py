@@ -2,13 +2,14 @@
 
 The same federated workload, FedAvg: N institutions, R rounds of one local epoch, a ResNet-10t
 classifier on the synthetic task at 28 px, batch 32, AdamW (torch's fused kernel in both, the
-module's default), no augmentation or rebalancing, one thread. (a) ``Federation(strategy="fedavg").fit`` with checkpoints, weights and W&B off, in two
-settings: as configured by default (validates every node after every round and deploys the best
-round) and with ``val_every_n_rounds=rounds`` (validates after the last round only, the closest to
-the plain loop; it still tests every node at the end); (b) a plain PyTorch loop over the same data tensors that does exactly the same local steps and the
-size-weighted averaging, and nothing else. Both start after the data is built; each is timed
-in-process, alternating a/b, ``--repeats`` times; the ratio of medians is reported, with a
-breakdown of (a) from a profile of one more run.
+module's default), no augmentation or rebalancing, one thread. (a)
+``Federation(strategy="fedavg").fit`` with checkpoints, weights and W&B off, in two settings: as
+configured by default (validates every node after every round and deploys the best round) and with
+``val_every_n_rounds=rounds`` (validates after the last round only, the closest to the plain loop;
+it still tests every node at the end); (b) a plain PyTorch loop over the same data tensors that does
+exactly the same local steps and the size-weighted averaging, and nothing else. Both start after the
+data is built; each is timed in-process, alternating a/b, ``--repeats`` times; the ratio of medians
+is reported, with a breakdown of (a) from a profile of one more run.
 
     .venv/bin/python benchmarks/overhead.py            # about 4 minutes on 2 cores
 

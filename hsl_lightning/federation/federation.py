@@ -650,8 +650,7 @@ class Federation:
         select_best = self.contribute == "best" and epochs > 1
         best_aucs = [-math.inf] * n
         result: list = [None] * n  # per trainee: (state, last epoch's mean loss, None), or the exception
-        loss_sums = torch.zeros(epochs, n, device=fabric.device)
-        columns = torch.arange(n, device=fabric.device)
+        loss_sum = torch.zeros(n, device=fabric.device)  # each trainee's current epoch, reset when it ends
         last: list = [None] * n
         fused.train()
         for k in range(max(total)):
@@ -668,12 +667,12 @@ class Federation:
             # each active slice gets the gradient of its own loss; idle slices none
             fabric.backward(torch.where(mask, losses, torch.zeros_like(losses)).sum())
             optimizer.step()
-            epoch_of = torch.tensor([min(k // max(1, s), epochs - 1) for s in per_epoch], device=fabric.device)
-            loss_sums[epoch_of, columns] += torch.where(mask, losses.detach().float(), 0.0)
+            loss_sum += torch.where(mask, losses.detach().float(), 0.0)
             ended = [j for j in range(n) if active[j] and (k + 1) % per_epoch[j] == 0]
             for j in ended:  # trainee j finished an epoch with this step
                 epoch = (k + 1) // per_epoch[j] - 1
-                mean = float(loss_sums[epoch, j]) / per_epoch[j]
+                mean = float(loss_sum[j]) / per_epoch[j]
+                loss_sum[j] = 0.0
                 if not math.isfinite(mean):  # the others train on: the slices are independent
                     result[j], total[j] = self._diverged(labels[j], r, epoch, mean), k + 1
                     continue
