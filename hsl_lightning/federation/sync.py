@@ -11,6 +11,8 @@ the nearest integer: the merged model has seen the (weighted) mean number of bat
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -28,18 +30,28 @@ class StatePacker:
         # (vector, its unpacked state) of the last ``representable`` result: every node loads the
         # merged state of a round, so it is unpacked once (vectors are replaced, never edited in place)
         self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._views: tuple[weakref.ref, list[torch.Tensor]] | None = None  # accumulate's views of its ``out``
 
     def pack(self, state: dict[str, torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
         if not self.keys:
             return torch.zeros(0, dtype=torch.float64, device=device)
         return torch.cat([state[k].detach().reshape(-1).to(device=device, dtype=torch.float64) for k in self.keys])
 
+    @torch.no_grad()
     def accumulate(self, out: torch.Tensor, state: dict[str, torch.Tensor], weight: float) -> None:
-        """``out += weight * pack(state)`` without building the packed vector (``out``: float64)."""
-        offset = 0
-        for key, n in zip(self.keys, self.sizes):
-            out[offset:offset + n].add_(state[key].detach().reshape(-1).to(out.device), alpha=weight)
-            offset += n
+        """``out += weight * pack(state)`` without building the packed vector (``out``: float64), in
+        one foreach call: a round adds every institution's state into the same ``out``, whose
+        per-entry views are made once."""
+        if not self.keys:
+            return
+        views = self._views[1] if self._views is not None and self._views[0]() is out else None
+        if views is None:
+            views = [chunk.view(shape) for chunk, shape in zip(out.split(self.sizes), self.shapes)]
+            self._views = (weakref.ref(out), views)
+        values = [state[k] for k in self.keys]
+        if any(v.device != out.device for v in values):
+            values = [v.to(out.device) for v in values]
+        torch._foreach_add_(views, values, alpha=weight)
 
     def mask(self, selected: set[str]) -> torch.Tensor:
         """Which entries of the flat vector belong to the ``selected`` keys."""
