@@ -286,3 +286,101 @@ def test_fused_on_two_ranks_equals_one_by_one_on_one(tmp_path):
     deployed = torch.load(tmp_path / "two_ranks-True" / "model.pt", weights_only=True)["state"]
     for k, v in torch.load(tmp_path / "one_rank-False" / "model.pt", weights_only=True)["state"].items():
         assert torch.allclose(deployed[k].double(), v.double(), atol=1e-5, rtol=0), k
+
+
+# --- what a captured step relies on: in-place loads and optimizer resets (checked here on the CPU)
+RESETTABLE = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "adamw_amsgrad_fused": lambda p: torch.optim.AdamW(p, lr=0.01, amsgrad=True, fused=True),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=0.01),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=0.01),
+    "radam": lambda p: torch.optim.RAdam(p, lr=0.01),
+    "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, initial_accumulator_value=0.3),
+}
+
+
+@pytest.mark.parametrize("name", list(RESETTABLE))
+def test_reset_optimizer_state_in_place_equals_a_fresh_optimizer(name):
+    from hsl_lightning.federation.fused import check_resettable, reset_optimizer_state
+
+    make = RESETTABLE[name]
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(4, 5, generator=g)
+    grads = [torch.randn(4, 5, generator=g) for _ in range(5)]
+
+    def steps(param, opt, gs):
+        for grad in gs:
+            param.grad = grad.clone()
+            opt.step()
+
+    used = start.clone().requires_grad_()
+    opt = make([used])
+    check_resettable(opt)
+    steps(used, opt, grads[:3])  # a round's worth of state
+    memory = {k: v.data_ptr() for k, v in opt.state[used].items() if torch.is_tensor(v)}
+    reset_optimizer_state(opt)
+    with torch.no_grad():
+        used.copy_(start)
+    steps(used, opt, grads[3:])
+    assert {k: v.data_ptr() for k, v in opt.state[used].items() if torch.is_tensor(v)} == memory  # same tensors
+    fresh = start.clone().requires_grad_()
+    steps(fresh, make([fresh]), grads[3:])
+    assert torch.equal(used.detach(), fresh.detach())
+    if name == "sgd":  # with no state to reset, a wrong reset can't show; the update itself must
+        assert not torch.equal(used.detach(), start)
+
+
+def test_check_resettable_refuses_what_a_reset_cannot_make_fresh():
+    from hsl_lightning.federation.fused import check_resettable
+
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="dampening"):
+        check_resettable(torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1))
+    with pytest.raises(ValueError, match="LBFGS cannot train fused"):
+        check_resettable(torch.optim.LBFGS(p))
+
+
+def test_load_states_in_place_equals_from_states():
+    module = ClassifierModule(backbone="test_resnet")
+    states = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        states.append({k: torch.randn_like(v) if v.is_floating_point() else v + seed
+                       for k, v in ClassifierModule(backbone="test_resnet").state_dict().items()})
+    fused = FusedModels.from_states(module, states[:2])
+    memory = {k: v.data_ptr() for k, v in {**fused.params, **fused.buffers}.items()}
+    fused.load_states(module, states[2:])
+    expected = FusedModels.from_states(module, states[2:])
+    for name, t in {**fused.params, **fused.buffers}.items():
+        assert t.data_ptr() == memory[name]
+        assert torch.equal(t, {**expected.params, **expected.buffers}[name]), name
+    # the same state for every institution (what FedAvg sends), and states of another dtype
+    for loaded in ([states[0]] * 2, [{k: v.double() for k, v in st.items()} for st in states[:2]]):
+        fused.load_states(module, loaded)
+        expected = FusedModels.from_states(module, loaded)
+        for name, t in {**fused.params, **fused.buffers}.items():
+            assert t.data_ptr() == memory[name]
+            assert torch.equal(t, {**expected.params, **expected.buffers}[name]), name
+    with pytest.raises(ValueError, match="needs 2 states, got 3"):
+        fused.load_states(module, states[:3])
+
+
+def test_state_dict_views_follow_the_stacked_tensors():
+    module = ClassifierModule(backbone="test_resnet")
+    fused = FusedModels.from_states(module, [module.state_dict()] * 2)
+    view, copy_ = fused.state_dicts([1], copy=False)[0], fused.state_dicts([1])[0]
+    with torch.no_grad():
+        fused.params["head.1.weight"].add_(1.0)
+    assert torch.equal(view["head.1.weight"], fused.params["head.1.weight"][1])
+    assert torch.equal(copy_["head.1.weight"] + 1.0, view["head.1.weight"])
+
+
+def test_cuda_graphs_option_is_checked(tmp_path):
+    with pytest.raises(HSLError, match="set federation.fuse_institutions to true"):
+        Federation(cuda_graphs=True)
+    with pytest.raises(HSLError, match="cuda_graphs needs a CUDA device; this rank runs on cpu"):
+        _federation(tmp_path, True, _classifier, tiny_data(use_sat=False), "graphs_cpu", strategy="fedavg",
+                    cuda_graphs=True)

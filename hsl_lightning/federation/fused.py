@@ -39,8 +39,10 @@ tensor of ``batch`` shaped ``(N, B, ...)`` returns the ``(N,)`` losses.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -210,16 +212,46 @@ class FusedModels:
             for name, b in m.named_buffers():
                 self.buffers[name][i].copy_(b)
 
-    def state_dicts(self, indices: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+    @torch.no_grad()
+    def load_states(self, module: nn.Module, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Write N ``state_dict``s of ``module``'s architecture into the stacked tensors, in place (as
+        :meth:`from_states` builds them: entries the states lack come from ``module``). The tensors'
+        memory, and so an optimizer over them and a captured CUDA graph, stay valid."""
+        states = list(states)
+        if len(states) != self.n:
+            raise ValueError(f"load_states needs {self.n} states, got {len(states)}.")
+        for name, own in list(module.named_parameters()) + list(module.named_buffers()):
+            target = self.params[name] if name in self.params else self.buffers[name]
+            if name not in states[0]:
+                target.copy_(own.detach().expand_as(target))
+                continue
+            missing = [i for i, state in enumerate(states) if name not in state]
+            if missing:
+                raise ValueError(f"State {missing[0]} has no entry '{name}'; every state must be a state_dict of the "
+                                 "same architecture.")
+            values = [state[name] for state in states]
+            if all(v is values[0] for v in values):  # e.g. every institution received the merged state
+                target.copy_(values[0].expand_as(target))
+            elif all(v.dtype == target.dtype and v.device == target.device for v in values):
+                torch.stack(values, out=target)  # one launch, not one per institution
+            else:
+                for i, value in enumerate(values):
+                    target[i].copy_(value)
+
+    @torch.no_grad()
+    def state_dicts(self, indices: Sequence[int] | None = None, copy: bool = True) -> list[dict[str, torch.Tensor]]:
         """One ``state_dict`` per institution (detached copies), keyed as the modules' own; only those
-        of ``indices`` when given."""
+        of ``indices`` when given. ``copy=False``: views of the stacked tensors instead, valid until
+        the next step or load changes them."""
         ref = self.models[0]
         # state_dict keys -> the stacked tensor's name (tied weights appear under several keys).
         by_id = {id(t): n for n, t in list(ref.named_parameters()) + list(ref.named_buffers())}
         keys = {k: by_id[id(v)] for k, v in ref.state_dict(keep_vars=True).items() if id(v) in by_id}
         stacked = {**self.params, **self.buffers}
         indices = range(self.n) if indices is None else indices
-        return [{k: stacked[name][i].detach().clone() for k, name in keys.items()} for i in indices]
+        if not copy:
+            return [{k: stacked[name][i].detach() for k, name in keys.items()} for i in indices]
+        return [{k: stacked[name][i].clone() for k, name in keys.items()} for i in indices]
 
     # Optimizers whose update of a parameter depends on that parameter's own elements only, so one
     # instance over the stacked tensors does what one instance per institution would do.
@@ -234,9 +266,11 @@ class FusedModels:
                              f"({', '.join(cls.ELEMENTWISE_OPTIMIZERS)}) update each institution's slice of a "
                              "stacked parameter as its own optimizer would.")
 
-    def optimizer_like(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> torch.optim.Optimizer:
+    def optimizer_like(self, optimizer: torch.optim.Optimizer, module: nn.Module,
+                       capturable: bool = False) -> torch.optim.Optimizer:
         """An optimizer of ``optimizer``'s type, parameter groups and settings over the stacked
-        parameters; ``optimizer`` was configured on ``module`` (the architecture's parameters)."""
+        parameters; ``optimizer`` was configured on ``module`` (the architecture's parameters).
+        ``capturable``: set torch's ``capturable`` flag where the type has one (CUDA graph capture)."""
         self.check_optimizer(optimizer)
         kind = type(optimizer)
         name_of = {id(p): n for n, p in module.named_parameters()}
@@ -249,7 +283,12 @@ class FusedModels:
             groups.append({**{k: v for k, v in group.items() if k != "params"},
                            "params": [self.params[name_of[id(p)]] for p in group["params"]]})
         accepted = inspect.signature(kind).parameters
-        return kind(groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+        settings = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        if capturable and "capturable" in accepted:
+            settings["capturable"] = True
+            for group in groups:
+                group["capturable"] = True
+        return kind(groups, **settings)
 
     # --- computation
     def map(self, fn: Callable[..., Any], *args: Any, randomness: str = "different") -> Any:
@@ -307,3 +346,140 @@ class FusedModels:
         if optimizer is not None:
             optimizer.step()
         return losses.detach()
+
+
+def check_resettable(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ValueError unless :func:`reset_optimizer_state` can give ``optimizer`` a fresh state in
+    place: one of :attr:`FusedModels.ELEMENTWISE_OPTIMIZERS`, and SGD only without dampening (its first
+    momentum buffer is the raw gradient, which a zeroed buffer reproduces only when dampening is 0)."""
+    FusedModels.check_optimizer(optimizer)
+    if type(optimizer).__name__ == "SGD" and any(g["momentum"] and g["dampening"] for g in optimizer.param_groups):
+        raise ValueError("SGD with momentum and dampening cannot be reset in place for CUDA graphs (its first "
+                         "momentum buffer is the raw gradient): set dampening to 0.")
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give ``optimizer`` the state a fresh instance would take its next step from, in place: the
+    state tensors keep their memory (a CUDA graph that captured the optimizer's step stays valid).
+    Zeroed, except NAdam's ``mu_product`` (1) and Adagrad's ``sum`` (its initial value); see
+    :func:`check_resettable`."""
+    kind = type(optimizer).__name__
+    zeros = []  # zeroed in one foreach call (a few launches, not one per state tensor)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if not torch.is_tensor(value):
+                    optimizer.state[p][key] = type(value)(0)
+                elif kind == "NAdam" and key == "mu_product":
+                    value.fill_(1.0)
+                elif kind == "Adagrad" and key == "sum":
+                    value.fill_(group["initial_accumulator_value"])
+                else:
+                    zeros.append(value)
+    if zeros:
+        torch._foreach_zero_(zeros)
+
+
+class FusedTrainer:
+    """The training step of N fused institutions, kept from round to round.
+
+    ``loss(module, batch)`` is one institution's loss; :meth:`step` takes a batch with the
+    institutions along dimension 0 and a boolean ``mask`` (N,): every institution's loss is
+    computed, only the masked-in ones reach the backward pass (an institution that has taken all
+    its steps idles), and the optimizer steps. :meth:`load` starts a new round: new weights and a
+    fresh optimizer state, written in place.
+
+    With ``cuda_graph`` (CUDA only) the first :meth:`step` warms the step up on a side stream,
+    captures it (forward, masked backward, optimizer) in one CUDA graph, and puts the weights and
+    the optimizer back where they were; every step after that, in this and later rounds, copies
+    the batch into the graph's input tensors and replays it. Needs a resettable optimizer
+    (:func:`check_resettable`). If capture fails, the trainer warns and runs eagerly.
+    """
+
+    def __init__(self, module: nn.Module, states: Sequence[dict[str, torch.Tensor]],
+                 optimizer: torch.optim.Optimizer, loss: Callable[[nn.Module, dict], torch.Tensor], *,
+                 cuda_graph: bool = False, autocast: Callable[[], Any] | None = None,
+                 backward: Callable[[torch.Tensor], None] | None = None):
+        if cuda_graph:
+            check_resettable(optimizer)
+        self.fused = FusedModels.from_states(module, states)
+        self.optimizer = self.fused.optimizer_like(optimizer, module, capturable=cuda_graph)
+        self.loss = loss
+        self.cuda_graph = cuda_graph
+        self.autocast = autocast or contextlib.nullcontext
+        self.backward = backward or torch.Tensor.backward
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_error: str | None = None  # why capture failed, when it did
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._losses: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.fused.n
+
+    def load(self, module: nn.Module, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Start over from ``states`` (N state_dicts of ``module``) with a fresh optimizer state."""
+        self.fused.load_states(module, states)
+        self._fresh_optimizer()
+
+    def _fresh_optimizer(self) -> None:
+        if self.graph is not None:
+            reset_optimizer_state(self.optimizer)  # the graph holds the state tensors' memory
+        else:
+            self.optimizer.state.clear()  # the next step starts the state afresh, as a new optimizer would
+
+    def _compute(self, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            losses = self.fused.map(self.loss, batch)
+        self.backward(torch.where(mask, losses, torch.zeros_like(losses)).sum())
+        self.optimizer.step()
+        return losses.detach()
+
+    def step(self, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        """One step; returns the (N,) losses (with ``cuda_graph``, the graph's output tensor: read it
+        before the next step)."""
+        if self.cuda_graph and self.graph is None:
+            self._capture(batch, mask)
+        if self.graph is None:
+            return self._compute(batch, mask)
+        for key, value in batch.items():
+            self._inputs[key].copy_(value, non_blocking=True)
+        self._mask.copy_(mask, non_blocking=True)
+        self.graph.replay()
+        return self._losses
+
+    def _capture(self, batch: dict, mask: torch.Tensor) -> None:
+        tensors = list(self.fused.params.values()) + list(self.fused.buffers.values())
+        saved = [t.detach().clone() for t in tensors]
+        self._inputs = {k: v.clone() for k, v in batch.items()}
+        self._mask = mask.clone()
+        benchmark = torch.backends.cudnn.benchmark
+        # The graph keeps the convolution algorithms chosen while it is captured for every replay, so
+        # cuDNN times its candidates for these shapes once, here (the global setting is put back after).
+        torch.backends.cudnn.benchmark = True
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a capturable optimizer run outside a graph (warm-up only)
+                for _ in range(3):  # allocates the optimizer's state, picks kernels
+                    self._compute(self._inputs, self._mask)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._losses = self._compute(self._inputs, self._mask)
+            self.graph = graph
+        except Exception as exc:  # noqa: BLE001 - any capture failure: train eagerly instead
+            self.cuda_graph, self.graph_error = False, f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"CUDA graph capture of the fused step failed ({self.graph_error}); training these "
+                          "institutions without a graph.", stacklevel=3)
+            self._inputs, self._mask, self._losses = {}, None, None
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+        with torch.no_grad():  # the warm-up steps must not count
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+        self._fresh_optimizer()
