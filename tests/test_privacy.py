@@ -31,8 +31,8 @@ def test_synchronisation_sends_only_state(tmp_path, monkeypatch, name):
         sent.append(vector.detach().clone())
         return reduce(fabric, vector)
 
-    def spy_train(self, fabric, module, dm, nodes, names, r, t, personal=False):
-        out = train_local(self, fabric, module, dm, nodes, names, r, t, personal)
+    def spy_train(self, fabric, module, dm, nodes, names, r, t, personal=False, **kwargs):
+        out = train_local(self, fabric, module, dm, nodes, names, r, t, personal, **kwargs)
         if not personal:  # what the node contributes: its state and its strategy vector
             contributions.append((t, {k: v.detach().clone() for k, v in out[0].items()}, out[2]))
         return out

@@ -320,8 +320,8 @@ class Federation:
             train_loss = torch.full((len(names),), math.nan, dtype=torch.float64)
             own = {}  # contributions kept only when the merge is personal (one flat state per institution)
             # trainees trained as one model (fuse_institutions): their outcomes, computed first
-            fused = self._train_fused_round(fabric, module, dm, plan, mine, names, r, packer, hosted, global_flat,
-                                            bar) if self.fuse_institutions else {}
+            fused, spare = self._train_fused_round(fabric, module, dm, plan, mine, names, r, packer, hosted,
+                                                   global_flat, bar) if self.fuse_institutions else ({}, {})
             for t in mine:
                 if t not in fused:
                     self._load(module, packer, _shared_of(hosted[t], global_flat), hosted[t]["local"])
@@ -334,7 +334,8 @@ class Federation:
                             raise fused[t]
                         state, loss, extra = fused[t]
                     else:
-                        state, loss, extra = self._train_local(fabric, module, dm, plan[t], names, r, t)
+                        state, loss, extra = self._train_local(fabric, module, dm, plan[t], names, r, t,
+                                                               loader=spare.pop(t, None))
                     # packed before a personal pass reuses the module; else added straight into acc
                     flat = packer.pack(state, fabric.device) if keep_own or received is not None else None
                     local = {k: state[k].detach().clone() for k in local_keys}
@@ -394,7 +395,7 @@ class Federation:
             self.strategy.after_round(total[packer.numel:packer.numel + n_extra] if n_extra else None, len(plan))
             traffic = int(total[finished_at - 1])
             dropped = [("+".join(names[i] for i in plan[t])) for t in range(len(plan)) if finished[t] == 0]
-            del own, start_flat, fused
+            del own, start_flat, fused, spare
 
             loss_all = self._gather(fabric, train_loss.unsqueeze(1), owner)[:, 0]
             # every node sends its state and receives the merge; SplitAVG's feature maps come on top
@@ -554,13 +555,15 @@ class Federation:
         state.update(local)
         module.load_state_dict(state, strict=True)
 
-    def _train_local(self, fabric, module, dm, nodes, names, r, t,
-                     personal: bool = False) -> tuple[dict, float, torch.Tensor | None]:
+    def _train_local(self, fabric, module, dm, nodes, names, r, t, personal: bool = False,
+                     loader=None) -> tuple[dict, float, torch.Tensor | None]:
         """One institution's local training of a round; ``personal``: the pass over its own model
-        (strategies with a personal model), which contributes nothing to the merge."""
+        (strategies with a personal model), which contributes nothing to the merge; ``loader``: its
+        round's training loader, when already built (and not yet iterated)."""
         seed = _seed(self.seed, r, t, 1) if personal else _seed(self.seed, r, t)
         torch.manual_seed(seed)
-        loader = dm.train_loader(nodes, seed, with_sat=getattr(module, "uses_sat", False))
+        if loader is None:
+            loader = dm.train_loader(nodes, seed, with_sat=getattr(module, "uses_sat", False))
         optimizer = _optimizer(module.configure_optimizers())
         if not personal:
             self.strategy.begin_local(module, t)
@@ -673,10 +676,11 @@ class Federation:
         return {k: v.unflatten(0, (n, -1)) for k, v in flat.items()}
 
     def _train_fused_round(self, fabric, module, dm, plan, mine, names, r, packer, hosted, global_flat,
-                           bar) -> dict:
+                           bar) -> tuple[dict, dict]:
         """This rank's trainees trained as one vmapped model per group of equally shaped batches.
-        Returns {trainee: (state, loss, None), or the exception that stopped it}; trainees left out
-        (alone in their group, or without a batch) train one by one in the round loop."""
+        Returns {trainee: (state, loss, None), or the exception that stopped it}, and the loaders
+        of the trainees left out (alone in their group, or without a batch), which train one by one
+        in the round loop."""
         with_sat = getattr(module, "uses_sat", False)
         loaders = {t: dm.train_loader(plan[t], _seed(self.seed, r, t), with_sat=with_sat) for t in mine}
         groups: dict[int, list[int]] = {}
@@ -701,7 +705,7 @@ class Federation:
                                              names, r))
             except Exception as exc:  # noqa: BLE001 - reported per node by the round loop
                 out.update({t: exc for t in group})
-        return out
+        return out, {t: loader for t, loader in loaders.items() if t not in out}
 
     def _train_fused(self, fabric, module, dm, plan, group, loaders, trainer: FusedTrainer, names, r) -> dict:
         """One round of local training of ``group`` as one model, in lockstep.
