@@ -24,7 +24,9 @@ def run_hsl(*args, env=None, timeout=300):
     (["--data.scenario.prevalence", "[0.2, 1.4, 0.5]"], "prevalence values must lie in [0, 1]"),
     (["--federation.min_nodes", "0"], "min_nodes must be at least 1"),
     (["--federation.strategy", "fedprox", "--federation.fuse_institutions", "true"], "cannot run strategy 'fedprox'"),
-], ids=["typo", "wrong-type", "unknown-strategy", "scenario-typo", "bad-prevalence", "bad-min-nodes", "unfusable"])
+    (["--federation.cuda_graphs", "true"], "set federation.fuse_institutions to true"),
+], ids=["typo", "wrong-type", "unknown-strategy", "scenario-typo", "bad-prevalence", "bad-min-nodes", "unfusable",
+        "graphs-unfused"])
 def test_bad_settings_are_one_message_with_exit_code_2(capsys, override, message):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", QUICKSTART, *override])
