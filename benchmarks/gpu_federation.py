@@ -25,6 +25,7 @@ Prints a table, writes benchmarks/results/gpu_federation.json, ends with one lin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -70,7 +71,7 @@ def federation_img_s(args, hsl: bool, variant: str) -> dict:
                             accelerator=accelerator, devices=1, run_dir=f"/tmp/hsl_gpu_federation_{hsl}_{variant}",
                             wandb="disabled", progress=False, checkpoint=False, save_weights=False,
                             val_every_n_rounds=args.rounds, fuse_institutions=variant != "one_by_one",
-                            cuda_graphs=variant == "fused_graph")
+                            cuda_graphs=variant == "fused_graph", precision=args.precision)
     summary = federation.fit(make_model(args, hsl), dm)
     rounds = [h["round_s"] for h in summary["history"]][1:-1]
     images = args.institutions * args.batch * args.steps * len(rounds)
@@ -96,10 +97,17 @@ def ceiling_img_s(args, hsl: bool, graph: bool) -> float:
         batch.update(sat_image=torch.rand(b, 1, args.size, args.size, generator=g),
                      sat_label=torch.randint(0, 2, (b,), generator=g))
     batch = {k: v.to(args.device) for k, v in batch.items()}
+    if args.precision == "bf16-mixed":  # as the Federation's graphs run it: no autocast weight cache
+        def autocast():
+            return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, cache_enabled=False)
+    else:
+        autocast = contextlib.nullcontext
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model.training_step(batch, 0).backward()
+        with autocast():
+            loss = model.training_step(batch, 0)
+        loss.backward()
         optimizer.step()
 
     run = step
@@ -155,6 +163,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--models", default="fedavg,hsl", help="comma-separated, of fedavg, hsl")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms (all variants)")
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_federation.json"))
     args = p.parse_args()
     if args.rounds < 3:
@@ -170,7 +179,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.machine()})"
     print(f"{device}, torch {torch.__version__}; {args.institutions} institutions x batch {args.batch}, {args.size} px, "
           f"{args.backbone}, {args.steps} steps per round, rounds 2..{args.rounds - 1} timed"
-          f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}", flush=True)
+          f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}, precision {args.precision}", flush=True)
     result = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
               "settings": {k: v for k, v in vars(args).items() if k != "out"}}
@@ -216,7 +225,7 @@ def main() -> None:
               + f"{e['ceiling_img_s']:>10,.0f}{e.get('ceiling_graph_img_s', float('nan')):>13,.0f}"
               f"{e['loader_img_s']:>10,.0f}")
     print(f"wrote {out}")
-    headline = {"device": device, "cudnn_benchmark": args.cudnn_benchmark}
+    headline = {"device": device, "cudnn_benchmark": args.cudnn_benchmark, "precision": args.precision}
     for model in models:
         e = result[model]
         headline[f"{model}_ceiling_img_s"] = e["ceiling_img_s"]

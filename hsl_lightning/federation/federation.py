@@ -155,11 +155,11 @@ class Federation:
             training step (forward, backward, optimizer) in one CUDA graph on its first batch and
             replay it for every later step and round (new weights and a fresh optimizer state are
             written into the captured tensors in place), so the CPU launches one graph per step
-            instead of hundreds of kernels. Needs precision ``32-true`` or ``bf16-mixed`` (only
-            ``32-true`` has run on a GPU so far) and an optimizer whose state can be reset in place
-            (SGD without dampening, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad); if
-            capture fails, a warning says why and the group trains without a graph. Results equal
-            the eager fused path up to float rounding.
+            instead of hundreds of kernels. Needs precision ``32-true`` or ``bf16-mixed`` (both ran
+            on an H200, ``benchmarks/gpu_federation.py``) and an optimizer whose state can be reset
+            in place (SGD without dampening, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad);
+            if capture fails, a warning says why and the group trains without a graph. Results
+            equal the eager fused path up to float rounding.
     """
 
     def __init__(
