@@ -542,7 +542,8 @@ class Federation:
                 "local_epochs": self.local_epochs, "contribute": self.contribute, "accelerator": self.accelerator,
                 "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed,
                 "checkpoint": self.checkpoint, "save_weights": self.save_weights, "min_nodes": self.min_nodes,
-                "val_every_n_rounds": self.val_every_n_rounds, "fuse_institutions": self.fuse_institutions}
+                "val_every_n_rounds": self.val_every_n_rounds, "fuse_institutions": self.fuse_institutions,
+                "cuda_graphs": self.cuda_graphs}
 
     def _deploy(self, module, packer: StatePacker, hosted: dict, global_flat: torch.Tensor) -> None:
         """Load the model an institution deploys: its personal model if it has one, else shared + local."""
@@ -690,7 +691,7 @@ class Federation:
             if len(loader):
                 groups.setdefault(min(len(loader.sampler), loader.batch_size), []).append(t)
         out = {}
-        for group in groups.values():
+        for rows, group in groups.items():
             if len(group) < 2:
                 continue
             bar.set_postfix_str(f"round {r + 1}/{self.rounds} {len(group)} nodes fused")
@@ -700,7 +701,6 @@ class Federation:
                     state = packer.unpack(_shared_of(hosted[t], global_flat))
                     state.update(hosted[t]["local"])
                     starts.append(state)
-                rows = min(len(loaders[group[0]].sampler), loaders[group[0]].batch_size)
                 trainer = self._fused_trainer(fabric, module, group, rows, starts)
                 del starts
                 out.update(self._train_fused(fabric, module, dm, plan, group, [loaders[t] for t in group], trainer,

@@ -137,19 +137,14 @@ class FusedModels:
             raise ValueError("FusedModels.from_states needs at least one state; got none.")
         n = len(states)
 
-        def stacked(name: str, own: torch.Tensor) -> torch.Tensor:
-            if name not in states[0]:
-                return own.detach().unsqueeze(0).expand(n, *own.shape).clone()
-            missing = [i for i, s in enumerate(states) if name not in s]
-            if missing:
-                raise ValueError(f"State {missing[0]} has no entry '{name}'; every state must be a state_dict of the "
-                                 "same architecture.")
-            return torch.stack([s[name].to(own.device, own.dtype) for s in states])
+        def room(own: torch.Tensor) -> torch.Tensor:  # filled by load_states below
+            return own.detach().new_empty((n, *own.shape))
 
-        params = {k: stacked(k, v).requires_grad_(v.requires_grad) for k, v in module.named_parameters()}
-        buffers = {k: stacked(k, v) for k, v in module.named_buffers()}
+        params = {k: room(v).requires_grad_(v.requires_grad) for k, v in module.named_parameters()}
+        buffers = {k: room(v) for k, v in module.named_buffers()}
         fused = cls.__new__(cls)
         fused._setup([module] * n, params, buffers)
+        fused.load_states(module, states)
         return fused
 
     def _setup(self, models: list[nn.Module], params: dict, buffers: dict) -> None:
