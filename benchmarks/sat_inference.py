@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hsl_lightning.cli import HSLCLI
+from hsl_lightning.config import HSLCLI
 from hsl_lightning.metrics import NodeMetrics, summarize
 
 POLICIES = ("primary", "reference", "paired")

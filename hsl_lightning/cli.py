@@ -7,67 +7,22 @@ federation. Several ``--config`` files compose left to right (dataset + scenario
 any key can be overridden on the command line, e.g. ``--model.init_args.backbone resnet34``.
 ``hsl strategies`` lists the strategies; ``hsl benchmark --config GRID`` runs a benchmark grid;
 ``hsl embed RUN_DIR ...`` draws and measures how homogeneous trained runs make the nodes.
+
+The command sits on top of the package: nothing imports it. The configuration parser it runs is
+:class:`hsl_lightning.config.HSLCLI`; the one-paragraph error messages come from
+:func:`hsl_lightning.errors.hsl_message`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 
-import yaml
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from hsl_lightning.config import HSLCLI
+from hsl_lightning.errors import HSLError, hsl_message
+from hsl_lightning.federation import STRATEGIES
 
-from hsl_lightning.data import FederatedDataModule
-from hsl_lightning.errors import HSLError
-from hsl_lightning.federation import STRATEGIES, Federation
-from hsl_lightning.modules import BinaryTaskModule
-
-
-class HSLCLI(LightningCLI):
-    """LightningCLI whose "trainer" is the :class:`Federation`, in a section named ``federation``."""
-
-    def __init__(self, args=None, run: bool = True):
-        super().__init__(
-            model_class=BinaryTaskModule,
-            subclass_mode_model=True,
-            datamodule_class=FederatedDataModule,
-            trainer_class=Federation,
-            save_config_callback=None,  # the Federation saves the resolved config into its run directory
-            auto_configure_optimizers=False,  # modules configure AdamW from their own lr/weight_decay
-            seed_everything_default=0,
-            args=args,
-            run=run,
-        )
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "datamodule"}}
-
-    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(Federation, "federation", fail_untyped=False, instantiate=False,
-                                   sub_configs=True, skip={"seed"})
-        parser.add_lightning_class_args(BinaryTaskModule, "model", subclass_mode=True)
-        parser.set_defaults({"model": {"class_path": "hsl_lightning.modules.HSLModule"}})
-        parser.add_lightning_class_args(FederatedDataModule, "data")
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The data decides the channel count; the model follows.
-        parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
-
-    def instantiate_trainer(self, **kwargs) -> Federation:
-        config = dict(self._get(self.config_init, "federation", default={}))
-        seed = self._get(self.config, "seed_everything")
-        config["seed"] = 0 if isinstance(seed, bool) else int(seed)
-        federation = Federation(**config, **kwargs)
-        # the resolved config, saved into the run directory (also when built with run=False, from Python)
-        parser = self._parser(self.subcommand)
-        config = self.config[self.subcommand] if self.subcommand is not None else self.config
-        dumped = parser.dump(config, skip_none=False, skip_link_targets=False)
-        federation.run_config = yaml.safe_load(dumped)
-        # how to start, not what was run: a rerun of the saved config starts afresh
-        federation.run_config.pop("ckpt_path", None)
-        return federation
+__all__ = ["HSLCLI", "main"]
 
 
 def print_strategies() -> None:
@@ -136,21 +91,6 @@ def embed(argv: list[str]) -> None:
     print(f"hsl embed: figure {args.out}, numbers {Path(args.out).with_suffix('.json')}")
 
 
-def _hsl_message(exc: BaseException) -> str | None:
-    """The HSLError behind an exception: raised directly, wrapped by jsonargparse while it
-    instantiated the config (found through the exception chain), or raised in a spawned rank
-    (found in the child's traceback text)."""
-    seen = exc
-    for _ in range(20):
-        if seen is None:
-            break
-        if isinstance(seen, HSLError):
-            return str(seen)
-        seen = seen.__cause__ or seen.__context__
-    match = re.search(r"HSLError: (.+?)\s*$", str(exc), flags=re.S)
-    return match.group(1) if match else None
-
-
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["strategies"]:
@@ -168,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - only our own errors are turned into one-paragraph messages
-        message = _hsl_message(exc)
+        message = hsl_message(exc)
         if message is None:
             raise
         print(f"hsl: error: {message}", file=sys.stderr)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hsl_lightning.config import HSLCLI
 from hsl_lightning.errors import HSLError
 
 
@@ -61,8 +62,6 @@ def deployed_state(run_dir: Path, node: str) -> dict[str, torch.Tensor]:
 
 def extract(run_dir: str | Path, split: str = "test", label: str | None = None) -> Features:
     """Every node's ``split`` features through its deployed model, rebuilt from the run's config.yaml."""
-    from hsl_lightning.cli import HSLCLI
-
     run_dir = Path(run_dir)
     config = run_dir / "config.yaml"
     if not config.is_file():

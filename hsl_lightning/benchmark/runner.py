@@ -20,7 +20,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from hsl_lightning.benchmark.grid import Cell, Grid
-from hsl_lightning.errors import HSLError
+from hsl_lightning.config import HSLCLI
+from hsl_lightning.errors import HSLError, hsl_message
 
 
 def run_dir(out: Path, cell: Cell) -> Path:
@@ -42,8 +43,6 @@ def cell_args(cell: Cell, directory: Path, threads: int) -> list[str]:
 
 def _run_cell(args: list[str], directory: str) -> dict:
     """In a worker: one ``hsl fit``, its output into the cell's ``log.txt``."""
-    from hsl_lightning.cli import HSLCLI, _hsl_message
-
     start = time.perf_counter()
     Path(directory).mkdir(parents=True, exist_ok=True)
     logging.getLogger("lightning").setLevel(logging.WARNING)
@@ -55,7 +54,7 @@ def _run_cell(args: list[str], directory: str) -> dict:
         except SystemExit as exc:  # the CLI's own argument errors
             return {"ok": False, "error": f"hsl fit exited with {exc.code}; see {directory}/log.txt"}
         except Exception as exc:  # noqa: BLE001 - one failing cell must not stop the grid
-            message = _hsl_message(exc) or f"{type(exc).__name__}: {exc}"
+            message = hsl_message(exc) or f"{type(exc).__name__}: {exc}"
             return {"ok": False, "error": message}
 
 
