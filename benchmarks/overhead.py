@@ -106,8 +106,8 @@ def breakdown(dm, rounds: int, backbone: str, run_dir: str) -> dict:
     run_federation(dm, rounds, backbone, run_dir)
     profile.disable()
     stats = pstats.Stats(profile)
-    parts = {"_train_local": "local training", "_evaluate_all": "validation and test",
-             "pack": "packing states", "_load": "loading states", "_run": "whole run"}
+    parts = {"train_local": "local training", "evaluate_trainees": "validation and test",
+             "pack": "packing states", "load_start": "loading states", "_run": "whole run"}
     out = {}
     for (file, _, name), row in stats.stats.items():
         if name in parts and "hsl_lightning" in file:

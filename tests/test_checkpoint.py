@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hsl_lightning import ClassifierModule, Federation, HSLError
+from hsl_lightning.federation import checkpoint
 
 from conftest import tiny_data, tiny_hsl
 
@@ -102,17 +103,17 @@ def test_a_fused_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 def test_resume_before_any_round_was_validated(tmp_path, monkeypatch):
     straight = fit(tmp_path / "a", 3, "fedavg", val_every_n_rounds=3)
-    save = Federation._save_checkpoint
+    save = checkpoint.save_round
 
-    def save_then_stop(self, fabric, run_dir, r, *args):
-        save(self, fabric, run_dir, r, *args)
-        if r == 0:
+    def save_then_stop(fabric, run_dir, completed, payload):
+        save(fabric, run_dir, completed, payload)
+        if completed == 1:
             raise KeyboardInterrupt  # killed after round 1, which was not validated
 
-    monkeypatch.setattr(Federation, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(checkpoint, "save_round", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "b", 3, "fedavg", val_every_n_rounds=3)
-    monkeypatch.setattr(Federation, "_save_checkpoint", save)
+    monkeypatch.setattr(checkpoint, "save_round", save)
     resumed = fit(tmp_path / "b", 3, "fedavg", ckpt="last", val_every_n_rounds=3)
     assert [n["test_auc"] for n in straight["nodes"]] == [n["test_auc"] for n in resumed["nodes"]]
     assert straight["best_round"] == resumed["best_round"] == 3

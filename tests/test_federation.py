@@ -133,10 +133,11 @@ def test_min_nodes_drops_a_failing_node_from_the_round_and_logs_it(tmp_path, mon
 
 def test_the_merge_of_a_round_with_a_dropped_node_is_the_mean_of_the_others(tmp_path, monkeypatch):
     from hsl_lightning.federation.sync import StatePacker
+    from hsl_lightning.federation.training import OneByOne
 
     failing_node(monkeypatch, 1)
     trained, merged = [], []
-    train_local, representable = Federation._train_local, StatePacker.representable
+    train_local, representable = OneByOne.train_local, StatePacker.representable
 
     def spy_train(self, *args, **kwargs):
         out = train_local(self, *args, **kwargs)
@@ -148,7 +149,7 @@ def test_the_merge_of_a_round_with_a_dropped_node_is_the_mean_of_the_others(tmp_
         merged.append(self.unpack(out))
         return out
 
-    monkeypatch.setattr(Federation, "_train_local", spy_train)
+    monkeypatch.setattr(OneByOne, "train_local", spy_train)
     monkeypatch.setattr(StatePacker, "representable", spy_merge)
     fit(tmp_path, rounds=1, min_nodes=2)
     assert len(trained) == 2 and len(merged) == 1  # node0 and node2 finished

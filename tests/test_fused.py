@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from hsl_lightning import ClassifierModule, Federation, HSLError, Scenario, SyntheticLesions
 from hsl_lightning.federation.fused import FusedModels
+from hsl_lightning.federation.fused_training import FusedRounds
 
 from conftest import tiny_data, tiny_hsl
 
@@ -180,13 +181,13 @@ def _federation(tmp_path, fuse, make, data, name, **kwargs):
 
 def _spy_groups(monkeypatch):
     """Record the trainees of every fused group."""
-    groups, original = [], Federation._train_fused
+    groups, original = [], FusedRounds._train_group
 
-    def spy(self, fabric, module, dm, plan, group, *args):
+    def spy(self, r, group, *args):
         groups.append(list(group))
-        return original(self, fabric, module, dm, plan, group, *args)
+        return original(self, r, group, *args)
 
-    monkeypatch.setattr(Federation, "_train_fused", spy)
+    monkeypatch.setattr(FusedRounds, "_train_group", spy)
     return groups
 
 

@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from hsl_lightning import ClassifierModule, Federation, FoundationProbe, SplitClassifier
-from hsl_lightning.federation import federation as federation_module
+from hsl_lightning.federation import sync
+from hsl_lightning.federation.merge import Server
+from hsl_lightning.federation.message import MessageLayout, RoundMessage
 from hsl_lightning.federation.strategies import STRATEGIES, get_strategy
 from hsl_lightning.federation.sync import StatePacker
+from hsl_lightning.federation.training import OneByOne
 
 from conftest import tiny_data, tiny_hsl
 
@@ -25,20 +28,20 @@ def model_and_data(name):
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_synchronisation_sends_only_state(tmp_path, monkeypatch, name):
     sent, contributions = [], []
-    reduce, train_local = federation_module.all_reduce_sum, Federation._train_local
+    reduce, train_local = sync.all_reduce_sum, OneByOne.train_local
 
     def spy_reduce(fabric, vector):
         sent.append(vector.detach().clone())
         return reduce(fabric, vector)
 
-    def spy_train(self, fabric, module, dm, nodes, names, r, t, personal=False, **kwargs):
-        out = train_local(self, fabric, module, dm, nodes, names, r, t, personal, **kwargs)
+    def spy_train(self, r, t, personal=False, **kwargs):
+        out = train_local(self, r, t, personal, **kwargs)
         if not personal:  # what the node contributes: its state and its strategy vector
             contributions.append((t, {k: v.detach().clone() for k, v in out[0].items()}, out[2]))
         return out
 
-    monkeypatch.setattr(federation_module, "all_reduce_sum", spy_reduce)
-    monkeypatch.setattr(Federation, "_train_local", spy_train)
+    monkeypatch.setattr(sync, "all_reduce_sum", spy_reduce)
+    monkeypatch.setattr(OneByOne, "train_local", spy_train)
     torch.manual_seed(0)
     model, data = model_and_data(name)
     epochs = 2 if name == "fedrep" else 1
@@ -51,29 +54,43 @@ def test_synchronisation_sends_only_state(tmp_path, monkeypatch, name):
     shared = federation.strategy.shared_keys(model)
     assert set(shared) <= state_keys  # only entries of the model's state are shared
     packer = StatePacker(model.state_dict(), shared)
-    n_extra = strategy.extra_size(model)
     plan = strategy.plan(3)
+    layout = MessageLayout(state=packer.numel, extras=strategy.extra_size(model), trainees=len(plan))
     sizes = [sum(len(data.nodes[i].train) for i in nodes) for nodes in plan]
     # rebuild the round's message from the contributions alone: it must match bit for bit
-    expected = torch.zeros(packer.numel + n_extra + 2 + len(plan), dtype=torch.float64)
+    message = RoundMessage(layout, vector=sent[0])
+    expected = RoundMessage(layout)
     for t, state, extra in contributions:
         w = federation.strategy.weight(sizes[t])
-        expected[:packer.numel] += w * packer.pack(state)
+        expected.state.add_(packer.pack(state), alpha=w)
         if extra is not None:
-            expected[packer.numel:packer.numel + n_extra] += extra
-        expected[packer.numel + n_extra + 1 + t] = 1  # this node finished the round
-        expected[-1] += w
-    message = sent[0]
-    traffic = message[packer.numel + n_extra]  # SplitAVG's declared feature-map bytes, else 0
-    expected[packer.numel + n_extra] = traffic
-    assert torch.equal(message, expected)
-    assert (traffic > 0) == (name == "splitavg")
+            expected.extras.add_(extra)
+        expected.finished[t] = 1  # this node finished the round
+        expected.weight.add_(w)
+    expected.traffic.fill_(message.traffic)  # SplitAVG's declared feature-map bytes, else 0
+    assert torch.equal(message.vector, expected.vector)
+    assert (message.traffic > 0) == (name == "splitavg")
     if name == "scaffold":  # its extra vector is parameter-shaped: the control-variate update
-        assert n_extra == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if federation.strategy.server_aggregates:  # FedCOME: the server also sees each node's state, nothing else
+        assert layout.extras == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if federation.strategy.merge_kind is Server:
+        # FedCOME's server merge also sees each node's state, nothing else
         stacked = sent[1]
         assert stacked.shape == (len(plan), packer.numel)
         for t, state, _ in contributions:
             assert torch.equal(stacked[t], packer.pack(state))
+        assert len(sent) == 2
     else:
         assert len(sent) == 1  # one message per round
+
+
+def test_the_message_parts_are_named_views_of_one_vector():
+    layout = MessageLayout(state=4, extras=2, trainees=3)
+    message = RoundMessage(layout)
+    assert layout.size == message.vector.numel() == 4 + 2 + 1 + 3 + 1
+    message.state.fill_(1)
+    message.extras.fill_(2)
+    message.traffic.fill_(3)
+    message.add(trainee=1, weight=5.0)
+    assert message.vector.tolist() == [1, 1, 1, 1, 2, 2, 3, 0, 1, 0, 5]
+    with pytest.raises(ValueError, match="11 entries"):
+        RoundMessage(layout, vector=torch.zeros(10, dtype=torch.float64))

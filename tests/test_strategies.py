@@ -81,6 +81,37 @@ def test_strategy_options_are_checked():
         get_strategy("swarm", {"mu": 1})
 
 
+def test_register_makes_a_class_a_strategy_and_what_it_overrides_decides_fusing(monkeypatch):
+    from hsl_lightning.federation import strategies
+    from hsl_lightning.federation.merge import Mean, Personal, Server
+
+    monkeypatch.setattr(strategies, "STRATEGIES", dict(STRATEGIES))  # registered here, forgotten after
+
+    @strategies.register
+    class Halved(strategies.Strategy):
+        name = "halved"
+
+        def local_loss(self, module, batch):
+            return None
+
+    assert strategies.STRATEGIES["halved"] is Halved and isinstance(get_strategy("halved"), Halved)
+    assert list(strategies.STRATEGIES)[-1] == "halved"  # listed in the order of registration
+    assert Halved.local_hooks() == ["local_loss"] and not Halved.fusable()
+    with pytest.raises(ValueError, match="'hsl' is taken"):
+        strategies.register(type("Other", (strategies.Strategy,), {"name": "hsl"}))
+    with pytest.raises(TypeError, match="Strategy subclass with a name"):
+        strategies.register(type("Nameless", (strategies.Strategy,), {}))
+    with pytest.raises(TypeError, match="sets personal, which no longer exist: set merge_kind = Personal"):
+        type("OldStyle", (strategies.Strategy,), {"name": "old", "personal": True})
+    # the built-ins: which fuse, and which merge kind each selects
+    assert sorted(n for n, kind in STRATEGIES.items() if kind.fusable()) == sorted(
+        ["hsl", "fedavg", "swarm", "personalized", "fedbn", "fedper", "splitavg", "fedcome", "foundation", "local",
+         "central"])
+    assert STRATEGIES["ditto"].local_hooks() == ["local_loss", "begin_personal", "end_personal"]
+    assert {n: kind.merge_kind for n, kind in STRATEGIES.items() if kind.merge_kind is not Mean} == {
+        "personalized": Personal, "fedcome": Server}
+
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_runs_one_round(tmp_path, name):
     torch.manual_seed(0)
@@ -103,7 +134,7 @@ def test_every_strategy_runs_one_round(tmp_path, name):
     expected = StatePacker(template, strategy.shared_keys(model)).nbytes + 4 * strategy.extra_size(model)
     expected = expected if len(strategy.plan(3)) > 1 else 0
     assert summary["bytes_sent_per_node_per_round"] == expected
-    if strategy.personal or expected < sum(v.numel() * v.element_size() for v in template.values()):
+    if not strategy.merge_kind.one_model or expected < sum(v.numel() * v.element_size() for v in template.values()):
         assert len(list((tmp_path / "nodes").iterdir())) == len(strategy.plan(3))  # per-node state is kept
 
 

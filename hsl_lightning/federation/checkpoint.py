@@ -98,6 +98,34 @@ def load_rank(folder: Path, rank: int, world_size: int, device) -> dict:
     return payload
 
 
+def save_round(fabric, run_dir: Path, completed: int, payload: dict) -> None:
+    """Every rank's share of the checkpoint after ``completed`` rounds; once all have saved, the first
+    rank of each machine marks the round complete (and prunes older ones)."""
+    save_rank(run_dir, completed, fabric.global_rank, payload)
+    if fabric.world_size > 1:
+        fabric.barrier()
+    if fabric.local_rank == 0:  # each machine marks its own copy of the round
+        mark_complete(run_dir, completed, fabric.world_size)
+
+
+def load_round(fabric, run_dir: Path, ckpt_path: str, fingerprint: dict) -> dict | None:
+    """This rank's share of the round ``ckpt_path`` names (see :func:`resolve`), checked against the
+    run's ``fingerprint``; None when ``last`` finds no complete round yet."""
+    folder = resolve(ckpt_path, run_dir) if fabric.global_rank == 0 else None
+    if fabric.world_size > 1:
+        folder = fabric.broadcast(folder, src=0)
+    if folder is None:
+        if fabric.global_rank == 0:
+            print(f"hsl: no complete checkpoint in {run_dir / 'checkpoints'} yet; starting from round 1.")
+        return None
+    payload = load_rank(Path(folder), fabric.global_rank, fabric.world_size, fabric.device)
+    check_fingerprint(payload["fingerprint"], fingerprint, Path(folder))
+    if fabric.global_rank == 0:
+        best = f"round {payload['best_round'] + 1}" if payload["best_round"] >= 0 else "none validated yet"
+        print(f"hsl: resuming from {folder} after round {payload['round']} (best so far: {best}).")
+    return payload
+
+
 def fingerprint(**parts) -> dict:
     """What must match between a checkpoint and the run resuming it (``data`` is hashed)."""
     out = {k: v for k, v in parts.items() if k != "data"}

@@ -6,20 +6,24 @@ not a change to the orchestrator loop:
 - ``plan``: which institutions train together (one model per node; ``central``: one for all);
 - ``shared_keys``: which state entries cross an institution's boundary;
 - ``weight``: each institution's weight in the all-reduced sum;
-- ``combine``: the node's next shared state from its own contribution and the reduced sum
-  (the weighted mean, unless the method personalises);
+- ``merge_kind``: the kind of merge (:mod:`~hsl_lightning.federation.merge`): ``Mean`` (the weighted
+  mean, the default), ``Personal`` (``combine``: each node's next shared state from its own
+  contribution and the reduced sum) or ``Server`` (``aggregate``: a server rule that needs every
+  node's contribution, not only their sum, e.g. FedCOME);
 - local-training hooks, called by the Federation around each institution's local training:
   ``begin_local`` / ``begin_epoch`` / ``local_loss`` (an extra loss term, e.g. FedProx) /
   ``after_backward`` (e.g. SCAFFOLD's gradient correction) / ``end_local``, which may return a
   vector to be summed over institutions in the same all-reduce as the weights, handed back to
   ``after_round`` (e.g. SCAFFOLD's control-variate updates);
 - ``setup``: adapt the module to the federation once, before training (SplitAVG's site parts);
-- ``aggregate`` (when ``server_aggregates``): a server rule that needs every node's contribution,
-  not only their sum (FedCOME);
 - ``traffic``: bytes that crossed institution boundaries during the round besides the state
   (SplitAVG's feature maps);
 - ``state_dict`` / ``load_state_dict``: per-node state kept across rounds (control variates,
   previous models), saved in every round's checkpoint.
+
+A class becomes a strategy by the :func:`register` decorator (``hsl strategies`` lists them in
+the order they are registered). Strategies that override none of the local-training hooks
+(:meth:`Strategy.local_hooks`) can train institutions fused (``fuse_institutions``).
 """
 
 from __future__ import annotations
@@ -33,8 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsl_lightning.errors import HSLError, suggest
+from hsl_lightning.federation.merge import Mean, Merge, Personal, Server
 
 Contribution = Literal["best", "last"]
+
+
+def local_hook(hook):
+    """Marks a method of :class:`Strategy` as a hook on one institution's own local training."""
+    hook.local_hook = True
+    return hook
 
 
 class Strategy:
@@ -42,14 +53,31 @@ class Strategy:
     description: ClassVar[str] = ""
     #: which local state a node contributes: its best epoch of the round by local validation AUC, or its last
     default_contribution: ClassVar[Contribution] = "last"
-    #: whether ``combine`` depends on the node's own contribution (then each node keeps its own shared state)
-    personal: ClassVar[bool] = False
+    #: how the round's contributions are merged: Mean, Personal (``combine``) or Server (``aggregate``)
+    merge_kind: ClassVar[type[Merge]] = Mean
     #: whether each node also trains and deploys a whole model of its own (Ditto), besides the shared one
     personal_model: ClassVar[bool] = False
     #: weight each node by its training-set size in the merge (FedAvg's rule); else all weigh 1
     size_weighted: ClassVar[bool] = False
-    #: the merge needs each node's contribution, not only their weighted sum (then ``aggregate`` merges)
-    server_aggregates: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        old = [name for name in ("personal", "server_aggregates") if name in vars(cls)]
+        if old:  # the flags that merge_kind replaced: a strategy setting them would silently take the mean
+            raise TypeError(f"{cls.__name__} sets {', '.join(old)}, which no longer exist: set merge_kind = Personal "
+                            "(for combine) or merge_kind = Server (for aggregate), from "
+                            "hsl_lightning.federation.merge.")
+
+    @classmethod
+    def local_hooks(cls) -> list[str]:
+        """The hooks on local training (marked ``@local_hook`` below) that this strategy overrides."""
+        hooks = [name for name, value in vars(Strategy).items() if getattr(value, "local_hook", False)]
+        return [name for name in hooks if getattr(cls, name) is not getattr(Strategy, name)]
+
+    @classmethod
+    def fusable(cls) -> bool:
+        """Whether a rank's institutions can train as one model: nothing acts on one institution's training."""
+        return not cls.local_hooks() and not cls.personal_model
 
     def options(self) -> dict:
         """The strategy's settings (its constructor's arguments), for logs and configs."""
@@ -65,6 +93,7 @@ class Strategy:
         return float(n_train) if self.size_weighted else 1.0
 
     def combine(self, own: torch.Tensor, total: torch.Tensor, own_weight: float, total_weight: float) -> torch.Tensor:
+        """(``Personal`` merges) a node's next shared state from its own contribution and the sum."""
         return total / total_weight
 
     def setup(self, module: nn.Module, num_nodes: int) -> None:
@@ -72,7 +101,7 @@ class Strategy:
 
     def aggregate(self, received: torch.Tensor, contributions: torch.Tensor, sizes: torch.Tensor,
                   is_param: torch.Tensor) -> torch.Tensor:
-        """(``server_aggregates`` strategies) the next shared state from the state every node received
+        """(``Server`` merges) the next shared state from the state every node received
         (d,), each node's contribution (N, d), training-set sizes (N,) and which of the d entries are
         trainable parameters (the rest are buffers such as BatchNorm statistics)."""
         raise NotImplementedError
@@ -91,16 +120,20 @@ class Strategy:
         """Restore what ``state_dict`` returned."""
 
     # --- local-training hooks (all optional) ------------------------------------------
+    @local_hook
     def begin_local(self, module: nn.Module, trainee: int) -> None:
         """An institution starts a round's local training, its model holding what it received."""
 
+    @local_hook
     def begin_epoch(self, module: nn.Module, epoch: int, num_epochs: int) -> None:
         """A local epoch starts."""
 
+    @local_hook
     def local_loss(self, module: nn.Module, batch: dict) -> torch.Tensor | None:
         """An extra term added to every local training step's loss (None: nothing)."""
         return None
 
+    @local_hook
     def after_backward(self, module: nn.Module) -> None:
         """Gradients are computed; the optimizer steps next."""
 
@@ -108,6 +141,7 @@ class Strategy:
         """Length of the vector ``end_local`` returns (0: none)."""
         return 0
 
+    @local_hook
     def end_local(self, module: nn.Module, trainee: int, steps: int, optimizer) -> torch.Tensor | None:
         """Local training ended after ``steps`` optimizer steps; optionally return a float64
         vector of ``extra_size`` to be summed over all institutions."""
@@ -121,14 +155,33 @@ class Strategy:
         """The round's all-reduce is done; ``extra_total`` is the sum of ``end_local`` vectors
         (of the nodes that finished the round); ``num_trainees`` counts all nodes."""
 
+    @local_hook
     def begin_personal(self, module: nn.Module, trainee: int, received: dict[str, torch.Tensor]) -> None:
         """(``personal_model`` strategies) the node's own model is loaded and about to train;
         ``received`` is the state the node received this round."""
 
+    @local_hook
     def end_personal(self, module: nn.Module, trainee: int) -> None:
         """(``personal_model`` strategies) the node's own model finished this round's training."""
 
 
+#: every registered strategy by name, in the order of registration
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make ``cls`` a strategy, known by ``cls.name`` (to ``hsl strategies``, configs
+    and :func:`get_strategy`)."""
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)) or not cls.name:
+        raise TypeError(f"register takes a Strategy subclass with a name, got {cls!r}.")
+    taken = STRATEGIES.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"Strategy name '{cls.name}' is taken by {taken.__module__}.{taken.__qualname__}.")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+@register
 class HSL(Strategy):
     name = "hsl"
     description = ("HeteroSync Learning sync: unweighted mean of every state entry (encoders, experts, gates, "
@@ -136,37 +189,21 @@ class HSL(Strategy):
     default_contribution = "best"
 
 
+@register
 class FedAvg(Strategy):
     name = "fedavg"
     description = "FedAvg (McMahan et al. 2017): mean of every state entry weighted by each node's training-set size"
     size_weighted = True
 
 
+@register
 class Swarm(Strategy):
     name = "swarm"
     description = ("Swarm Learning (Warnat-Herresthal et al. 2021): decentralised unweighted mean of every entry, "
                    "no server; the HSL sync without the SAT")
 
 
-class Local(Strategy):
-    name = "local"
-    description = "Local learning: every node trains alone, nothing is shared (lower bound)"
-
-    def shared_keys(self, module):
-        return []
-
-
-class Central(Strategy):
-    name = "central"
-    description = "Central learning: one model on all nodes' pooled training data (upper bound; moves data)"
-
-    def plan(self, num_nodes):
-        return [tuple(range(num_nodes))]
-
-    def shared_keys(self, module):
-        return []
-
-
+@register
 class Personalized(Strategy):
     """The HSL paper's Personalized Learning baseline: w_i <- 0.5 w_i + 0.5 mean_{j != i} w_j.
 
@@ -176,7 +213,7 @@ class Personalized(Strategy):
 
     name = "personalized"
     description = "Personalized Learning (HSL paper baseline): each node keeps 0.5 own + 0.5 mean of the other nodes"
-    personal = True
+    merge_kind = Personal
 
     def combine(self, own, total, own_weight, total_weight):
         if total_weight - own_weight <= 0:
@@ -192,6 +229,7 @@ def _proximal_term(anchor: list[tuple[torch.Tensor, torch.Tensor]], coef: float)
     return 0.5 * coef * sum(((p - a) ** 2).sum() for p, a in anchor)
 
 
+@register
 class FedProx(Strategy):
     """FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020, Eq. 2).
 
@@ -233,6 +271,7 @@ def _head_prefixes(module: nn.Module, strategy: str) -> tuple[str, ...]:
     return prefixes
 
 
+@register
 class FedBN(Strategy):
     """FedBN (Li et al., "FedBN: Federated Learning on Non-IID Features via Local Batch
     Normalization", ICLR 2021): every BatchNorm layer (affine weights and running statistics)
@@ -248,6 +287,7 @@ class FedBN(Strategy):
         return [k for k in module.state_dict() if k not in local]
 
 
+@register
 class FedPer(Strategy):
     """FedPer (Arivazhagan et al., "Federated Learning with Personalization Layers", 2019):
     base layers are averaged FedAvg-style, the personalisation layers stay local. Which layers
@@ -262,6 +302,7 @@ class FedPer(Strategy):
         return [k for k in module.state_dict() if not k.startswith(prefixes)]
 
 
+@register
 class FedRep(Strategy):
     """FedRep (Collins et al., "Exploiting Shared Representations for Personalized Federated
     Learning", ICML 2021, Algorithm 1): the representation (body) is averaged, each node keeps its
@@ -305,6 +346,7 @@ class FedRep(Strategy):
             self.end_local(module, trainee, 0, None)
 
 
+@register
 class Scaffold(Strategy):
     """SCAFFOLD (Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated
     Learning", ICML 2020, Algorithm 1 with option II, all nodes every round, global step size 1).
@@ -364,6 +406,7 @@ class Scaffold(Strategy):
         self._c, self._ci = state["c"], dict(state["ci"])
 
 
+@register
 class Moon(Strategy):
     """MOON (Li, He and Song, "Model-Contrastive Federated Learning", CVPR 2021, Eq. 3-4).
 
@@ -427,6 +470,7 @@ class Moon(Strategy):
         self._previous_states = dict(state["previous"])
 
 
+@register
 class Ditto(Strategy):
     """Ditto (Li, Hu, Beirami and Smith, "Ditto: Fair and Robust Federated Learning Through
     Personalization", ICML 2021, Algorithm 1 and Eq. 2).
@@ -458,6 +502,7 @@ class Ditto(Strategy):
         self._anchor = []
 
 
+@register
 class SplitAVG(Strategy):
     """SplitAVG (Zhang, Qu, Singh, Kalpathy-Cramer and Rubin, "SplitAVG: A heterogeneity-aware
     federated deep learning method for medical imaging", IEEE JBHI 26(9), 2022).
@@ -509,6 +554,7 @@ def _hardest(sim: torch.Tensor, mask: torch.Tensor, k: int, largest: bool) -> tu
     return values, torch.isfinite(values)
 
 
+@register
 class FedRCL(Strategy):
     """FedRCL (Seo, Kim, Kim and Han, "Relaxed Contrastive Learning for Federated Learning",
     CVPR 2024), in the form of the authors' implementation (github.com/skynbe/FedRCL,
@@ -623,6 +669,7 @@ def consensus_coefficients(gram: torch.Tensor, sizes: torch.Tensor, iterations: 
     return (w[:, None] * x).sum(0) / w.sum()
 
 
+@register
 class FedCOME(Strategy):
     """FedCOME (Zheng, Ye, Li and Gao, "Federated Learning via Consensus Mechanism on Heterogeneous
     Data: A New Perspective on Convergence", ICASSP 2024; arXiv 2311.12358).
@@ -646,7 +693,7 @@ class FedCOME(Strategy):
     description = ("FedCOME (Zheng et al. 2024): server adjusts each update so the merged step lowers every "
                    "node's risk, then size-weighted mean")
     size_weighted = True
-    server_aggregates = True
+    merge_kind = Server
 
     def __init__(self, clip: float | None = None):
         if clip is not None and clip <= 0:
@@ -666,6 +713,7 @@ class FedCOME(Strategy):
         return merged
 
 
+@register
 class Foundation(Strategy):
     """Foundation-model baseline: a frozen pretrained encoder (``FoundationProbe``, the CLIP image
     tower by default) with a linear probe, federated (size-weighted mean of the probe: only the
@@ -688,11 +736,25 @@ class Foundation(Strategy):
         return [k for k in module.state_dict() if k.startswith(prefixes)]
 
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s
-    for s in (HSL, FedAvg, Swarm, Personalized, FedProx, Scaffold, Moon, FedBN, FedPer, FedRep, Ditto, SplitAVG,
-              FedRCL, FedCOME, Foundation, Local, Central)
-}
+@register
+class Local(Strategy):
+    name = "local"
+    description = "Local learning: every node trains alone, nothing is shared (lower bound)"
+
+    def shared_keys(self, module):
+        return []
+
+
+@register
+class Central(Strategy):
+    name = "central"
+    description = "Central learning: one model on all nodes' pooled training data (upper bound; moves data)"
+
+    def plan(self, num_nodes):
+        return [tuple(range(num_nodes))]
+
+    def shared_keys(self, module):
+        return []
 
 
 def get_strategy(strategy: str | Strategy, options: dict | None = None) -> Strategy:

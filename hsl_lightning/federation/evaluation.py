@@ -1,0 +1,52 @@
+"""Scoring: each node's metrics with the model it deploys, gathered on every rank."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hsl_lightning.metrics import NodeMetrics, summarize
+
+METRICS = ("auc", "acc", "sensitivity", "specificity")
+
+
+@torch.no_grad()
+def evaluate(fabric, module, dm, node: int, split: str) -> dict:
+    """``module``'s metrics on one node's ``split`` (``val`` or ``test``)."""
+    module.eval()
+    metrics = NodeMetrics()
+    for i, batch in enumerate(dm.eval_loader(node, split)):
+        batch = fabric.to_device(batch)
+        with fabric.autocast():
+            out = module.validation_step(batch, i) if split == "val" else module.test_step(batch, i)
+        metrics.update(out["logits"], out["target"])
+    return metrics.compute()
+
+
+def local_val_auc(fabric, module, dm, nodes) -> float:
+    """Mean validation AUC of ``module`` over a trainee's nodes, for choosing its best epoch
+    (-inf when undefined, so any defined epoch beats it)."""
+    auc = summarize([evaluate(fabric, module, dm, i, "val")["auc"] for i in nodes])["mean"]
+    return -math.inf if math.isnan(auc) else auc
+
+
+def evaluate_trainees(run, trainees: dict, merged: torch.Tensor, split: str) -> list[dict]:
+    """Every node's metrics with the model it deploys (``trainees``: this rank's TraineeStates;
+    ``merged``: the federation's merged state), one dict per node, the same on every rank."""
+    values = torch.full((len(run.owner), len(METRICS)), math.nan, dtype=torch.float64)
+    for t in run.mine:
+        trainees[t].load_deployed(run.module, run.packer, merged)
+        for i in run.plan[t]:
+            m = evaluate(run.fabric, run.module, run.dm, i, split)
+            values[i] = torch.tensor([m[k] for k in METRICS], dtype=torch.float64)
+    values = gather(run.fabric, values, run.owner)
+    return [{k: float(values[i, j]) for j, k in enumerate(METRICS)} for i in range(len(run.owner))]
+
+
+def gather(fabric, values: torch.Tensor, owner: dict[int, int]) -> torch.Tensor:
+    """Rows per node, each taken from the rank that hosts the node (a collective: every rank calls it)."""
+    if fabric.world_size == 1:
+        return values
+    gathered = fabric.all_gather(values.to(fabric.device)).cpu()  # (world, nodes, k)
+    return torch.stack([gathered[owner[i], i] for i in range(values.shape[0])])

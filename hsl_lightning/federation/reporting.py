@@ -1,0 +1,166 @@
+"""What a run writes and shows: its folder, per-round rows, the progress bar, weights and the summary.
+
+Rank 0 writes ``data.json`` (how each node was drawn), ``config.yaml`` (the resolved CLI config),
+one metrics row per round (CSV always, W&B unless disabled), ``summary.json`` and the final
+table, and ``model.pt`` (the deployed merged state); every rank writes ``nodes/<name>.pt`` (what
+differs per node) for the trainees it hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from hsl_lightning.federation.evaluation import METRICS
+from hsl_lightning.federation.loggers import make_loggers
+from hsl_lightning.metrics import summarize
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class Reporter:
+    """The run's outputs on this rank; ``state`` is the rank's starting state (restored rounds are
+    logged again, into fresh logs)."""
+
+    def __init__(self, federation, run, state):
+        self.federation, self.run = federation, run
+        self.rank0 = run.fabric.global_rank == 0
+        self.loggers = self._open() if self.rank0 else []
+        for row in state.history:
+            self._log({k: v for k, v in row.items() if k not in ("round", "dropped")}, step=row["round"])
+        rounds, trainees = federation.rounds, len(run.mine)
+        self.bar = tqdm(total=rounds * trainees, initial=min(state.rounds_done, rounds) * trainees,
+                        desc=run.strategy.name, unit="node-round", dynamic_ncols=True,
+                        disable=not (federation.progress and self.rank0))
+
+    def _open(self) -> list:
+        fed, run_dir = self.federation, self.run.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "data.json", json.dumps(self.run.data_report, indent=2))
+        if fed.run_config is not None:
+            atomic_write(run_dir / "config.yaml", yaml.safe_dump(fed.run_config, sort_keys=False))
+        config = {"federation": fed.describe(), **(fed.run_config or {})}
+        return make_loggers(run_dir, fed.wandb, fed.wandb_project, run_dir.name, config)
+
+    def _log(self, metrics: dict, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def round(self, r: int, total, validation, losses: torch.Tensor, seconds: float) -> dict:
+        """Record round ``r``: its row (traffic, validation metrics, training losses) into the history
+        and the logs; a line under the progress bar when it was validated."""
+        run = self.run
+        dropped = [run.label(t) for t in range(len(run.plan)) if total.finished[t] == 0]
+        traffic = int(total.traffic)
+        # every trainee sends its state and receives the merge; SplitAVG's feature maps come on top
+        row = {"round": r + 1, "bytes_sent_per_node": run.payload, "bytes_features_round": traffic,
+               "bytes_round": 2 * run.payload * len(run.plan) + traffic, "nodes_dropped": len(dropped)}
+        if validation is not None:
+            stats = validation.stats
+            row.update({"mean_val_auc": stats["mean"], "std_val_auc": stats["std"], "min_val_auc": stats["min"]})
+        for i, name in enumerate(run.names):
+            if validation is not None:
+                row.update({f"{name}/val_{m}": validation.metrics[i][m] for m in METRICS})
+            row[f"{name}/train_loss"] = float(losses[i])
+        row["round_s"] = round(seconds, 4)
+        self._log({k: v for k, v in row.items() if k != "round"}, step=r + 1)
+        if self.rank0 and self.federation.progress and validation is not None:
+            self.bar.write(f"round {r + 1}/{self.federation.rounds}: mean node val AUC {stats['mean']:.4f} "
+                           f"(min {stats['min']:.4f}){'  * best so far' if validation.improved else ''}")
+        return {**row, "dropped": dropped}
+
+    def finish(self, state, test: list[dict], start: float) -> dict | None:
+        """Weight files (every rank its trainees'), then on rank 0: ``summary.json`` (``start``: the
+        run's ``time.perf_counter()`` when it began), the final metrics, W&B's run closed, the table
+        printed. Returns the summary (None on other ranks)."""
+        if self.federation.save_weights:
+            self.write_weights(state.best)
+        peaks = self._peak_rss()
+        if not self.rank0:
+            return None
+        summary = self.summary(state, test, time.perf_counter() - start)
+        summary["peak_rss_mb_per_rank"] = [round(float(p), 1) for p in peaks]
+        atomic_write(self.run.run_dir / "summary.json", json.dumps(summary, indent=2))
+        final = {f"{n['name']}/test_auc": n["test_auc"] for n in summary["nodes"]}
+        final.update({"test/mean_auc": summary["mean_test_auc"], "test/std_auc": summary["std_test_auc"],
+                      "test/min_auc": summary["min_test_auc"], "best_round": state.best.round + 1})
+        self._log(final, step=self.federation.rounds + 1)
+        self._close(final)
+        print(format_table(summary))
+        return summary
+
+    def _close(self, final: dict) -> None:
+        for logger in self.loggers:
+            logger.finalize("success")
+        if any(type(lg).__name__ == "WandbLogger" for lg in self.loggers):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.summary.update(final)
+                wandb.finish()
+
+    def _peak_rss(self) -> torch.Tensor:
+        """Each rank's peak resident memory in MB (a collective on several ranks)."""
+        fabric = self.run.fabric
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
+        return fabric.all_gather(peak.to(fabric.device)).reshape(-1).cpu() if fabric.world_size > 1 else peak
+
+    def write_weights(self, best) -> None:
+        """``model.pt``: the deployed merged state; ``nodes/<name>.pt``: what differs per node."""
+        run, run_dir = self.run, self.run.run_dir
+        if self.rank0 and run.packer.numel and run.strategy.merge_kind.one_model:
+            # torch.save, not fabric.save: the latter waits at a barrier that only rank 0 would reach.
+            torch.save({"round": best.round + 1, "state": run.packer.unpack(best.merged.cpu())}, run_dir / "model.pt")
+        for t in run.mine:
+            own = best.trainees[t].own_weights(run.packer)
+            if own:
+                (run_dir / "nodes").mkdir(parents=True, exist_ok=True)
+                torch.save({"round": best.round + 1, "state": own}, run_dir / "nodes" / f"{run.label(t)}.pt")
+
+    def summary(self, state, test: list[dict], wall: float) -> dict:
+        fed, run, history = self.federation, self.run, state.history
+        best_round = state.best.round
+        best_val = history[best_round]
+        nodes = []
+        for i, name in enumerate(run.names):
+            node = run.dm.nodes[i]
+            row = {"name": name, "n_train": len(node.train), "n_val": len(node.val), "n_test": len(node.test),
+                   "test_auc": test[i]["auc"], "val_auc": best_val[f"{name}/val_auc"]}
+            row.update({f"test_{k}": test[i][k] for k in METRICS if k != "auc"})
+            if math.isnan(test[i]["auc"]):
+                pos, n = node.test.positives, len(node.test)
+                row["test_auc_undefined"] = ("no test samples" if n == 0 else
+                                             f"test set holds one class only ({pos} positive of {n})")
+            nodes.append(row)
+        stats = summarize([n["test_auc"] for n in nodes])
+        return {
+            "method": run.strategy.name, "seed": fed.seed, "rounds": fed.rounds,
+            "local_epochs": fed.local_epochs, "best_round": best_round + 1, "wall_s": round(wall, 2),
+            "nodes": nodes, "mean_test_auc": stats["mean"], "std_test_auc": stats["std"],
+            "min_test_auc": stats["min"], "mean_val_auc": best_val["mean_val_auc"],
+            "bytes_sent_per_node_per_round": run.payload,
+            "bytes_features_per_round": max((h["bytes_features_round"] for h in history), default=0),
+            "history": history,
+        }
+
+
+def format_table(summary: dict) -> str:
+    """The per-node result table printed at the end of a run."""
+    lines = [f"{'node':<14}{'n_train':>8}{'n_val':>7}{'n_test':>7}{'val AUC':>9}{'test AUC':>10}"]
+    for n in summary["nodes"]:
+        lines.append(f"{n['name']:<14}{n['n_train']:>8}{n['n_val']:>7}{n['n_test']:>7}"
+                     f"{n['val_auc']:>9.4f}{n['test_auc']:>10.4f}")
+    lines.append(f"{summary['method']}: mean test AUC {summary['mean_test_auc']:.4f} +- {summary['std_test_auc']:.4f} "
+                 f"(min {summary['min_test_auc']:.4f}), best round {summary['best_round']}, {summary['wall_s']:.1f} s")
+    return "\n".join(lines)
