@@ -64,7 +64,7 @@ def test_the_cycle_finder_finds_a_cycle_and_accepts_a_tree():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
-def test_the_import_reader_counts_imports_inside_functions(tmp_path):
+def test_the_import_reader_counts_imports_inside_functions():
     known = modules()
     cli = imports_of(PACKAGE / "cli.py", known)
     assert "hsl_lightning.config" in cli and "hsl_lightning.benchmark" in cli  # the latter imported in a function

@@ -38,7 +38,7 @@ from hsl_lightning.federation.loggers import WandbMode
 from hsl_lightning.federation.message import RoundMessage
 from hsl_lightning.federation.rank import RankRun
 from hsl_lightning.federation.reporting import Reporter, format_table
-from hsl_lightning.federation.state import RankState
+from hsl_lightning.federation.state import RankState, clone_state
 from hsl_lightning.federation.strategies import STRATEGIES, Contribution, Strategy, get_strategy
 from hsl_lightning.federation.sync import StatePacker
 from hsl_lightning.federation.training import OneByOne, Outcome
@@ -263,7 +263,7 @@ class Federation:
         checkpointed rounds when resuming."""
         saved = checkpoint.load_round(run.fabric, run.run_dir, ckpt_path, run.fingerprint) if ckpt_path else None
         if saved is None:
-            template = {k: v.detach().clone() for k, v in run.module.state_dict().items()}
+            template = clone_state(run.module.state_dict())
             return RankState.fresh(template, run.packer, run.local_keys, run.mine, run.device)
         if saved["round"] > self.rounds:
             raise HSLError(f"The checkpoint holds {saved['round']} rounds, more than federation.rounds={self.rounds}; "
@@ -283,7 +283,7 @@ class Federation:
         merge.contribute(message, t, outcome.state, weight)
         message.add(t, weight, outcome.extra)
         trainee = state.trainees[t]
-        trainee.local = {k: outcome.state[k].detach().clone() for k in run.local_keys}
+        trainee.local = clone_state({k: outcome.state[k] for k in run.local_keys})
         if outcome.personal is not None:
             trainee.personal = outcome.personal
         for i in run.plan[t]:
