@@ -36,6 +36,17 @@ def tiny_data(**overrides):
     return FederatedDataModule(**kwargs)
 
 
+def tiny_classifier(strategy: str = "fedavg", **overrides):
+    """A small single-task model, with the plain SGD that SCAFFOLD requires when it is for scaffold."""
+    from hsl_lightning import ClassifierModule
+
+    kwargs = dict(backbone="test_resnet")
+    if strategy == "scaffold":
+        kwargs.update(optimizer="sgd", lr=0.05, weight_decay=0.0)
+    kwargs.update(overrides)
+    return ClassifierModule(**kwargs)
+
+
 def tiny_hsl(**overrides):
     from hsl_lightning import HSLModule
 

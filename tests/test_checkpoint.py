@@ -14,7 +14,7 @@ import torch
 from hsl_lightning import ClassifierModule, Federation, HSLError
 from hsl_lightning.federation import checkpoint
 
-from conftest import tiny_data, tiny_hsl
+from conftest import tiny_classifier, tiny_data, tiny_hsl
 
 TESTS = Path(__file__).resolve().parent
 
@@ -40,7 +40,7 @@ def fit(run_dir, rounds, strategy="hsl", ckpt=None, val_every_n_rounds=1, fuse_i
     if strategy == "hsl":
         model, data = tiny_hsl(), tiny_data(**kwargs)
     else:
-        model, data = ClassifierModule(backbone="test_resnet"), tiny_data(use_sat=False, **kwargs)
+        model, data = tiny_classifier(strategy), tiny_data(use_sat=False, **kwargs)
     return Federation(strategy=strategy, rounds=rounds, run_dir=str(run_dir), wandb="disabled", progress=False,
                       threads=1, val_every_n_rounds=val_every_n_rounds,
                       fuse_institutions=fuse_institutions).fit(model, data, ckpt_path=ckpt)

@@ -4,7 +4,7 @@ state (weighted and summed) and counters, never anything computed from a batch d
 import pytest
 import torch
 
-from hsl_lightning import ClassifierModule, Federation, FoundationProbe, SplitClassifier
+from hsl_lightning import Federation, FoundationProbe, SplitClassifier
 from hsl_lightning.federation import sync
 from hsl_lightning.federation.merge import Server
 from hsl_lightning.federation.message import MessageLayout, RoundMessage
@@ -12,7 +12,7 @@ from hsl_lightning.federation.strategies import STRATEGIES, get_strategy
 from hsl_lightning.federation.sync import StatePacker
 from hsl_lightning.federation.training import OneByOne
 
-from conftest import tiny_data, tiny_hsl
+from conftest import tiny_classifier, tiny_data, tiny_hsl
 
 
 def model_and_data(name):
@@ -22,7 +22,7 @@ def model_and_data(name):
         return FoundationProbe(backbone="test_vit", in_chans=1, pretrained=False), tiny_data(use_sat=False, image_size=32)
     if name == "splitavg":
         return SplitClassifier(backbone="test_resnet"), tiny_data(use_sat=False)
-    return ClassifierModule(backbone="test_resnet"), tiny_data(use_sat=False)
+    return tiny_classifier(name), tiny_data(use_sat=False)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))

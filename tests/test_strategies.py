@@ -11,7 +11,7 @@ from hsl_lightning import ClassifierModule, Federation, FoundationProbe, HSLErro
 from hsl_lightning.federation.strategies import STRATEGIES, consensus_coefficients, get_strategy
 from hsl_lightning.federation.sync import StatePacker
 
-from conftest import tiny_data, tiny_hsl
+from conftest import tiny_classifier, tiny_data, tiny_hsl
 
 
 def flat_states(n=3, size=5):
@@ -123,7 +123,7 @@ def test_every_strategy_runs_one_round(tmp_path, name):
         model, data = FoundationProbe(backbone="test_vit", in_chans=1, pretrained=False), tiny_data(use_sat=False,
                                                                                                    image_size=32)
     else:
-        model, data = ClassifierModule(backbone="test_resnet"), tiny_data(use_sat=False)
+        model, data = tiny_classifier(name), tiny_data(use_sat=False)
     epochs = 2 if name == "fedrep" else 1  # FedRep trains the head, then the body
     summary = Federation(strategy=name, rounds=1, local_epochs=epochs, run_dir=str(tmp_path), wandb="disabled",
                          progress=False).fit(model, data)
@@ -242,6 +242,8 @@ def test_moon_remembers_each_nodes_previous_model():
     model = ClassifierModule(backbone="test_resnet")
     s.begin_local(model, trainee=1)
     batch = next(iter(tiny_data(use_sat=False).train_loader([1], seed=0, with_sat=False)))
+    model.train()
+    model.training_step(batch, 0)  # the training forward hands MOON its representation
     assert s.local_loss(model, batch).requires_grad
     with torch.no_grad():
         model.head[1].weight.add_(1.0)  # "training"
@@ -371,7 +373,8 @@ def test_splitavg_logs_the_feature_maps_it_sends_and_keeps_site_parts_local(tmp_
                          progress=False).fit(model, dm)
     with torch.no_grad():
         shape = model.sites[0](torch.zeros(1, 1, 28, 28)).shape
-    images = (sum(len(n.train) for n in dm.nodes) // dm.batch_size) * dm.batch_size  # full batches of one epoch
+    loader = dm.train_loader(range(3), seed=0, with_sat=False, per_node_batch=True)
+    images = len(loader) * loader.batch_size  # one epoch of batches, each as many images from every site
     # per image: its feature map up, its gradient down, its int64 label
     assert summary["bytes_features_per_round"] == images * (2 * math.prod(shape) * 4 + 8)
     assert summary["bytes_sent_per_node_per_round"] == 0  # no weights are exchanged

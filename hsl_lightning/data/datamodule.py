@@ -15,8 +15,8 @@ import lightning as L
 import torch
 
 from hsl_lightning.data.base import SPLITS, ImageSet, Source, harmonize
-from hsl_lightning.data.heterogeneity import Acquisition, Scenario, partition, stratified_split
-from hsl_lightning.data.sampling import eval_loader, paired_loader, prepare_batch
+from hsl_lightning.data.heterogeneity import Acquisition, ExternalSite, Scenario, partition, stratified_split
+from hsl_lightning.data.sampling import eval_loader, paired_loader, prepare_batch, site_loader
 from hsl_lightning.data.synthetic import SyntheticAnchor, SyntheticLesions
 from hsl_lightning.errors import HSLError
 
@@ -58,6 +58,9 @@ class FederatedDataModule(L.LightningDataModule):
         rebalance: draw primary samples for an expected 50/50 class ratio.
         samples_per_epoch: pairs per local epoch (default max(primary, SAT) of the node).
         seed: seeds everything about the simulated world (partition, scanners, SAT shards).
+        external: an institution that never trains (:class:`ExternalSite`): its images are taken
+            out of the source before the nodes are drawn, and the Federation scores every deployed
+            model on them at the end (``summary.json``'s ``external``).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class FederatedDataModule(L.LightningDataModule):
         rebalance: bool = True,
         samples_per_epoch: int | None = None,
         seed: int = 0,
+        external: ExternalSite | None = None,
     ):
         super().__init__()
         self.primary = primary if primary is not None else SyntheticLesions()
@@ -90,6 +94,8 @@ class FederatedDataModule(L.LightningDataModule):
         self.sat_mode, self.sat_fraction = sat_mode, sat_fraction
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.augment, self.rebalance, self.samples_per_epoch, self.seed = augment, rebalance, samples_per_epoch, seed
+        self.external = external
+        self.external_data: ImageSet | None = None
         self.nodes: list[NodeData] | None = None
         self.sat_pool: ImageSet | None = None
         self.sat_eval: ImageSet | None = None
@@ -113,8 +119,13 @@ class FederatedDataModule(L.LightningDataModule):
             return
         g = torch.Generator().manual_seed(self.seed)
         raw = self.primary.load(self.root)
+        raw, external = self._carve_external(raw)
         per_node = self._per_node_splits(raw, g)
         size = self.image_size or int(next(iter(per_node.values()))["train"].images.shape[-1])
+        if external is not None:
+            images = harmonize(external.images, self.in_chans, size)
+            g_ext = torch.Generator().manual_seed(self.seed * 1000 + 998)
+            self.external_data = ImageSet(self.external.scanner(self.seed).apply(images, g_ext), external.labels)
         scanners = self.scenario.scanners(g, len(per_node))
         self.sat_pool, self.sat_eval = self._load_sat(size, g)
         sat_index = self._sat_shards(len(per_node), g)
@@ -128,6 +139,33 @@ class FederatedDataModule(L.LightningDataModule):
                                f"for {self.primary.describe()} (it has too few images for this split).")
             nodes.append(NodeData(name, data["train"], data["val"], data["test"], scanner, sat_index[i]))
         self.nodes = nodes
+
+    def _carve_external(self, raw: dict) -> tuple[dict, ImageSet | None]:
+        """The source's splits without the external site's images, and those images (or None)."""
+        if self.external is None:
+            return raw, None
+        if self.primary.per_node:
+            raise HSLError("data.external takes its images out of one pooled source; this source is already split by "
+                           "institution. Keep an institution's folder out of training instead, and score it with "
+                           "its own data config.")
+        g = torch.Generator().manual_seed(self.seed * 1000 + 999)
+        kept, taken = {}, []
+        for split, data in raw.items():
+            site, rest = self.external.carve(data.labels, g)
+            kept[split], taken = data.subset(rest), taken + [data.subset(site)]
+        external = ImageSet.cat(taken)
+        if len(external) == 0 or external.positives in (0, len(external)):
+            raise HSLError(f"data.external '{self.external.name}' got {len(external)} images with {external.positives} "
+                           f"positive(s) from {self.primary.describe()}: an AUC needs both classes. Raise its fraction "
+                           "or move its prevalence away from 0 and 1.")
+        return kept, external
+
+    def external_loader(self, node: int = 0):
+        """The external site's images, tagged as node ``node`` (for models that route by node)."""
+        self.setup()
+        if self.external_data is None:
+            raise HSLError("This data module has no external site (data.external).")
+        return eval_loader(self.external_data, self.sat_eval, self.eval_batch_size, self.seed + 7907, node)
 
     def _per_node_splits(self, raw: dict, g: torch.Generator) -> dict[str, dict[str, ImageSet]]:
         if self.primary.per_node:
@@ -193,12 +231,19 @@ class FederatedDataModule(L.LightningDataModule):
         index = torch.unique(torch.cat([self.nodes[i].sat_index for i in nodes]))  # copies count once
         return self.sat_pool.subset(index)
 
-    def train_loader(self, nodes: Sequence[int], seed: int, with_sat: bool = True):
+    def train_loader(self, nodes: Sequence[int], seed: int, with_sat: bool = True, per_node_batch: bool = False):
         """Paired training batches of the given nodes pooled (one node for federated training);
-        each batch says which node every image comes from (key ``node``)."""
+        each batch says which node every image comes from (key ``node``). ``per_node_batch``: every
+        batch holds the same number of images of each node (primary only; SplitAVG's fixed batch per site)."""
         self.setup()
         primary = ImageSet.cat([self.nodes[i].train for i in nodes])
         origin = torch.cat([torch.full((len(self.nodes[i].train),), i, dtype=torch.long) for i in nodes])
+        if per_node_batch:
+            if with_sat:
+                raise HSLError("A batch with the same number of images per node is drawn for primary-only training "
+                               "(splitavg); this model trains with a SAT.")
+            return site_loader(primary, origin, self.batch_size, self.augment, self.rebalance, seed,
+                               self.samples_per_epoch)
         sat = self.sat_for(nodes) if with_sat else None
         return paired_loader(primary, sat, self.batch_size, self.augment, self.rebalance, seed, self.samples_per_epoch,
                              origin)
@@ -242,4 +287,8 @@ class FederatedDataModule(L.LightningDataModule):
             row["n_sat"] = int(len(n.sat_index))
             row["acquisition"] = vars(n.acquisition)
             rows.append(row)
+        if self.external_data is not None:
+            rows.append({"name": self.external.name, "external": True, "n_test": len(self.external_data),
+                         "pos_test": self.external_data.positives,
+                         "acquisition": vars(self.external.scanner(self.seed))})
         return rows

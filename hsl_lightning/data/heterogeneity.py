@@ -168,6 +168,51 @@ class Scenario:
         return [(int(a), int(b)) for a, b in zip((want_pos * scale).floor(), (want_neg * scale).floor())]
 
 
+@dataclass
+class ExternalSite:
+    """An institution that never trains, for an external test (the HSL paper's unseen pediatric
+    cohort): it holds ``fraction`` of every split of the primary source, drawn at its own positive
+    rate ``prevalence`` (default: the split's) before the nodes are partitioned, so its images are
+    disjoint from every node's, and seen through its own random scanner of strength ``feature_skew``
+    (drawn from a generator of its own: the nodes' scanners are those of a run without it).
+
+    Args:
+        name: how results name it.
+        fraction: share of each split's images it takes, in (0, 1).
+        prevalence: its positive rate in [0, 1] (counts are cut down if a class runs short).
+        feature_skew: strength of its scanner in [0, 1] (0: the source's own images).
+    """
+
+    name: str = "external"
+    fraction: float = 0.15
+    prevalence: float | None = None
+    feature_skew: float = 0.7
+
+    def __post_init__(self):
+        if not 0 < self.fraction < 1:
+            raise HSLError(f"data.external.fraction must lie in (0, 1), got {self.fraction}.")
+        if self.prevalence is not None and not 0 <= self.prevalence <= 1:
+            raise HSLError(f"data.external.prevalence must lie in [0, 1], got {self.prevalence}.")
+        if not 0 <= self.feature_skew <= 1:
+            raise HSLError(f"data.external.feature_skew must lie in [0, 1], got {self.feature_skew}.")
+
+    def scanner(self, seed: int) -> Acquisition:
+        g = torch.Generator().manual_seed(seed * 1000 + 997)
+        return Acquisition.random(self.feature_skew, g) if self.feature_skew > 0 else Acquisition()
+
+    def carve(self, labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the site's indices, the rest) of one split with ``labels``."""
+        n = round(self.fraction * len(labels))
+        n_pos_pool = int((labels == 1).sum())
+        p = n_pos_pool / max(1, len(labels)) if self.prevalence is None else self.prevalence
+        pos = min(round(p * n), n_pos_pool)
+        neg = min(n - pos, len(labels) - n_pos_pool)
+        site = partition(labels, [(pos, neg)], g)[0]
+        rest = torch.ones(len(labels), dtype=torch.bool)
+        rest[site] = False
+        return site, torch.nonzero(rest).flatten()
+
+
 def _dirichlet(k: int, alpha: float, g: torch.Generator) -> torch.Tensor:
     # torch.distributions takes no generator: sample under a seed drawn from ours, without
     # touching the caller's global RNG state.

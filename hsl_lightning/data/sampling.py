@@ -64,6 +64,30 @@ class PairedSampler(Sampler):
         return iter(zip(p.tolist(), s.tolist()))
 
 
+class SiteSampler(Sampler):
+    """Primary-only batches holding ``per_site`` images of every site (``origin``: each image's
+    site), drawn within each site as :class:`PairedSampler` draws (rebalanced or resampled);
+    ``steps`` batches per epoch. Yields (primary index, -1) pairs, site after site within a batch."""
+
+    def __init__(self, labels: torch.Tensor, origin: torch.Tensor, per_site: int, steps: int, rebalance: bool,
+                 seed: int):
+        self.sites = [torch.nonzero(origin == s).flatten() for s in torch.unique(origin).tolist()]
+        self.labels, self.per_site, self.steps, self.rebalance = labels, per_site, steps, rebalance
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.steps * self.per_site * len(self.sites)
+
+    def __iter__(self):
+        g, n = self.generator, self.steps * self.per_site
+        draws = []
+        for idx in self.sites:
+            local = balanced_draw(self.labels[idx], n, g) if self.rebalance else resample(len(idx), n, g)
+            draws.append(idx[local].view(self.steps, self.per_site))
+        order = torch.cat(draws, dim=1).reshape(-1)  # step by step, each step every site's share
+        return iter((i, -1) for i in order.tolist())
+
+
 AUGMENTED = ("image", "sat_image")  # the batch keys that are augmented, each with a "<key>_theta"
 
 
@@ -168,6 +192,20 @@ def paired_loader(primary: ImageSet, sat: ImageSet | None, batch_size: int, augm
     # A trailing batch of one image breaks BatchNorm in train mode; epochs are resampled anyway.
     drop_last = len(sampler) > batch_size
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_as_batch, drop_last=drop_last)
+
+
+def site_loader(primary: ImageSet, origin: torch.Tensor, batch_size: int, augment: bool, rebalance: bool,
+                seed: int, samples_per_epoch: int | None = None) -> DataLoader:
+    """Primary-only batches with the same number of images from every site (SplitAVG's fixed batch
+    per site): ``batch_size`` split evenly over the sites (at least one image each), and as many steps
+    per epoch as :func:`paired_loader` would make of the pooled images."""
+    sites = len(torch.unique(origin))
+    per_site = max(1, batch_size // sites)
+    length = samples_per_epoch or len(primary)
+    steps = max(1, length // batch_size) if length > batch_size else 1
+    sampler = SiteSampler(primary.labels, origin, per_site, steps, rebalance, seed)
+    dataset = PairedImages(primary, None, augment, seed + 1, origin)
+    return DataLoader(dataset, batch_size=per_site * sites, sampler=sampler, collate_fn=_as_batch)
 
 
 def eval_loader(data: ImageSet, sat: ImageSet | None, batch_size: int, seed: int, node: int = 0) -> DataLoader:

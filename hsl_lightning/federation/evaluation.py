@@ -13,10 +13,12 @@ METRICS = ("auc", "acc", "sensitivity", "specificity")
 
 @torch.no_grad()
 def evaluate(fabric, module, dm, node: int, split: str) -> dict:
-    """``module``'s metrics on one node's ``split`` (``val`` or ``test``)."""
+    """``module``'s metrics on one node's ``split`` (``val``, ``test``, or ``external``: the data
+    module's external site, its images tagged as this node's)."""
     module.eval()
     metrics = NodeMetrics()
-    for i, batch in enumerate(dm.eval_loader(node, split)):
+    loader = dm.external_loader(node) if split == "external" else dm.eval_loader(node, split)
+    for i, batch in enumerate(loader):
         batch = fabric.to_device(batch)
         with fabric.autocast():
             out = module.validation_step(batch, i) if split == "val" else module.test_step(batch, i)
@@ -33,7 +35,8 @@ def local_val_auc(fabric, module, dm, nodes) -> float:
 
 def evaluate_trainees(run, trainees: dict, merged: torch.Tensor, split: str) -> list[dict]:
     """Every node's metrics with the model it deploys (``trainees``: this rank's TraineeStates;
-    ``merged``: the federation's merged state), one dict per node, the same on every rank."""
+    ``merged``: the federation's merged state), one dict per node, the same on every rank.
+    ``split`` ``external``: every node's deployed model on the external site."""
     values = torch.full((len(run.owner), len(METRICS)), math.nan, dtype=torch.float64)
     for t in run.mine:
         trainees[t].load_deployed(run.module, run.packer, merged)
@@ -42,6 +45,18 @@ def evaluate_trainees(run, trainees: dict, merged: torch.Tensor, split: str) -> 
             values[i] = torch.tensor([m[k] for k in METRICS], dtype=torch.float64)
     values = gather(run.fabric, values, run.owner)
     return [{k: float(values[i, j]) for j, k in enumerate(METRICS)} for i in range(len(run.owner))]
+
+
+def external_result(run, trainees: dict, merged: torch.Tensor) -> list[dict]:
+    """``summary.json``'s ``external``: the external site scored with every node's deployed model
+    (one model for methods that deploy one, so the node AUCs then agree); ``auc`` is their mean."""
+    if getattr(run.dm, "external_data", None) is None:
+        return []
+    metrics = evaluate_trainees(run, trainees, merged, "external")
+    site = run.dm.external_data
+    aucs = [m["auc"] for m in metrics]
+    return [{"name": run.dm.external.name, "n": len(site), "positives": site.positives,
+             "auc": summarize(aucs)["mean"], "node_aucs": dict(zip(run.names, aucs))}]
 
 
 def gather(fabric, values: torch.Tensor, owner: dict[int, int]) -> torch.Tensor:

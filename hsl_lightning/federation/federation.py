@@ -32,7 +32,7 @@ from lightning.fabric import Fabric
 
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation import checkpoint
-from hsl_lightning.federation.evaluation import evaluate_trainees, gather
+from hsl_lightning.federation.evaluation import evaluate_trainees, external_result, gather
 from hsl_lightning.federation.fused_training import FusedRounds
 from hsl_lightning.federation.loggers import WandbMode
 from hsl_lightning.federation.message import RoundMessage
@@ -91,6 +91,9 @@ class Federation:
         val_every_n_rounds: validate every node after every n-th round and after the last; the
             deployed round is the validated round of best mean validation AUC. Validation costs
             about 5 % of a small FedAvg run (benchmarks/overhead.py); raise n to skip most of it.
+        patience: early stopping: end the run once this many rounds have passed since the round of
+            best mean node validation AUC (None, the default: run every round). The deployed round
+            is the best one either way; ``summary.json`` records the patience and the rounds run.
         seed: seeds training (sampling, augmentation, dropout); set from ``seed_everything`` by the CLI.
         threads: CPU threads per rank (default: torch's choice, divided among local ranks).
         fuse_institutions: train the institutions a rank hosts as one model under ``torch.vmap``
@@ -137,6 +140,7 @@ class Federation:
         save_weights: bool = True,
         checkpoint: bool = True,
         val_every_n_rounds: int = 1,
+        patience: int | None = None,
         seed: int = 0,
         threads: int | None = None,
         fuse_institutions: bool = False,
@@ -156,6 +160,10 @@ class Federation:
             raise HSLError(f"val_every_n_rounds must be at least 1, got {val_every_n_rounds} (the last round is "
                            "always validated; set it to the number of rounds to validate only that one).")
         self.val_every_n_rounds = val_every_n_rounds
+        if patience is not None and patience < val_every_n_rounds:
+            raise HSLError(f"patience counts rounds since the best validated round, so it must be at least "
+                           f"val_every_n_rounds ({val_every_n_rounds}), got {patience}.")
+        self.patience = patience
         if min_nodes is not None and min_nodes < 1:
             raise HSLError(f"min_nodes must be at least 1 (or null to stop on any failure), got {min_nodes}.")
         self.min_nodes = min_nodes
@@ -205,6 +213,8 @@ class Federation:
         state = self._start_state(run, ckpt_path)
         report = Reporter(self, run, state)
         for r in range(state.rounds_done, self.rounds):
+            if self._patience_spent(state, r):
+                break
             clock = time.perf_counter()
             message = RoundMessage(run.layout, fabric.device)
             merge = self.strategy.merge_kind(run, received=state.merged)
@@ -228,9 +238,10 @@ class Federation:
         report.bar.close()
         # Deploy the round of best mean validation AUC and score each node on its own test set.
         test = evaluate_trainees(run, state.best.trainees, state.best.merged, "test")
+        external = external_result(run, state.best.trainees, state.best.merged)
         if fabric.world_size == 1:  # leave the user's module holding the deployed model of the first trainee
             state.best.trainees[run.mine[0]].load_deployed(module, run.packer, state.best.merged)
-        return report.finish(state, test, start)
+        return report.finish(state, test, external, start)
 
     # ------------------------------------------------------------------ its phases
     def _setup(self, fabric: Fabric, module, dm, run_dir: Path) -> RankRun:
@@ -301,6 +312,11 @@ class Federation:
             state.record_best(r, score)
         return Validation(metrics, stats, improved)
 
+    def _patience_spent(self, state: RankState, r: int) -> bool:
+        """Whether early stopping ends the run before round r: ``patience`` rounds have passed since
+        the best validated round (the same answer on every rank, and after a resume)."""
+        return self.patience is not None and state.best.round >= 0 and r - 1 - state.best.round >= self.patience
+
     # ------------------------------------------------------------------ checks and failures
     def _check(self, module, dm) -> None:
         hp = getattr(module, "hparams", {}) or {}
@@ -341,5 +357,6 @@ class Federation:
                 "local_epochs": self.local_epochs, "contribute": self.contribute, "accelerator": self.accelerator,
                 "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed,
                 "checkpoint": self.checkpoint, "save_weights": self.save_weights, "min_nodes": self.min_nodes,
-                "val_every_n_rounds": self.val_every_n_rounds, "fuse_institutions": self.fuse_institutions,
+                "val_every_n_rounds": self.val_every_n_rounds, "patience": self.patience,
+                "fuse_institutions": self.fuse_institutions,
                 "cuda_graphs": self.cuda_graphs}

@@ -98,7 +98,9 @@ class FusedRounds:
         Outcome or the exception that stopped it}, and the loaders of the trainees left out."""
         run, fed = self.run, self.federation
         with_sat = getattr(run.module, "uses_sat", False)
-        loaders = {t: run.dm.train_loader(run.plan[t], seed_of(fed.seed, r, t), with_sat=with_sat) for t in run.mine}
+        options = run.strategy.loader_options()
+        loaders = {t: run.dm.train_loader(run.plan[t], seed_of(fed.seed, r, t), with_sat=with_sat, **options)
+                   for t in run.mine}
         groups: dict[int, list[int]] = {}
         for t, loader in loaders.items():  # images per batch: the batch size, or the whole epoch if shorter
             if len(loader):

@@ -80,7 +80,7 @@ class Reporter:
                            f"(min {stats['min']:.4f}){'  * best so far' if validation.improved else ''}")
         return {**row, "dropped": dropped}
 
-    def finish(self, state, test: list[dict], start: float) -> dict | None:
+    def finish(self, state, test: list[dict], external: list[dict], start: float) -> dict | None:
         """Weight files (every rank its trainees'), then on rank 0: ``summary.json`` (``start``: the
         run's ``time.perf_counter()`` when it began), the final metrics, W&B's run closed, the table
         printed. Returns the summary (None on other ranks)."""
@@ -90,11 +90,13 @@ class Reporter:
         if not self.rank0:
             return None
         summary = self.summary(state, test, time.perf_counter() - start)
+        summary["external"] = external
         summary["peak_rss_mb_per_rank"] = [round(float(p), 1) for p in peaks]
         atomic_write(self.run.run_dir / "summary.json", json.dumps(summary, indent=2))
         final = {f"{n['name']}/test_auc": n["test_auc"] for n in summary["nodes"]}
         final.update({"test/mean_auc": summary["mean_test_auc"], "test/std_auc": summary["std_test_auc"],
                       "test/min_auc": summary["min_test_auc"], "best_round": state.best.round + 1})
+        final.update({f"external/{site['name']}_auc": site["auc"] for site in external})
         self._log(final, step=self.federation.rounds + 1)
         self._close(final)
         print(format_table(summary))
@@ -146,7 +148,8 @@ class Reporter:
         stats = summarize([n["test_auc"] for n in nodes])
         return {
             "method": run.strategy.name, "seed": fed.seed, "rounds": fed.rounds,
-            "local_epochs": fed.local_epochs, "best_round": best_round + 1, "wall_s": round(wall, 2),
+            "local_epochs": fed.local_epochs, "best_round": best_round + 1, "rounds_run": len(history),
+            "patience": fed.patience, "stopped_early": len(history) < fed.rounds, "wall_s": round(wall, 2),
             "nodes": nodes, "mean_test_auc": stats["mean"], "std_test_auc": stats["std"],
             "min_test_auc": stats["min"], "mean_val_auc": best_val["mean_val_auc"],
             "bytes_sent_per_node_per_round": run.payload,
@@ -161,6 +164,11 @@ def format_table(summary: dict) -> str:
     for n in summary["nodes"]:
         lines.append(f"{n['name']:<14}{n['n_train']:>8}{n['n_val']:>7}{n['n_test']:>7}"
                      f"{n['val_auc']:>9.4f}{n['test_auc']:>10.4f}")
+    for site in summary.get("external", []):
+        lines.append(f"{site['name']:<14}{'-':>8}{'-':>7}{site['n']:>7}{'-':>9}{site['auc']:>10.4f}  (never trained)")
+    stopped = (f" (early stop after {summary['rounds_run']} of {summary['rounds']} rounds)"
+               if summary.get("stopped_early") else "")
     lines.append(f"{summary['method']}: mean test AUC {summary['mean_test_auc']:.4f} +- {summary['std_test_auc']:.4f} "
-                 f"(min {summary['min_test_auc']:.4f}), best round {summary['best_round']}, {summary['wall_s']:.1f} s")
+                 f"(min {summary['min_test_auc']:.4f}), best round {summary['best_round']}{stopped}, "
+                 f"{summary['wall_s']:.1f} s")
     return "\n".join(lines)

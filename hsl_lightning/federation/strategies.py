@@ -34,6 +34,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from hsl_lightning.errors import HSLError, suggest
@@ -105,6 +106,10 @@ class Strategy:
         (d,), each node's contribution (N, d), training-set sizes (N,) and which of the d entries are
         trainable parameters (the rest are buffers such as BatchNorm statistics)."""
         raise NotImplementedError
+
+    def loader_options(self) -> dict:
+        """Keyword arguments for the data module's ``train_loader`` (e.g. SplitAVG's fixed batch per site)."""
+        return {}
 
     def traffic(self, module: nn.Module) -> int:
         """Bytes that crossed institution boundaries this round besides the shared state and
@@ -355,8 +360,11 @@ class Scaffold(Strategy):
     after K local steps, c_i+ = c_i - c + (x - y) / (K lr), where x is the model it received.
     The models are averaged unweighted and c <- c + mean_i (c_i+ - c_i): the control-variate
     deltas ride in the same all-reduce as the weights (so a node sends twice the parameters).
-    The correction is applied to the gradient before the module's optimizer step; the paper's
-    analysis assumes plain SGD (``model.optimizer: sgd``, as ``configs/methods/scaffold.yaml`` sets).
+    The correction is applied to the gradient before the module's optimizer step. The update of
+    c_i reads the step as plain SGD (y moved by lr times the corrected gradient, K times), so
+    SCAFFOLD refuses other optimizers: under AdamW the moved distance is not lr times a gradient,
+    and c_i comes out on the wrong scale (about 1,000 times the gradient's in our study's set-up).
+    Use ``model.optimizer: sgd`` with ``momentum: 0``, as ``configs/methods/scaffold.yaml`` sets.
     """
 
     name = "scaffold"
@@ -375,6 +383,14 @@ class Scaffold(Strategy):
     def extra_size(self, module):
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
+    def setup(self, module, num_nodes):
+        name, momentum = getattr(module, "optimizer_name", "sgd"), getattr(module, "momentum", 0.0)
+        if name != "sgd" or momentum:
+            raise HSLError(f"scaffold's control variates assume plain SGD steps, but the model trains with "
+                           f"{name}{f' (momentum {momentum})' if momentum else ''}. Set model.init_args.optimizer: sgd "
+                           "and momentum: 0 (configs/methods/scaffold.yaml does), or use fedavg / fedprox with an "
+                           "adaptive optimizer.")
+
     def begin_local(self, module, trainee):
         self._params = [p for p in module.parameters() if p.requires_grad]
         self._x = self._flat().clone()
@@ -389,6 +405,10 @@ class Scaffold(Strategy):
                 p.grad.add_(corr.view_as(p))
 
     def end_local(self, module, trainee, steps, optimizer):
+        plain = type(optimizer) is torch.optim.SGD and not optimizer.param_groups[0].get("momentum", 0)
+        if not plain:
+            raise HSLError(f"scaffold needs plain SGD (no momentum); configure_optimizers returned "
+                           f"{type(optimizer).__name__}. Return torch.optim.SGD(params, lr, momentum=0).")
         lr = optimizer.param_groups[0]["lr"]
         old = self._ci[trainee]
         new = old - self._c + (self._x - self._flat()) / (max(1, steps) * lr)
@@ -415,8 +435,10 @@ class Moon(Strategy):
     where z is the representation of the model being trained, z_glob that of the model the node
     received this round and z_prev that of the node's own model after its previous round (the
     received model in the first round), sim the cosine similarity. Both reference models are frozen
-    copies. The representation is the module's ``representation(batch)`` (the pooled encoder
-    feature; the paper adds a projection head, which we leave out). Aggregation as FedAvg.
+    copies in eval mode. z is the output of the module's ``representation_layer()`` (the pooled
+    encoder feature; the paper adds a projection head, which we leave out), taken from the training
+    forward itself, so BatchNorm statistics move once per step as with every other method; z_glob
+    and z_prev come from ``representation(batch)`` of the frozen copies. Aggregation as FedAvg.
     """
 
     name = "moon"
@@ -429,6 +451,8 @@ class Moon(Strategy):
         self.mu, self.temperature = mu, temperature
         self._previous_states: dict[int, dict[str, torch.Tensor]] = {}  # per hosted node, kept across rounds
         self._global = self._previous = None
+        self._hook = None
+        self._z: torch.Tensor | None = None  # the training forward's representation of the current batch
 
     @staticmethod
     def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -438,12 +462,19 @@ class Moon(Strategy):
         return twin
 
     def begin_local(self, module, trainee):
-        if not hasattr(module, "representation"):
-            raise HSLError(f"moon needs the module's representation(batch); {type(module).__name__} has none.")
-        self._global = self._frozen_copy(module)
+        if not hasattr(module, "representation") or not hasattr(module, "representation_layer"):
+            raise HSLError(f"moon needs the module's representation(batch) and representation_layer(); "
+                           f"{type(module).__name__} lacks them.")
+        self._global = self._frozen_copy(module)  # copied before the hook below, so the copies carry none
         self._previous = self._frozen_copy(module)
         if trainee in self._previous_states:
             self._previous.load_state_dict(self._previous_states[trainee])
+
+        def keep(_, __, output):
+            if module.training:  # the training forward, not an evaluation inside the round
+                self._z = output
+
+        self._hook = module.representation_layer().register_forward_hook(keep)
 
     def contrastive_loss(self, z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
         sims = torch.stack([F.cosine_similarity(z, z_glob, dim=1), F.cosine_similarity(z, z_prev, dim=1)], dim=1)
@@ -451,17 +482,25 @@ class Moon(Strategy):
         return F.cross_entropy(sims / self.temperature, target)
 
     def local_loss(self, module, batch):
+        z, self._z = self._z, None
         if self.mu == 0:
             return None
-        z = module.representation(batch)
+        if z is None:
+            raise HSLError(f"moon: the training forward of {type(module).__name__} did not run its "
+                           "representation_layer(), so there is no representation to contrast.")
         with torch.no_grad():
             z_glob, z_prev = self._global.representation(batch), self._previous.representation(batch)
         return self.mu * self.contrastive_loss(z, z_glob, z_prev)
 
     def end_local(self, module, trainee, steps, optimizer):
         self._previous_states[trainee] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        self._global = self._previous = None
+        self.abort_local(module, trainee)
         return None
+
+    def abort_local(self, module, trainee):
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook, self._z, self._global, self._previous = None, None, None, None
 
     def state_dict(self):
         return {"previous": dict(self._previous_states)}
@@ -520,20 +559,30 @@ class SplitAVG(Strategy):
     Choices, where the paper (abstract) and the authors' code (github.com/zm17943/SplitAVG) leave
     them open or differ from exact split training: cut ``conv1`` by default, as in their code;
     site parts are never averaged, as in their code; each site receives the exact gradient of its
-    own slice (their code sends one gradient averaged over the sites' slices); a step's batch is
-    drawn from the union of the institutions' training sets, so each contributes in proportion to
-    its size (their code draws a fixed batch per site).
+    own slice (their code sends one gradient averaged over the sites' slices). A step's batch holds
+    the same number of images from every site (``site_batch: fixed``, as their code draws it:
+    data.batch_size split evenly, at least one image per site, an epoch as many steps as the pooled
+    data would make), or is drawn from the union of the sites' training sets, each contributing
+    in proportion to its size (``site_batch: proportional``, what this library did before).
     """
 
     name = "splitavg"
     description = ("SplitAVG (Zhang et al. 2022): site parts stay local, a server part trains on all sites' "
                    "concatenated feature maps (sends feature maps)")
 
+    def __init__(self, site_batch: str = "fixed"):
+        if site_batch not in ("fixed", "proportional"):
+            raise HSLError(f"splitavg site_batch must be fixed or proportional, got '{site_batch}'.")
+        self.site_batch = site_batch
+
     def plan(self, num_nodes):
         return [tuple(range(num_nodes))]
 
     def shared_keys(self, module):
         return []
+
+    def loader_options(self):
+        return {"per_node_batch": self.site_batch == "fixed"}
 
     def setup(self, module, num_nodes):
         if not hasattr(module, "set_sites"):
@@ -573,10 +622,12 @@ class FedRCL(Strategy):
       -log( e^{1/tau} / (e^{1/tau} + e^{s~_i/tau}) ): it pushes apart classes whose samples have
       all collapsed together, which is the "relaxation" of plain supervised contrastive learning.
 
-    Weights 1 and 1, tau = 0.05, threshold 0.7, negatives 2 are the authors' defaults. Choices:
-    the levels are the outputs the timm backbone lists in ``feature_info`` (after the activation;
-    the authors take them before it), and the cross-entropy is the module's own BCE. Aggregation:
-    unweighted mean, as in the authors' server.
+    Weights 1 and 1, tau = 0.05, threshold 0.7, negatives 2 are the authors' defaults. The levels
+    are the stem and stages the timm backbone lists in ``feature_info``, tapped before their last
+    activation (``tap: pre_activation``, as the authors' ResNet returns them; for a timm ResNet the
+    input of the stem's ReLU and of each stage's last block's final ReLU), or at the stage outputs
+    (``tap: post_activation``, what this library did before). The cross-entropy is the module's own
+    BCE. Aggregation: unweighted mean, as in the authors' server.
     """
 
     name = "fedrcl"
@@ -584,7 +635,10 @@ class FedRCL(Strategy):
                    "multi-level features in the local loss; unweighted mean")
 
     def __init__(self, scl_weight: float = 1.0, penalty_weight: float = 1.0, temperature: float = 0.05,
-                 threshold: float = 0.7, negatives: int = 2):
+                 threshold: float = 0.7, negatives: int = 2, tap: str = "pre_activation"):
+        if tap not in ("pre_activation", "post_activation"):
+            raise HSLError(f"fedrcl tap must be pre_activation or post_activation, got '{tap}'.")
+        self.tap = tap
         if temperature <= 0 or negatives < 1 or scl_weight < 0 or penalty_weight < 0:
             raise HSLError("fedrcl needs temperature > 0, negatives >= 1 and non-negative weights, got "
                            f"temperature={temperature}, negatives={negatives}, scl_weight={scl_weight}, "
@@ -600,11 +654,16 @@ class FedRCL(Strategy):
                            "(use hsl_lightning.ClassifierModule, see configs/methods/fedrcl.yaml).")
         self._levels = []
 
-        def keep(_, __, output):
-            if output.requires_grad:  # a training forward, not an evaluation
-                self._levels.append(F.normalize(output.float().mean(dim=(2, 3)), dim=1))
+        def add(x):
+            if x.requires_grad:  # a training forward, not an evaluation
+                # pooled at once: an in-place activation overwrites x right after a pre-hook
+                self._levels.append(F.normalize(x.float().mean(dim=(2, 3)), dim=1))
 
-        self._hooks = [m.register_forward_hook(keep) for m in module.feature_levels()]
+        if self.tap == "post_activation":
+            self._hooks = [m.register_forward_hook(lambda _, __, out: add(out)) for m in module.feature_levels()]
+        else:
+            self._hooks = [_last_activation(m).register_forward_pre_hook(lambda _, inputs: add(inputs[0]))
+                           for m in module.feature_levels()]
 
     def rcl_loss(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(contrastive term, penalty) for normalised features ``z`` (B, d) of one level."""
@@ -638,6 +697,19 @@ class FedRCL(Strategy):
 
     def abort_local(self, module, trainee):
         self.end_local(module, trainee, 0, None)
+
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Mish, nn.PReLU)
+
+
+def _last_activation(level: nn.Module) -> nn.Module:
+    """The last activation module registered in ``level`` (itself, if it is one): for timm's
+    ResNets the stage output's ReLU, so its input is the stage's pre-activation output."""
+    found = [m for m in level.modules() if isinstance(m, ACTIVATIONS)]
+    if not found:
+        raise HSLError(f"fedrcl tap pre_activation found no activation module in feature level "
+                       f"{type(level).__name__}; set strategy_options tap: post_activation.")
+    return found[-1]
 
 
 def consensus_coefficients(gram: torch.Tensor, sizes: torch.Tensor, iterations: int = 5000) -> torch.Tensor:
@@ -765,7 +837,9 @@ def get_strategy(strategy: str | Strategy, options: dict | None = None) -> Strat
         raise HSLError(f"Unknown strategy '{strategy}'.{suggest(strategy, STRATEGIES)} "
                        f"Available: {', '.join(STRATEGIES)}.")
     cls = STRATEGIES[strategy]
-    options = dict(options or {})
+    # ``--federation.strategy_options.mu 0.1`` reaches us as the string "0.1": read such values as
+    # YAML scalars, as a config file would have given them (a word stays a string).
+    options = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in (options or {}).items()}
     accepted = list(inspect.signature(cls).parameters)
     unknown = sorted(set(options) - set(accepted))
     if unknown:

@@ -114,7 +114,8 @@ class OneByOne:
         seed = seed_of(fed.seed, r, t, 1) if personal else seed_of(fed.seed, r, t)
         torch.manual_seed(seed)
         if loader is None:
-            loader = run.dm.train_loader(run.plan[t], seed, with_sat=getattr(module, "uses_sat", False))
+            loader = run.dm.train_loader(run.plan[t], seed, with_sat=getattr(module, "uses_sat", False),
+                                         **strategy.loader_options())
         optimizer = optimizer_of(module.configure_optimizers())
         if not personal:
             strategy.begin_local(module, t)

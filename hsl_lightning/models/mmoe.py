@@ -80,7 +80,10 @@ class HSLNetwork(nn.Module):
     """Primary and SAT encoders coupled by an MMoE, with one binary tower per task.
 
     ``mixture``: ``mmoe`` (the method) or ``shared_bottom`` (ablation: :class:`SharedBottom`);
-    ``embedding``: ``softmax`` (the reference) or ``identity`` (see the module docstring).
+    ``embedding``: ``softmax`` (the reference) or ``identity`` (see the module docstring);
+    ``init``: ``xavier``: the linear layers of the experts, gates and towers start Xavier-uniform
+    with zero biases, as the reference's Keras layers do (glorot_uniform, zeros); ``torch``: torch's
+    default (Kaiming-uniform), for runs recorded before this option.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class HSLNetwork(nn.Module):
         tower_dropout: float = 0.4,
         mixture: str = "mmoe",
         embedding: str = "softmax",
+        init: str = "xavier",
     ):
         super().__init__()
         mixtures = {"mmoe": MMoE, "shared_bottom": SharedBottom}
@@ -107,6 +111,8 @@ class HSLNetwork(nn.Module):
             raise HSLError(f"mixture must be one of {', '.join(mixtures)}, got '{mixture}'.")
         if embedding not in ("softmax", "identity"):
             raise HSLError(f"embedding must be softmax or identity, got '{embedding}'.")
+        if init not in ("xavier", "torch"):
+            raise HSLError(f"init must be xavier or torch, got '{init}'.")
         self.temperature, self.embedding = temperature, embedding
         make = lambda: create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, weights=weights)  # noqa: E731
         self.primary_encoder = make()
@@ -121,6 +127,12 @@ class HSLNetwork(nn.Module):
         self.mmoe = mixtures[mixture](2 * proj_dim, num_experts, expert_hidden, skip_dim, expert_dropout, num_tasks=2)
         self.primary_tower = _mlp(skip_dim, tower_hidden, 1, tower_dropout)
         self.sat_tower = _mlp(skip_dim, tower_hidden, 1, tower_dropout)
+        if init == "xavier":
+            for part in (self.mmoe, self.primary_tower, self.sat_tower):
+                for layer in part.modules():
+                    if isinstance(layer, nn.Linear):
+                        nn.init.xavier_uniform_(layer.weight)
+                        nn.init.zeros_(layer.bias)
 
     def sat_features(self, sat_images: torch.Tensor) -> torch.Tensor:
         """Projected SAT-encoder features f2 (B, proj_dim)."""

@@ -33,6 +33,10 @@ class ClassifierModule(BinaryTaskModule):
         """The pooled encoder feature (representation-level methods such as MOON use it)."""
         return self.encoder(batch["image"])
 
+    def representation_layer(self) -> nn.Module:
+        """The layer whose output is :meth:`representation` (MOON hooks it in the training forward)."""
+        return self.encoder
+
     def feature_levels(self) -> list[nn.Module]:
         """The backbone's stem and stages: multi-level methods (FedRCL) hook them."""
         return self.encoder.feature_levels()

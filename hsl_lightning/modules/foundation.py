@@ -38,6 +38,10 @@ class FoundationProbe(ClassifierModule):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.representation({"image": image})).squeeze(1)
 
+    def representation_layer(self):
+        """The layer whose output is :meth:`representation` (MOON hooks it in the training forward)."""
+        return self.encoder
+
     def representation(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
             return self.encoder(batch["image"])

@@ -27,7 +27,9 @@ class HSLModule(BinaryTaskModule):
 
     The network's arguments (backbone ... tower_dropout, mixture, embedding) are those of
     :class:`HSLNetwork`; ``mixture: shared_bottom`` replaces the MMoE by one shared network (an
-    ablation); ``embedding: identity`` skips the softmax in front of the experts (a variant).
+    ablation); ``embedding: identity`` skips the softmax in front of the experts (a variant);
+    ``init``: ``xavier`` (the reference's Keras layers) or ``torch`` (torch's default, which this
+    library used before) for the experts, gates and towers.
     """
 
     uses_sat = True
@@ -58,6 +60,7 @@ class HSLModule(BinaryTaskModule):
         sat_inference: SatInference = "primary",
         mixture: Literal["mmoe", "shared_bottom"] = "mmoe",
         embedding: Literal["softmax", "identity"] = "softmax",
+        init: Literal["xavier", "torch"] = "xavier",
     ):
         super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum,
                          fused_optimizer=fused_optimizer)
@@ -70,6 +73,7 @@ class HSLModule(BinaryTaskModule):
             shared_encoder=shared_encoder, proj_dim=proj_dim, skip_dim=skip_dim, temperature=temperature,
             num_experts=num_experts, expert_hidden=expert_hidden, expert_dropout=expert_dropout,
             tower_hidden=tower_hidden, tower_dropout=tower_dropout, mixture=mixture, embedding=embedding,
+            init=init,
         )
         # Public SAT images for 'reference' inference; not part of the state (never averaged).
         self.register_buffer("sat_reference", None, persistent=False)
@@ -88,6 +92,10 @@ class HSLModule(BinaryTaskModule):
     def representation(self, batch: dict) -> torch.Tensor:
         """The projected primary feature f1 (representation-level methods such as MOON use it)."""
         return self.net.primary_proj(self.net.primary_encoder(batch["image"]))
+
+    def representation_layer(self):
+        """The layer whose output is :meth:`representation` (MOON hooks it in the training forward)."""
+        return self.net.primary_proj
 
     def feature_levels(self) -> list:
         """The primary encoder's stem and stages: multi-level methods (FedRCL) hook them."""
