@@ -31,6 +31,15 @@ def print_strategies() -> None:
         print(f"{name:<{width}}  {cls.description}")
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux), for the report's machine line."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def benchmark(argv: list[str]) -> None:
     """``hsl benchmark``: run a grid of methods x scenarios x seeds, then write its report."""
     import argparse
@@ -47,16 +56,20 @@ def benchmark(argv: list[str]) -> None:
     parser.add_argument("--out", help="results folder (default: the grid's 'out')")
     parser.add_argument("--workers", type=int, default=1, help="cells run at once, one process each (default 1)")
     parser.add_argument("--threads", type=int, help="CPU threads per worker (default: cores / workers)")
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where cells train (auto: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--report-only", action="store_true", help="only summarise the cells already done")
     parser.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
                         help="log the report and plots to W&B (auto: online when logged in, else offline)")
     args = parser.parse_args(argv)
     grid = Grid.load(args.config, args.out)
     if not args.report_only:
-        result = run_grid(grid, workers=args.workers, threads=args.threads)
+        accelerator = args.accelerator if args.accelerator != "auto" else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        result = run_grid(grid, workers=args.workers, threads=args.threads, accelerator=accelerator)
         print(f"hsl benchmark: {result['ran']} cell(s) run ({result['failed']} failed), "
               f"{result['already_done']} already done, of {result['cells']}; {result['wall_s']} s.")
-    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = (f"{_cpu_model() or platform.machine() + ' CPU'}, {os.cpu_count()} cores, torch {torch.__version__}"
                f"{', GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else ', no GPU'}")
     written = write_report(grid, command="hsl benchmark " + " ".join(argv), machine=machine, wandb_mode=args.wandb)
     print(f"hsl benchmark: {written['rows']} result rows -> {written['csv']}, {written['report']}, "

@@ -69,7 +69,7 @@ def test_bad_grid_files_are_clear_errors(tmp_path, monkeypatch, change, message)
 
 def test_cells_are_ordered_seed_by_seed_with_settings_in_order(monkeypatch):
     monkeypatch.chdir(REPO)
-    grid = Grid.load(REPO / "configs" / "benchmarks" / "heterogeneity.yaml")
+    grid = Grid.load(REPO / "configs" / "benchmarks" / "heterogeneity_v1.yaml")
     cells = grid.cells()
     assert len(cells) == 17 * (1 + 5 + 10 + 1) * 5
     assert [c.seed for c in cells] == sorted(c.seed for c in cells)

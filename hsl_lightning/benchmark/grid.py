@@ -21,12 +21,27 @@ A grid file looks like::
     compare: {method: hsl, against: [fedavg, fedprox, central]}   # the report's verdicts
 
 Every cell is one ``hsl fit`` of ``data + scenario + method`` configs followed by the settings
-(grid, scenario, method, sweep step, in that order) with ``seed_everything`` and ``data.seed``
-set to the seed. Paths are relative to the working directory.
+(grid, scenario, method, tuned values, sweep step, in that order) with ``seed_everything`` and
+``data.seed`` set to the seed. Paths are relative to the working directory.
+
+Tuning on validation data: a method entry may carry ``search``, a mapping of dotted settings to
+lists of values; every combination is a candidate::
+
+    tune: {seeds: [100, 101], steps: {label: "0.3/0.7"}}    # tuning seeds (never reported)
+    methods:
+      fedprox:
+        config: configs/methods/fedprox.yaml
+        search: {model.init_args.lr: [3.0e-4, 1.0e-3], federation.strategy_options.mu: [0.01, 0.1]}
+
+For each such method and scenario, every candidate runs on the tuning seeds (at the sweep step
+``tune.steps`` names, by default the middle one) and the candidate of best mean node validation
+AUC, averaged over those seeds, is used for every reported cell of that scenario. The tuning
+seeds must differ from ``seeds``, so no reported data split and no test set informs a choice.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +49,7 @@ import yaml
 
 from hsl_lightning.errors import HSLError, suggest
 
-KEYS = ("out", "data", "settings", "seeds", "methods", "scenarios", "compare", "description")
+KEYS = ("out", "data", "settings", "seeds", "methods", "scenarios", "compare", "description", "tune")
 
 
 @dataclass(frozen=True)
@@ -46,10 +61,19 @@ class Cell:
     seed: int
     configs: tuple[str, ...]
     settings: tuple[tuple[str, object], ...]
+    candidate: str = ""  # a tuning cell's candidate label (c0, c1, ...); "" for a reported cell
 
     @property
     def key(self) -> str:
-        return f"{self.method}/{self.scenario}/{_safe(self.step)}/seed{self.seed}"
+        where = f"{self.method}/{self.scenario}/{_safe(self.step)}"
+        if self.candidate:
+            return f"tune/{where}/{self.candidate}/seed{self.seed}"
+        return f"{where}/seed{self.seed}"
+
+
+def run_dir(out: Path, cell: Cell) -> Path:
+    """Where a cell's run writes (``summary.json`` there marks it done)."""
+    return out / "runs" / cell.key
 
 
 def _safe(label: str) -> str:
@@ -62,10 +86,10 @@ def _entry(name: str, value, kind: str) -> dict:
         value = {"config": value}
     if not isinstance(value, dict) or "config" not in value:
         raise HSLError(f"Benchmark {kind} '{name}' needs a config file (a path, or a mapping with 'config').")
-    unknown = set(value) - {"config", "settings", "sweep"}
+    unknown = set(value) - {"config", "settings", "sweep", "search"}
     if unknown:
         raise HSLError(f"Benchmark {kind} '{name}' has unknown key(s) {', '.join(sorted(unknown))}; "
-                       "it takes config, settings and (scenarios) sweep.")
+                       "it takes config, settings, (scenarios) sweep and (methods) search.")
     configs = [value["config"]] if isinstance(value["config"], str) else list(value["config"])
     sweep = value.get("sweep")
     if sweep is not None:
@@ -73,7 +97,12 @@ def _entry(name: str, value, kind: str) -> dict:
                 or not isinstance(sweep["steps"], dict) or not sweep["steps"]):
             raise HSLError(f"Benchmark {kind} '{name}': a sweep is a mapping with 'key' (a dotted setting) and "
                            "'steps' (label -> value), on scenarios only.")
-    return {"configs": configs, "settings": dict(value.get("settings") or {}), "sweep": sweep}
+    search = value.get("search") or {}
+    if search and (kind != "method" or not isinstance(search, dict)
+                   or not all(isinstance(v, list) and v for v in search.values())):
+        raise HSLError(f"Benchmark {kind} '{name}': search is a mapping of dotted settings to non-empty lists of "
+                       "values, on methods only.")
+    return {"configs": configs, "settings": dict(value.get("settings") or {}), "sweep": sweep, "search": search}
 
 
 @dataclass
@@ -86,6 +115,7 @@ class Grid:
     scenarios: dict[str, dict]
     compare: dict = field(default_factory=dict)
     description: str = ""
+    tune: dict = field(default_factory=dict)
     source: Path | None = None
 
     @classmethod
@@ -122,10 +152,37 @@ class Grid:
             scenarios={str(k): _entry(str(k), v, "scenario") for k, v in raw["scenarios"].items()},
             compare=dict(raw.get("compare") or {}),
             description=str(raw.get("description") or ""),
+            tune=dict(raw.get("tune") or {}),
             source=path,
         )
         grid._check_files()
+        grid._check_tuning()
         return grid
+
+    def _check_tuning(self) -> None:
+        searched = [m for m, e in self.methods.items() if e["search"]]
+        unknown = set(self.tune) - {"seeds", "steps"}
+        if unknown:
+            raise HSLError(f"Benchmark grid {self.source}: tune has unknown key(s) {', '.join(sorted(unknown))}; "
+                           "it takes seeds and steps.")
+        seeds = self.tune.get("seeds") or []
+        if searched and not seeds:
+            raise HSLError(f"Benchmark grid {self.source}: method(s) {', '.join(searched)} have a search, so the grid "
+                           "needs tune: {seeds: [...]}, tuning seeds apart from the reported ones.")
+        if not all(isinstance(s, int) for s in seeds):
+            raise HSLError(f"Benchmark grid {self.source}: tune.seeds must be integers, got {seeds!r}.")
+        shared = sorted(set(seeds) & set(self.seeds))
+        if shared:
+            raise HSLError(f"Benchmark grid {self.source}: seed(s) {shared} are both tuning and reported seeds; a "
+                           "setting chosen on a seed must not be reported on it. Use other tune.seeds.")
+        for scenario, label in (self.tune.get("steps") or {}).items():
+            if scenario not in self.scenarios:
+                raise HSLError(f"Benchmark grid {self.source}: tune.steps names scenario '{scenario}', which is not "
+                               f"among the scenarios.{suggest(str(scenario), list(self.scenarios))}")
+            labels = [k for k, _ in self.steps(scenario)]
+            if str(label) not in labels:
+                raise HSLError(f"Benchmark grid {self.source}: tune.steps gives '{label}' for scenario '{scenario}'; "
+                               f"its steps are {', '.join(labels)}.")
 
     def _check_files(self) -> None:
         named = [("data", f) for f in self.data]
@@ -145,17 +202,49 @@ class Grid:
         sweep = self.scenarios[scenario]["sweep"]
         return [("-", None)] if sweep is None else [(str(k), v) for k, v in sweep["steps"].items()]
 
-    def cells(self) -> list[Cell]:
-        """Every cell, seed by seed (a partly run grid holds whole seeds)."""
+    def candidates(self, method: str) -> list[tuple[str, dict]]:
+        """A searched method's candidates, (label, settings): every combination of its search values."""
+        search = self.methods[method]["search"]
+        combos = [dict(zip(search, values)) for values in itertools.product(*search.values())]
+        return [(f"c{i}", combo) for i, combo in enumerate(combos)]
+
+    def tune_step(self, scenario: str) -> tuple[int, str, object]:
+        """(index, label, value) of the sweep step a scenario is tuned at (its only step if unswept)."""
+        steps = self.steps(scenario)
+        label = (self.tune.get("steps") or {}).get(scenario)
+        index = [k for k, _ in steps].index(str(label)) if label is not None else (len(steps) - 1) // 2
+        return index, steps[index][0], steps[index][1]
+
+    def _cell(self, method: str, scenario: str, index: int, label: str, value, seed: int, extra: dict,
+              candidate: str = "") -> Cell:
+        s, m = self.scenarios[scenario], self.methods[method]
+        settings = {**self.settings, **s["settings"], **m["settings"], **extra}
+        if s["sweep"] is not None:
+            settings[s["sweep"]["key"]] = value
+        return Cell(method, scenario, label, index, seed, tuple(self.data + s["configs"] + m["configs"]),
+                    tuple(settings.items()), candidate)
+
+    def tuning_cells(self) -> list[Cell]:
+        """Every candidate of every searched method, per scenario (at its tuning step) and tuning seed."""
+        out = []
+        for seed in self.tune.get("seeds") or []:
+            for scenario in self.scenarios:
+                index, label, value = self.tune_step(scenario)
+                for method in self.methods:
+                    if self.methods[method]["search"]:
+                        out += [self._cell(method, scenario, index, label, value, seed, combo, candidate)
+                                for candidate, combo in self.candidates(method)]
+        return out
+
+    def cells(self, chosen: dict[tuple[str, str], dict] | None = None) -> list[Cell]:
+        """Every reported cell, seed by seed (a partly run grid holds whole seeds). ``chosen``:
+        (method, scenario) -> the tuned settings (see :func:`~hsl_lightning.benchmark.tuning.choose`);
+        a searched method's cells need them."""
         out = []
         for seed in self.seeds:
-            for scenario, s in self.scenarios.items():
+            for scenario in self.scenarios:
                 for index, (label, value) in enumerate(self.steps(scenario)):
-                    for method, m in self.methods.items():
-                        settings = {**self.settings, **s["settings"], **m["settings"]}
-                        if s["sweep"] is not None:
-                            settings[s["sweep"]["key"]] = value
-                        out.append(Cell(method, scenario, label, index, seed,
-                                        tuple(self.data + s["configs"] + m["configs"]),
-                                        tuple(settings.items())))
+                    for method in self.methods:
+                        extra = (chosen or {}).get((method, scenario), {})
+                        out.append(self._cell(method, scenario, index, label, value, seed, extra))
         return out

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hsl_lightning.benchmark.grid import Grid
-from hsl_lightning.benchmark.runner import run_dir
+from hsl_lightning.benchmark.grid import Grid, run_dir
 
 #: strategies that are not distributed training methods (bounds and the frozen-encoder baseline)
 NOT_DISTRIBUTED = {"local", "central", "foundation"}
@@ -30,7 +29,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        15: 2.131, 20: 2.086, 30: 2.042}
 
 COLUMNS = ["method", "strategy", "scenario", "step", "step_index", "seed", "node", "n_train", "n_val", "n_test",
-           "val_auc", "test_auc", "best_round", "wall_s"]
+           "val_auc", "test_auc", "best_round", "rounds", "rounds_run", "external_auc", "wall_s"]
 
 
 def collect(grid: Grid) -> list[dict]:
@@ -46,8 +45,16 @@ def collect(grid: Grid) -> list[dict]:
                          "step": cell.step, "step_index": cell.step_index, "seed": cell.seed, "node": node["name"],
                          "n_train": node["n_train"], "n_val": node["n_val"], "n_test": node["n_test"],
                          "val_auc": node["val_auc"], "test_auc": node["test_auc"],
-                         "best_round": summary["best_round"], "wall_s": summary["wall_s"]})
+                         "best_round": summary["best_round"], "rounds": summary["rounds"],
+                         "rounds_run": summary.get("rounds_run", summary["rounds"]),
+                         "external_auc": _external(summary), "wall_s": summary["wall_s"]})
     return rows
+
+
+def _external(summary: dict) -> float:
+    """The cell's AUC on its (first) external site: the mean over the nodes' deployed models."""
+    sites = summary.get("external") or []
+    return float(sites[0]["auc"]) if sites else math.nan
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -128,15 +135,87 @@ def _fmt(mean: float, std: float | None = None) -> str:
     return f"{mean:.3f}" if std is None or math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def headline(grid: Grid, stats: Stats) -> str:
-    """Mean node AUC ± std over seeds, per method (rows) and scenario (columns)."""
+def coinciding(grid: Grid, stats: Stats) -> dict[tuple[str, str], str]:
+    """(method, scenario) -> an earlier method whose every node test AUC in every cell of the scenario is
+    exactly the same (e.g. Personalized and Swarm at two nodes, where 0.5 own + 0.5 other is the mean):
+    one method run twice, which the report names once instead of ranking it twice."""
+    same = {}
+    for scenario in grid.scenarios:
+        keys = {m: sorted(k for k in stats.nodes if k[0] == m and k[1] == scenario) for m in grid.methods}
+        methods = [m for m in grid.methods if keys[m]]
+        for i, method in enumerate(methods):
+            for other in methods[:i]:
+                if (other, scenario) in same or len(keys[other]) != len(keys[method]):
+                    continue
+                pairs = zip(keys[method], keys[other])
+                if all(a[2:] == b[2:] and stats.nodes[a] == stats.nodes[b] for a, b in pairs):
+                    same[(method, scenario)] = other
+                    break
+    return same
+
+
+def headline(grid: Grid, stats: Stats, same: dict | None = None) -> str:
+    """Mean node AUC ± std over seeds, per method (rows) and scenario (columns); a method that
+    coincides with an earlier one in a scenario shows "= that method"."""
+    same = same or {}
     scenarios = [s for s in grid.scenarios if s in stats.steps]
     lines = ["| method | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
     for method in grid.methods:
-        summaries = [stats.summary(method, s) for s in scenarios]
-        cells = [_fmt(x["mean"], x["mean_std"]) for x in summaries]
+        cells = []
+        for s in scenarios:
+            x = stats.summary(method, s)
+            text = _fmt(x["mean"], x["mean_std"])
+            cells.append(f"= {same[(method, s)]}" if (method, s) in same and text != "-" else text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def convergence(grid: Grid, rows: list[dict]) -> list[str]:
+    """Per method: how many cells deployed the last round of their budget (not shown converged)."""
+    cells = {}
+    for r in rows:
+        cells[(r["method"], r["scenario"], r["step"], r["seed"])] = (int(r["best_round"]), int(r["rounds"]),
+                                                                     int(r["rounds_run"]))
+    lines = ["## Convergence", "",
+             "A cell that deploys the last round of its budget may have stopped improving only because the budget "
+             "ran out; the study's rule is at most 10 % of any method's cells. Early stopping ends a cell once its "
+             "patience has passed since the round of best mean node validation AUC.", "",
+             "| method | cells | deployed the last round | share | mean rounds run | budget (rounds) |",
+             "|---|---|---|---|---|---|"]
+    worst = 0.0
+    for method in grid.methods:
+        mine = [v for k, v in cells.items() if k[0] == method]
+        if not mine:
+            continue
+        last = sum(best == budget for best, budget, _ in mine)
+        worst = max(worst, last / len(mine))
+        budgets = sorted({budget for _, budget, _ in mine})
+        lines.append(f"| {method} | {len(mine)} | {last} | {100 * last / len(mine):.0f} % | "
+                     f"{np.mean([run for _, _, run in mine]):.1f} | {', '.join(map(str, budgets))} |")
+    lines += ["", f"Largest share of any method: {100 * worst:.0f} %.", ""]
+    return lines
+
+
+def tuning_section(grid: Grid) -> list[str]:
+    """The values chosen on validation data (``tuning.json``), with every candidate's score."""
+    file = grid.out / "tuning.json"
+    if not file.is_file():
+        return []
+    record = json.loads(file.read_text())
+    lines = ["## Settings chosen on validation data", "",
+             f"Tuning seeds {record['tuning_seeds']} (never reported); reported seeds {record['reported_seeds']}. "
+             "Each candidate ran on every tuning seed at the scenario's tuning step; the one of best mean node "
+             "validation AUC (averaged over the tuning seeds) is used for every reported cell of the scenario. No "
+             "test AUC entered a choice.", "",
+             "| method | scenario (step) | chosen | val AUC | candidates (val AUC) |", "|---|---|---|---|---|"]
+    for c in record["choices"]:
+        chosen = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in c["settings"].items())
+        best = next(e for e in c["candidates"] if e["candidate"] == c["chosen"])
+        others = "; ".join(f"{', '.join(str(v) for v in e['settings'].values())}: {_fmt(e['mean_val_auc'])}"
+                           for e in c["candidates"])
+        lines.append(f"| {c['method']} | {c['scenario']} ({c['step']}) | {chosen} | {_fmt(best['mean_val_auc'])} | "
+                     f"{others} |")
+    return lines + [""]
 
 
 def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "") -> str:
@@ -153,13 +232,27 @@ def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "")
     parts += [f"Cells finished: {len(done)} of {total}; seeds {grid.seeds}. Figures: mean node test AUC, "
               "mean ± std over seeds (sweeps averaged over their steps within each seed); a method's figure uses "
               "the seeds for which all its cells of the scenario finished (the per-scenario tables give the count).", ""]
-    parts += ["## Mean node test AUC", "", headline(grid, stats), ""]
+    same = coinciding(grid, stats)
+    parts += ["## Mean node test AUC", "", headline(grid, stats, same), ""]
+    if same:
+        parts += ["\"= X\": every node test AUC of every cell equals method X's, so the two are one method in that "
+                  "scenario (" + "; ".join(f"{m} = {o} in {s}" for (m, s), o in same.items()) + ").", ""]
+    external = Stats(rows, "external_auc")
+    if external.nodes and any(external.nodes.values()):
+        parts += ["## Unseen site: test AUC", "",
+                  "An institution that never trained (its own scanner and positive rate, images disjoint from every "
+                  "node's), scored with what each cell deploys; methods that deploy a model per node give the mean "
+                  "over their nodes' models.", "", headline(grid, external, same), ""]
     parts += ["## Mean node validation AUC", "",
               "At the deployed round (chosen by it, so optimistic, alike for every method): the figure to choose "
               "variants and settings by, leaving the test sets out of every choice.", "",
-              headline(grid, Stats(rows, "val_auc")), ""]
+              headline(grid, Stats(rows, "val_auc"), same), ""]
+    parts += convergence(grid, rows) if rows else []
+    parts += tuning_section(grid)
     if grid.compare:
         parts += _verdicts(grid, stats)
+        if external.nodes and any(external.nodes.values()):
+            parts += _verdicts(grid, external, "unseen site AUC")
     for scenario in grid.scenarios:
         if scenario not in stats.steps:
             continue
@@ -181,10 +274,10 @@ def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "")
     return "\n".join(parts)
 
 
-def _verdicts(grid: Grid, stats: Stats) -> list[str]:
+def _verdicts(grid: Grid, stats: Stats, what: str = "mean node AUC") -> list[str]:
     me, against = grid.compare["method"], grid.compare.get("against", [])
-    lines = [f"## {me} against the references", "",
-             f"Per-seed difference of the scenario's mean node AUC ({me} minus reference), mean ± std over seeds, "
+    lines = [f"## {me} against the references: {what}", "",
+             f"Per-seed difference of the scenario's {what} ({me} minus reference), mean ± std over seeds, "
              "95 % t-interval half-width; verdict by whether the interval excludes zero.", "",
              "| scenario | reference | difference | ± 95 % | verdict |", "|---|---|---|---|---|"]
     for scenario in grid.scenarios:
@@ -195,7 +288,7 @@ def _verdicts(grid: Grid, stats: Stats) -> list[str]:
             word, mean, std, half = verdict(diffs)
             lines.append(f"| {scenario} | {ref} | {_fmt(mean, std)} | {_fmt(half)} | {word} |")
     distributed = [m for m in grid.methods if stats.strategy.get(m) not in NOT_DISTRIBUTED and m != me]
-    lines += ["", f"{me} against every distributed method (mean node AUC over seeds) and against central:", ""]
+    lines += ["", f"{me} against every distributed method ({what}, mean over seeds) and against central:", ""]
     for scenario in grid.scenarios:
         x = stats.summary(me, scenario)
         if not x["seeds"]:

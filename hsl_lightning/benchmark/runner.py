@@ -1,7 +1,7 @@
 """Runs a benchmark grid: every cell is one ``hsl fit``, in worker processes, resumable.
 
-A cell is done when its ``summary.json`` exists; a rerun of the same command skips done cells and
-runs the rest (a killed cell starts over: cells are short and write no checkpoints). A failing
+A cell is done when its ``summary.json`` exists and it ran with the same arguments; a rerun of the
+same command skips done cells and runs the rest (a killed cell starts over: cells are short and write no checkpoints). A failing
 cell is logged to ``failures.jsonl`` with its message and does not stop the grid.
 """
 
@@ -19,16 +19,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from hsl_lightning.benchmark.grid import Cell, Grid
+from hsl_lightning.benchmark.grid import Cell, Grid, run_dir
+from hsl_lightning.benchmark.tuning import choose
 from hsl_lightning.config import HSLCLI
 from hsl_lightning.errors import HSLError, hsl_message
 
 
-def run_dir(out: Path, cell: Cell) -> Path:
-    return out / "runs" / cell.key
-
-
-def cell_args(cell: Cell, directory: Path, threads: int) -> list[str]:
+def cell_args(cell: Cell, directory: Path, threads: int, accelerator: str = "cpu") -> list[str]:
     args = ["fit"]
     for config in cell.configs:
         args += ["--config", config]
@@ -37,7 +34,8 @@ def cell_args(cell: Cell, directory: Path, threads: int) -> list[str]:
     args += ["--seed_everything", str(cell.seed), "--data.seed", str(cell.seed),
              "--federation.run_dir", str(directory), "--federation.wandb", "disabled",
              "--federation.progress", "false", "--federation.checkpoint", "false",
-             "--federation.save_weights", "false", "--federation.threads", str(threads)]
+             "--federation.save_weights", "false", "--federation.threads", str(threads),
+             "--federation.accelerator", accelerator]
     return args
 
 
@@ -58,18 +56,46 @@ def _run_cell(args: list[str], directory: str) -> dict:
             return {"ok": False, "error": message}
 
 
-def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress: bool = True) -> dict:
-    """Run every cell not yet done; returns counts of done, ran, failed cells and the wall time."""
+def done(out: Path, cell: Cell, args: list[str]) -> bool:
+    """A cell is done when its summary exists and it ran with these arguments (``cell.json``): a
+    reported cell whose tuned settings changed runs again."""
+    directory = run_dir(out, cell)
+    if not (directory / "summary.json").is_file():
+        return False
+    recorded = directory / "cell.json"
+    return not recorded.is_file() or json.loads(recorded.read_text()).get("args") == args
+
+
+def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress: bool = True,
+             accelerator: str = "cpu") -> dict:
+    """Run every cell not yet done: the tuning cells first, then the reported cells with the chosen
+    settings (``accelerator``: where each cell trains, ``cpu`` or ``cuda``). Returns counts of
+    cells, done, ran and failed ones, and the wall time."""
     if workers < 1:
         raise HSLError(f"hsl benchmark needs at least one worker, got --workers {workers}.")
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
-    cells = grid.cells()
-    todo = [c for c in cells if not (run_dir(grid.out, c) / "summary.json").is_file()]
+    tuning = grid.tuning_cells()
+    total = len(tuning) + len(grid.cells())
     grid.out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=total, desc="benchmark", unit="cell", disable=not progress, dynamic_ncols=True)
+    start, counts = time.perf_counter(), {"ran": 0, "failed": 0, "already_done": 0}
+    try:
+        _run_cells(grid, tuning, workers, threads, accelerator, bar, counts)
+        chosen = choose(grid) if tuning else {}
+        _run_cells(grid, grid.cells(chosen), workers, threads, accelerator, bar, counts)
+    finally:
+        bar.close()
+    return {"cells": total, **counts, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int, accelerator: str, bar,
+               counts: dict) -> None:
+    """Run the cells of ``cells`` that are not done in a pool of ``workers`` fresh interpreters."""
+    jobs = [(c, cell_args(c, run_dir(grid.out, c), threads, accelerator)) for c in cells]
+    todo = [(c, a) for c, a in jobs if not done(grid.out, c, a)]
+    counts["already_done"] += len(jobs) - len(todo)
+    bar.update(len(jobs) - len(todo))
     failures = grid.out / "failures.jsonl"
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="benchmark", unit="cell",
-               disable=not progress, dynamic_ncols=True)
-    start, ran, failed = time.perf_counter(), 0, 0
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
     try:
@@ -78,23 +104,24 @@ def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress:
         try:
             while queue or pending:
                 while queue and len(pending) < workers:
-                    cell = queue.pop(0)
+                    cell, args = queue.pop(0)
                     directory = run_dir(grid.out, cell)
-                    future = pool.submit(_run_cell, cell_args(cell, directory, threads), str(directory))
-                    pending[future] = cell
+                    directory.mkdir(parents=True, exist_ok=True)
+                    (directory / "cell.json").write_text(json.dumps({"key": cell.key, "args": args}, indent=1))
+                    pending[pool.submit(_run_cell, args, str(directory))] = (cell, args)
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 broken = False
                 for future in finished:
-                    cell = pending.pop(future)
+                    cell, args = pending.pop(future)
                     try:
                         result = future.result()
                     except BrokenProcessPool as exc:  # a worker died (out of memory, a crash)
                         result, broken = {"ok": False, "error": f"worker process died: {exc}"}, True
                     except Exception as exc:  # noqa: BLE001
                         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                    ran += 1
+                    counts["ran"] += 1
                     if not result["ok"]:
-                        failed += 1
+                        counts["failed"] += 1
                         with open(failures, "a") as f:
                             f.write(json.dumps({"cell": cell.key, "error": result["error"]}) + "\n")
                         bar.write(f"failed: {cell.key}: {result['error']}")
@@ -111,6 +138,3 @@ def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress:
             raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    bar.close()
-    return {"cells": len(cells), "already_done": len(cells) - len(todo), "ran": ran, "failed": failed,
-            "wall_s": round(time.perf_counter() - start, 1)}
