@@ -51,10 +51,12 @@ def same_result(a, b, dir_a, dir_b):
     assert [n["val_auc"] for n in a["nodes"]] == [n["val_auc"] for n in b["nodes"]]
     assert a["best_round"] == b["best_round"]
     assert [h["mean_val_auc"] for h in a["history"]] == [h["mean_val_auc"] for h in b["history"]]
-    if (Path(dir_a) / "model.pt").exists():
-        wa = torch.load(Path(dir_a) / "model.pt", weights_only=True)["state"]
-        wb = torch.load(Path(dir_b) / "model.pt", weights_only=True)["state"]
-        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    files = sorted(Path(dir_a).glob("model.ckpt")) + sorted(Path(dir_a).glob("nodes/*.ckpt"))
+    assert files  # the deployed models, as Lightning checkpoints
+    for file in files:
+        wa = torch.load(file, weights_only=True)["state_dict"]
+        wb = torch.load(Path(dir_b) / file.relative_to(dir_a), weights_only=True)["state_dict"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), file.name
 
 
 @pytest.mark.slow
@@ -87,10 +89,6 @@ def test_strategy_state_survives_a_resume(tmp_path, strategy):
     fit(tmp_path / "b", 2, strategy)  # stops after round 2 ...
     resumed = fit(tmp_path / "b", 3, strategy, ckpt="last")  # ... and goes on to 3
     same_result(straight, resumed, tmp_path / "a", tmp_path / "b")
-    for node in (tmp_path / "a" / "nodes").glob("*.pt") if (tmp_path / "a" / "nodes").exists() else []:
-        wa = torch.load(node, weights_only=True)["state"]
-        wb = torch.load(tmp_path / "b" / "nodes" / node.name, weights_only=True)["state"]
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), node.name
 
 
 def test_a_fused_run_resumes_to_the_uninterrupted_result(tmp_path):

@@ -34,9 +34,11 @@ def test_summary_has_the_documented_fields(tmp_path):
 def test_reported_test_auc_is_that_of_the_saved_model(tmp_path):
     dm = tiny_data()
     summary = fit(tmp_path, data=dm)
-    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    model = tiny_hsl()
-    model.load_state_dict(saved["state"])
+    from hsl_lightning import HSLModule
+
+    # the Lightning checkpoint alone rebuilds the module: hyper-parameters included, no config needed
+    model = HSLModule.load_from_checkpoint(tmp_path / "run" / "model.ckpt", weights_only=True)
+    saved = torch.load(tmp_path / "run" / "model.ckpt", weights_only=True)
     model.set_sat_reference(dm.sat_reference())
     model.eval()
     for i, node in enumerate(summary["nodes"]):
@@ -45,7 +47,7 @@ def test_reported_test_auc_is_that_of_the_saved_model(tmp_path):
             for batch in dm.eval_loader(i, "test"):
                 m.update(model.primary_logits(batch), batch["label"])
         assert m.compute()["auc"] == pytest.approx(node["test_auc"], abs=1e-6)
-    assert saved["round"] == summary["best_round"]
+    assert saved["hsl"]["round"] == summary["best_round"] and saved["hsl"]["threshold"] == summary["threshold"]
 
 
 def test_final_round_is_the_one_with_best_mean_validation_auc(tmp_path):
@@ -193,8 +195,8 @@ def test_two_ranks_give_the_same_result_as_one(tmp_path):
     for a, b in zip(one["nodes"], two["nodes"]):
         assert a["test_auc"] == pytest.approx(b["test_auc"], abs=TOLERANCE)
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=TOLERANCE)
-    w1 = torch.load(tmp_path / "w1" / "run" / "model.pt", weights_only=True)["state"]
-    w2 = torch.load(tmp_path / "w2" / "run" / "model.pt", weights_only=True)["state"]
+    w1 = torch.load(tmp_path / "w1" / "run" / "model.ckpt", weights_only=True)["state_dict"]
+    w2 = torch.load(tmp_path / "w2" / "run" / "model.ckpt", weights_only=True)["state_dict"]
     for key in w1:
         assert torch.allclose(w1[key].double(), w2[key].double(), atol=TOLERANCE, rtol=0), key
     assert w1["net.primary_encoder.trunk.conv1.0.weight"].dtype == torch.float64

@@ -292,8 +292,8 @@ def test_fused_on_two_ranks_equals_one_by_one_on_one(tmp_path):
     """Rank 0 fuses nodes 0 and 2, rank 1 trains node 1 alone: the same run as one rank, one by one."""
     one, state_a = _federation(tmp_path, False, _hsl_sgd, tiny_data(), "one_rank", strategy="hsl", threads=1)
     two, _ = _federation(tmp_path, True, _hsl_sgd, tiny_data(), "two_ranks", strategy="hsl", threads=1, devices=2)
-    deployed = torch.load(tmp_path / "two_ranks-True" / "model.pt", weights_only=True)["state"]
-    one_rank = torch.load(tmp_path / "one_rank-False" / "model.pt", weights_only=True)["state"]
+    deployed = torch.load(tmp_path / "two_ranks-True" / "model.ckpt", weights_only=True)["state_dict"]
+    one_rank = torch.load(tmp_path / "one_rank-False" / "model.ckpt", weights_only=True)["state_dict"]
     assert_same_run(one, two, one_rank, deployed)
 
 

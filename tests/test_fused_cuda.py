@@ -83,7 +83,7 @@ def _fit(tmp_path, name, make, data, graphs, **kwargs):
     options = {"rounds": 2, "local_epochs": 2, "wandb": "disabled", "progress": False, "checkpoint": False,
                "accelerator": "gpu", "devices": 1, "fuse_institutions": True, **kwargs}
     summary = Federation(run_dir=str(tmp_path / f"{name}-{graphs}"), cuda_graphs=graphs, **options).fit(model, data)
-    return summary, torch.load(tmp_path / f"{name}-{graphs}" / "model.pt", weights_only=True)["state"]
+    return summary, torch.load(tmp_path / f"{name}-{graphs}" / "model.ckpt", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("case", ["fedavg_unequal", "hsl_best_epoch"])

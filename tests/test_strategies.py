@@ -134,15 +134,20 @@ def test_every_strategy_runs_one_round(tmp_path, name):
     expected = StatePacker(template, strategy.shared_keys(model)).nbytes + 4 * strategy.extra_size(model)
     expected = expected if len(strategy.plan(3)) > 1 else 0
     assert summary["bytes_sent_per_node_per_round"] == expected
-    if not strategy.merge_kind.one_model or expected < sum(v.numel() * v.element_size() for v in template.values()):
-        assert len(list((tmp_path / "nodes").iterdir())) == len(strategy.plan(3))  # per-node state is kept
+    one_model = len(strategy.plan(3)) == 1 or (strategy.merge_kind.one_model and not strategy.personal_model and
+                                               set(strategy.shared_keys(model)) == set(template))
+    if one_model:  # every node deploys the same model: one checkpoint
+        assert (tmp_path / "model.ckpt").is_file() and not (tmp_path / "nodes").exists()
+    else:  # a checkpoint per node
+        assert sorted(p.name for p in (tmp_path / "nodes").iterdir()) == [f"node{i}.ckpt" for i in range(3)]
+        assert not (tmp_path / "model.ckpt").exists()
 
 
 def test_personalized_nodes_end_with_different_models(tmp_path):
     torch.manual_seed(0)
     Federation(strategy="personalized", rounds=2, run_dir=str(tmp_path), wandb="disabled", progress=False).fit(
         ClassifierModule(backbone="test_resnet"), tiny_data(use_sat=False))
-    states = [torch.load(p, weights_only=True)["state"] for p in sorted((tmp_path / "nodes").iterdir())]
+    states = [torch.load(p, weights_only=True)["state_dict"] for p in sorted((tmp_path / "nodes").iterdir())]
     assert len(states) == 3
     assert not torch.allclose(states[0]["head.1.weight"], states[1]["head.1.weight"])
 
@@ -277,10 +282,8 @@ def test_ditto_nodes_deploy_their_personal_models(tmp_path):
     dm = tiny_data(use_sat=False)
     summary = Federation(strategy="ditto", rounds=2, run_dir=str(tmp_path), wandb="disabled", progress=False).fit(
         ClassifierModule(backbone="test_resnet"), dm)
-    shared = torch.load(tmp_path / "model.pt", weights_only=True)["state"]
-    personal = [torch.load(tmp_path / "nodes" / f"node{i}.pt", weights_only=True)["state"] for i in range(3)]
+    personal = [torch.load(tmp_path / "nodes" / f"node{i}.ckpt", weights_only=True)["state_dict"] for i in range(3)]
     assert not torch.allclose(personal[0]["head.1.weight"], personal[1]["head.1.weight"])
-    assert not torch.allclose(personal[0]["head.1.weight"], shared["head.1.weight"])
     for i, state in enumerate(personal):  # the reported AUC is that of the node's personal model
         model = ClassifierModule(backbone="test_resnet")
         model.load_state_dict(state)
@@ -378,7 +381,7 @@ def test_splitavg_logs_the_feature_maps_it_sends_and_keeps_site_parts_local(tmp_
     # per image: its feature map up, its gradient down, its int64 label
     assert summary["bytes_features_per_round"] == images * (2 * math.prod(shape) * 4 + 8)
     assert summary["bytes_sent_per_node_per_round"] == 0  # no weights are exchanged
-    state = torch.load(next((tmp_path / "nodes").iterdir()), weights_only=True)["state"]
+    state = torch.load(tmp_path / "model.ckpt", weights_only=True)["state_dict"]  # one model holds every site part
     first = next(k for k in state if k.startswith("sites.0.") and k.endswith("weight"))
     assert not torch.allclose(state[first], state[first.replace("sites.0.", "sites.1.")])  # each site trained its own
 

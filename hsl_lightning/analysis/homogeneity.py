@@ -45,19 +45,13 @@ def _analysis_imports():
 
 
 def deployed_state(run_dir: Path, node: str) -> dict[str, torch.Tensor]:
-    """The weights ``node`` deploys in a finished run: the merged state (``model.pt``) updated by the
-    node's own entries (``nodes/<name>.pt``; ``central`` trains one model for all nodes)."""
-    state: dict[str, torch.Tensor] = {}
-    if (run_dir / "model.pt").is_file():
-        state.update(torch.load(run_dir / "model.pt", weights_only=True)["state"])
-    own = [p for p in (run_dir / "nodes").glob("*.pt") if node in p.stem.split("+")] \
-        if (run_dir / "nodes").is_dir() else []
-    for path in own:
-        state.update(torch.load(path, weights_only=True)["state"])
-    if not state:
-        raise HSLError(f"{run_dir} holds no weights for node '{node}' (model.pt / nodes/*.pt); the run must be "
-                       "finished with federation.save_weights true.")
-    return state
+    """The weights ``node`` deploys in a finished run: ``model.ckpt`` when all nodes deploy one
+    model, else ``nodes/<node>.ckpt``."""
+    for path in (run_dir / "model.ckpt", run_dir / "nodes" / f"{node}.ckpt"):
+        if path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    raise HSLError(f"{run_dir} holds no weights for node '{node}' (model.ckpt / nodes/{node}.ckpt); the run must be "
+                   "finished with federation.save_weights true.")
 
 
 def extract(run_dir: str | Path, split: str = "test", label: str | None = None) -> Features:

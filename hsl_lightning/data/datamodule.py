@@ -97,6 +97,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.external = external
         self.external_data: ImageSet | None = None
         self.nodes: list[NodeData] | None = None
+        self.size: int | None = None  # the image size training uses, once set up
         self.sat_pool: ImageSet | None = None
         self.sat_eval: ImageSet | None = None
 
@@ -122,6 +123,7 @@ class FederatedDataModule(L.LightningDataModule):
         raw, external = self._carve_external(raw)
         per_node = self._per_node_splits(raw, g)
         size = self.image_size or int(next(iter(per_node.values()))["train"].images.shape[-1])
+        self.size = size
         if external is not None:
             images = harmonize(external.images, self.in_chans, size)
             g_ext = torch.Generator().manual_seed(self.seed * 1000 + 998)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from hsl_lightning.deploy.checkpoints import GRID, counts
 from hsl_lightning.metrics import NodeMetrics, summarize
 
 METRICS = ("auc", "acc", "sensitivity", "specificity")
@@ -24,6 +25,33 @@ def evaluate(fabric, module, dm, node: int, split: str) -> dict:
             out = module.validation_step(batch, i) if split == "val" else module.test_step(batch, i)
         metrics.update(out["logits"], out["target"])
     return metrics.compute()
+
+
+@torch.no_grad()
+def predictions(fabric, module, dm, node: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module``'s logits on one node's ``split`` and the targets, on the CPU."""
+    module.eval()
+    logits, targets = [], []
+    for i, batch in enumerate(dm.eval_loader(node, split)):
+        batch = fabric.to_device(batch)
+        with fabric.autocast():
+            out = module.validation_step(batch, i)
+        logits.append(out["logits"].float().cpu())
+        targets.append(out["target"].cpu())
+    return torch.cat(logits), torch.cat(targets)
+
+
+def threshold_counts(run, trainees: dict, merged: torch.Tensor) -> torch.Tensor:
+    """Per node, with the model it deploys, its validation images at or above every probability cut
+    (:func:`hsl_lightning.deploy.checkpoints.counts`), the same on every rank: rows add up, so a
+    threshold can pool any nodes."""
+    rows = torch.zeros(len(run.owner), 2 * len(GRID) + 2, dtype=torch.float64)
+    for t in run.mine:
+        trainees[t].load_deployed(run.module, run.packer, merged)
+        for i in run.plan[t]:
+            logits, target = predictions(run.fabric, run.module, run.dm, i, "val")
+            rows[i] = counts(torch.sigmoid(logits), target)
+    return gather(run.fabric, rows, run.owner)
 
 
 def local_val_auc(fabric, module, dm, nodes) -> float:

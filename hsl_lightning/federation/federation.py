@@ -32,7 +32,7 @@ from lightning.fabric import Fabric
 
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation import checkpoint
-from hsl_lightning.federation.evaluation import evaluate_trainees, external_result, gather
+from hsl_lightning.federation.evaluation import evaluate_trainees, external_result, gather, threshold_counts
 from hsl_lightning.federation.fused_training import FusedRounds
 from hsl_lightning.federation.loggers import WandbMode
 from hsl_lightning.federation.message import RoundMessage
@@ -85,7 +85,9 @@ class Federation:
             loss): None (default) stops the run with a message naming the node, the round and the
             cause; a number drops the failing node from that round (it keeps what it received, and
             the failure is logged) as long as at least that many nodes finished the round.
-        save_weights: write the deployed weights (``model.pt``, ``nodes/<name>.pt``) at the end.
+        save_weights: write the deployed models at the end as Lightning checkpoints: ``model.ckpt``
+            when every node deploys the same model, else ``nodes/<name>.ckpt`` per node
+            (:mod:`hsl_lightning.deploy.checkpoints`).
         checkpoint: write a checkpoint after every round (``<run_dir>/checkpoints``; the newest
             complete round is kept), so ``fit(..., ckpt_path="last")`` continues a killed run.
         val_every_n_rounds: validate every node after every n-th round and after the last; the
@@ -176,6 +178,7 @@ class Federation:
         self.cuda_graphs = cuda_graphs
         self.run_config: dict | None = None  # the resolved CLI config, attached to loggers and saved
         self.summary: dict | None = None
+        self.last_run_dir: Path | None = None  # where the last fit wrote
 
     # ------------------------------------------------------------------ entry point
     def fit(self, model, datamodule, ckpt_path: str | None = None) -> dict:
@@ -203,6 +206,7 @@ class Federation:
         fabric = Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
                         precision=self.precision, strategy=fabric_strategy)
         self.summary = fabric.launch(self._run, model, datamodule, run_dir, ckpt_path)
+        self.last_run_dir = run_dir
         return self.summary
 
     # ------------------------------------------------------------------ one rank: the round loop
@@ -239,9 +243,10 @@ class Federation:
         # Deploy the round of best mean validation AUC and score each node on its own test set.
         test = evaluate_trainees(run, state.best.trainees, state.best.merged, "test")
         external = external_result(run, state.best.trainees, state.best.merged)
+        thresholds = threshold_counts(run, state.best.trainees, state.best.merged)
         if fabric.world_size == 1:  # leave the user's module holding the deployed model of the first trainee
             state.best.trainees[run.mine[0]].load_deployed(module, run.packer, state.best.merged)
-        return report.finish(state, test, external, start)
+        return report.finish(state, test, external, thresholds, start)
 
     # ------------------------------------------------------------------ its phases
     def _setup(self, fabric: Fabric, module, dm, run_dir: Path) -> RankRun:

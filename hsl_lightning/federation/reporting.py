@@ -2,8 +2,8 @@
 
 Rank 0 writes ``data.json`` (how each node was drawn), ``config.yaml`` (the resolved CLI config),
 one metrics row per round (CSV always, W&B unless disabled), ``summary.json`` and the final
-table, and ``model.pt`` (the deployed merged state); every rank writes ``nodes/<name>.pt`` (what
-differs per node) for the trainees it hosts.
+table, and ``model.ckpt`` when every node deploys the same model; otherwise every rank writes
+``nodes/<name>.ckpt`` for the nodes it hosts (Lightning checkpoints: :mod:`hsl_lightning.deploy.checkpoints`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from hsl_lightning.deploy import checkpoints
 from hsl_lightning.federation.evaluation import METRICS
 from hsl_lightning.federation.loggers import make_loggers
 from hsl_lightning.metrics import summarize
@@ -80,16 +81,20 @@ class Reporter:
                            f"(min {stats['min']:.4f}){'  * best so far' if validation.improved else ''}")
         return {**row, "dropped": dropped}
 
-    def finish(self, state, test: list[dict], external: list[dict], start: float) -> dict | None:
+    def finish(self, state, test: list[dict], external: list[dict], thresholds: torch.Tensor,
+               start: float) -> dict | None:
         """Weight files (every rank its trainees'), then on rank 0: ``summary.json`` (``start``: the
         run's ``time.perf_counter()`` when it began), the final metrics, W&B's run closed, the table
         printed. Returns the summary (None on other ranks)."""
         if self.federation.save_weights:
-            self.write_weights(state.best)
+            self.write_checkpoints(state.best, thresholds)
         peaks = self._peak_rss()
         if not self.rank0:
             return None
         summary = self.summary(state, test, time.perf_counter() - start)
+        for i, node in enumerate(summary["nodes"]):
+            node["threshold"] = checkpoints.youden(thresholds[i])
+        summary["threshold"] = checkpoints.youden(thresholds.sum(0)) if self.one_model else None
         summary["external"] = external
         summary["peak_rss_mb_per_rank"] = [round(float(p), 1) for p in peaks]
         atomic_write(self.run.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -118,17 +123,31 @@ class Reporter:
         peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
         return fabric.all_gather(peak.to(fabric.device)).reshape(-1).cpu() if fabric.world_size > 1 else peak
 
-    def write_weights(self, best) -> None:
-        """``model.pt``: the deployed merged state; ``nodes/<name>.pt``: what differs per node."""
-        run, run_dir = self.run, self.run.run_dir
-        if self.rank0 and run.packer.numel and run.strategy.merge_kind.one_model:
-            # torch.save, not fabric.save: the latter waits at a barrier that only rank 0 would reach.
-            torch.save({"round": best.round + 1, "state": run.packer.unpack(best.merged.cpu())}, run_dir / "model.pt")
+    @property
+    def one_model(self) -> bool:
+        """Whether every node deploys the same model (one trainee, or one merged state and nothing local)."""
+        run = self.run
+        return len(run.plan) == 1 or (run.strategy.merge_kind.one_model and not run.local_keys
+                                      and not run.strategy.personal_model)
+
+    def write_checkpoints(self, best, thresholds: torch.Tensor) -> None:
+        """``model.ckpt`` (rank 0) when every node deploys the same model, else ``nodes/<name>.ckpt``
+        for each node this rank hosts; each with its threshold chosen on validation data."""
+        fed, run, run_dir = self.federation, self.run, self.run.run_dir
+        info = {"round": best.round + 1, "strategy": run.strategy.name, "seed": fed.seed, "run": str(run_dir),
+                "image_size": run.dm.size, "in_chans": run.dm.in_chans, "nodes": list(run.names)}
+        # torch.save inside, not fabric.save: the latter waits at a barrier that only some ranks would reach.
+        if self.one_model:
+            if self.rank0:
+                best.trainees[run.mine[0]].load_deployed(run.module, run.packer, best.merged)
+                checkpoints.write(run_dir / "model.ckpt", run.module,
+                                  {**info, "node": None, "threshold": checkpoints.youden(thresholds.sum(0))})
+            return
         for t in run.mine:
-            own = best.trainees[t].own_weights(run.packer)
-            if own:
-                (run_dir / "nodes").mkdir(parents=True, exist_ok=True)
-                torch.save({"round": best.round + 1, "state": own}, run_dir / "nodes" / f"{run.label(t)}.pt")
+            best.trainees[t].load_deployed(run.module, run.packer, best.merged)
+            for i in run.plan[t]:
+                checkpoints.write(run_dir / "nodes" / f"{run.names[i]}.ckpt", run.module,
+                                  {**info, "node": run.names[i], "threshold": checkpoints.youden(thresholds[i])})
 
     def summary(self, state, test: list[dict], wall: float) -> dict:
         fed, run, history = self.federation, self.run, state.history

@@ -60,15 +60,6 @@ class TraineeState:
         else:
             self.load_start(module, packer, merged)
 
-    def own_weights(self, packer: StatePacker) -> State:
-        """What it deploys beyond the federation's merged state (``nodes/<name>.pt``; empty: nothing)."""
-        if self.personal is not None:
-            return _cpu(self.personal)
-        own = _cpu(self.local)
-        if self.shared is not None:
-            own.update(packer.unpack(self.shared.cpu()))
-        return own
-
     def portable(self, packer: StatePacker) -> dict:
         return {"local": _cpu(self.local),
                 "shared": None if self.shared is None else packer.unpack(self.shared.cpu()),

@@ -84,6 +84,21 @@ class BinaryTaskModule(L.LightningModule):
         if defined:
             self.log(f"{stage}/mean_auc", sum(defined) / len(defined), prog_bar=True)
 
+    def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> torch.Tensor:
+        """The primary task's probabilities, for ``lightning.Trainer.predict``."""
+        return torch.sigmoid(self.primary_logits(batch).float())
+
+    @torch.no_grad()
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities of the primary task's positive class for float images (B, C, H, W) in [0, 1]
+        (the module normalises them itself), in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.predict_step({"image": images.to(self.device)})
+        finally:
+            self.train(was_training)
+
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
 

@@ -39,8 +39,8 @@ class SplitClassifier(BinaryTaskModule):
     ResNets) into per-site parts and one server part with the logit.
 
     The split needs a backbone whose forward runs its top-level layers one after another (ResNets,
-    most CNNs); that is checked once at construction. Until the federation calls
-    :meth:`set_sites`, there is one site.
+    most CNNs); that is checked once at construction. ``sites``: how many site parts to hold
+    (the federation calls :meth:`set_sites` with its node count; a checkpoint records the count).
     """
 
     uses_sat = False
@@ -48,7 +48,7 @@ class SplitClassifier(BinaryTaskModule):
     def __init__(self, backbone: str = "resnet18", in_chans: int = 1, pretrained: bool = False,
                  weights: str | None = None, cut: str = "conv1", dropout: float = 0.0, lr: float = 1e-3,
                  weight_decay: float = 1e-4, optimizer: Optimizer = "adamw", momentum: float = 0.0,
-                 fused_optimizer: bool = True):
+                 fused_optimizer: bool = True, sites: int = 1):
         super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, momentum=momentum,
                          fused_optimizer=fused_optimizer)
         self.save_hyperparameters()
@@ -65,6 +65,7 @@ class SplitClassifier(BinaryTaskModule):
         self.sites = nn.ModuleList([site])
         self.server = nn.Sequential(server, nn.Dropout(dropout), nn.Linear(encoder.num_features, 1))
         self.traffic_bytes = 0  # feature maps + labels sent and gradients received by sites while training
+        self.set_sites(sites)
 
     def set_sites(self, count: int) -> None:
         """Give ``count`` sites their own copy of the site part (all start from the same weights)."""
@@ -72,6 +73,7 @@ class SplitClassifier(BinaryTaskModule):
             raise HSLError(f"SplitClassifier needs at least one site, got {count}.")
         first = self.sites[0]
         self.sites = nn.ModuleList([first] + [copy.deepcopy(first) for _ in range(count - 1)])
+        self.hparams["sites"] = count  # so a checkpoint rebuilds as many site parts
 
     def forward(self, image: torch.Tensor, node: torch.Tensor | None = None) -> torch.Tensor:
         if node is None:

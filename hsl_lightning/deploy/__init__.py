@@ -1,0 +1,1 @@
+"""Using what a run trained: its checkpoints, scoring on any data (``hsl test``), predictions (``hsl predict``)."""

@@ -1,0 +1,104 @@
+"""The deployed models of a run as Lightning checkpoints.
+
+A finished run writes ``model.ckpt`` when every node deploys the same model, else
+``nodes/<node>.ckpt`` per node. Each is a Lightning checkpoint (``state_dict``,
+``hyper_parameters``, ``pytorch-lightning_version``), so
+``HSLModule.load_from_checkpoint(path)`` (or the class the run used) rebuilds the module without
+any config, and ``lightning.Trainer().test/predict`` can use it. An ``hsl`` section adds what
+deployment needs besides the weights:
+
+- ``class_path``: the module's class, for :func:`load`;
+- ``threshold``: the probability cut chosen on the run's validation data (Youden's J: the cut that
+  maximises sensitivity + specificity - 1; for ``model.ckpt`` over all nodes' validation images
+  pooled, for a node's checkpoint over its own);
+- ``image_size``, ``in_chans``: how training prepared images (``hsl predict`` does the same);
+- ``node``, ``round``, ``strategy``, ``seed``: where it came from;
+- ``sat_reference``: the fixed SAT batch of an HSLModule that infers with ``sat_inference:
+  reference`` (a buffer that is not part of the state).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import lightning
+import torch
+
+from hsl_lightning.errors import HSLError
+
+#: probability cuts tried when choosing the threshold (resolution 0.001)
+GRID = torch.linspace(0, 1, 1001, dtype=torch.float64)
+
+
+def write(path: Path, module: torch.nn.Module, info: dict) -> None:
+    """``module`` (holding the deployed weights) as a Lightning checkpoint at ``path``, atomically."""
+    hparams = dict(getattr(module, "hparams", {}) or {})
+    info = {"class_path": f"{type(module).__module__}.{type(module).__qualname__}", **info}
+    reference = getattr(module, "sat_reference", None)
+    if reference is not None and getattr(module, "sat_inference", None) == "reference":
+        info["sat_reference"] = reference.detach().cpu()
+    payload = {
+        "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+        "hyper_parameters": hparams,
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": int(info.get("round", 0)),
+        "global_step": 0,
+        "hsl": info,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".ckpt.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def info(path: str | Path) -> dict:
+    """The ``hsl`` section of a checkpoint (reads the file; the weights are not instantiated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HSLError(f"Checkpoint not found: {path}.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear message
+        raise HSLError(f"Cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if "hsl" not in payload:
+        raise HSLError(f"{path} is not a checkpoint written by hsl fit (it has no 'hsl' section).")
+    return payload["hsl"]
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The module of a checkpoint, in eval mode, through its class's ``load_from_checkpoint``; and
+    its ``hsl`` section."""
+    meta = info(path)
+    module_name, _, cls_name = meta["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise HSLError(f"{path} holds a {meta['class_path']}, which cannot be imported here: {exc}") from exc
+    module = cls.load_from_checkpoint(str(path), map_location=device, weights_only=True)
+    if meta.get("sat_reference") is not None and hasattr(module, "set_sat_reference"):
+        module.set_sat_reference(meta["sat_reference"].to(device))
+    return module.eval(), meta
+
+
+def counts(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Positives and negatives at or above each cut of :data:`GRID`, then the class totals: one row
+    (2 * len(GRID) + 2,) that adds up over nodes, so thresholds can pool nodes hosted on any rank."""
+    probs, target = probs.double().cpu(), target.long().cpu()
+    above = probs[:, None] >= GRID[None, :]
+    pos, neg = target == 1, target == 0
+    return torch.cat([above[pos].sum(0).double(), above[neg].sum(0).double(),
+                      torch.tensor([pos.sum(), neg.sum()], dtype=torch.float64)])
+
+
+def youden(row: torch.Tensor) -> float:
+    """The cut of best sensitivity + specificity - 1 for one :func:`counts` row (summed rows pool
+    nodes); among equally good cuts the middle one; 0.5 when a class is missing."""
+    k = len(GRID)
+    pos_above, neg_above, (n_pos, n_neg) = row[:k], row[k: 2 * k], row[2 * k:].tolist()
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    j = pos_above / n_pos - neg_above / n_neg
+    best = torch.nonzero(j >= j.max() - 1e-12).flatten()
+    return float(GRID[best[len(best) // 2]])

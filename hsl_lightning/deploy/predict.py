@@ -1,0 +1,104 @@
+"""``hsl predict``: a probability per image file from a finished run's deployed model.
+
+Images (PNG, JPEG, BMP, TIFF; files, or folders searched recursively) are prepared exactly as
+training prepared its images: converted to the model's channel count, resized to the training
+size (bicubic, antialiased, kept as 8-bit), scaled to [0, 1]; the module normalises them itself.
+A file that cannot be read is reported by name and left out; every other image is still written.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from hsl_lightning.data.base import harmonize
+from hsl_lightning.data.folders import EXTENSIONS
+from hsl_lightning.deploy import checkpoints
+from hsl_lightning.deploy.scoring import deployed
+from hsl_lightning.errors import HSLError
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """The image files named, and those under the folders named (sorted), in the order given."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS)
+            if not found:
+                raise HSLError(f"No images ({', '.join(sorted(EXTENSIONS))}) under {p}.")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise HSLError(f"No such image file or folder: {p}.")
+    return files
+
+
+def prepare(path: Path, channels: int, size: int) -> torch.Tensor:
+    """One file as training saw its images: uint8 (channels, size, size)."""
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise HSLError(f"cannot read {path}: {exc}") from exc
+    x = torch.from_numpy(array.copy())
+    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+    return harmonize(x.unsqueeze(0), channels, size)[0]
+
+
+def model_path(run_dir: str | Path, node: str | None) -> Path:
+    models = deployed(run_dir)
+    if None in models:
+        if node is not None:
+            raise HSLError(f"{run_dir} deployed one model for every node; leave out --node.")
+        return models[None]
+    if node is None or node not in models:
+        what = "names no trained node" if node is not None else "deployed one model per node"
+        raise HSLError(f"{run_dir} {what}: choose one with --node ({', '.join(models)}).")
+    return models[node]
+
+
+@torch.no_grad()
+def predict(run_dir: str | Path, paths: list[str | Path], out: str | Path, node: str | None = None,
+            batch_size: int = 64, progress: bool = True) -> dict:
+    """Write ``out`` (CSV: path, probability, label at the model's threshold, threshold, model; or
+    the error for a file that could not be read). Returns counts and the unreadable files."""
+    path = model_path(run_dir, node)
+    module, meta = checkpoints.load(path)
+    if getattr(module, "sat_inference", None) == "paired":
+        raise HSLError(f"{path} infers with sat_inference 'paired', which needs a SAT image beside every input; "
+                       "predict with a model trained with sat_inference primary or reference.")
+    channels, size, threshold = int(meta["in_chans"]), int(meta["image_size"]), float(meta["threshold"])
+    files = image_files(paths)
+    rows, errors = [], []
+    bar = tqdm(total=len(files), desc="hsl predict", unit="image", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(files), batch_size):
+        chunk, images = [], []
+        for f in files[start: start + batch_size]:
+            try:
+                images.append(prepare(f, channels, size))
+                chunk.append(f)
+            except HSLError as exc:
+                errors.append({"path": str(f), "error": str(exc)})
+                rows.append({"path": str(f), "probability": "", "label": "", "threshold": threshold,
+                             "model": node or "model", "error": str(exc)})
+        if images:
+            probs = module.predict_proba(torch.stack(images).float().div_(255)).tolist()
+            rows += [{"path": str(f), "probability": f"{p:.6f}", "label": int(p >= threshold), "threshold": threshold,
+                      "model": node or "model", "error": ""} for f, p in zip(chunk, probs)]
+        bar.update(len(files[start: start + batch_size]))
+    bar.close()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    order = {str(f): i for i, f in enumerate(files)}
+    rows.sort(key=lambda r: order[r["path"]])
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "probability", "label", "threshold", "model", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"images": len(files), "predicted": len(files) - len(errors), "errors": errors, "out": str(out)}
