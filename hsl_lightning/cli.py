@@ -5,8 +5,10 @@ sections, ``model`` (a LightningModule: HSLModule by default), ``data`` (Federat
 and ``federation`` (the Federation: strategy, rounds, devices, logging), and runs the
 federation. Several ``--config`` files compose left to right (dataset + scenario + method);
 any key can be overridden on the command line, e.g. ``--model.init_args.backbone resnet34``.
-``hsl strategies`` lists the strategies; ``hsl benchmark --config GRID`` runs a benchmark grid;
-``hsl embed RUN_DIR ...`` draws and measures how homogeneous trained runs make the nodes.
+``hsl test --run RUN_DIR`` scores a finished run's deployed model(s) on any data configuration;
+``hsl predict --run RUN_DIR --images PATH...`` writes a probability per image; ``hsl strategies``
+lists the strategies; ``hsl benchmark --config GRID`` runs a benchmark grid; ``hsl embed RUN_DIR
+...`` draws and measures how homogeneous trained runs make the nodes. ``hsl --help`` lists them.
 
 The command sits on top of the package: nothing imports it. The configuration parser it runs is
 :class:`hsl_lightning.config.HSLCLI`; the one-paragraph error messages come from
@@ -19,16 +21,127 @@ import os
 import sys
 
 from hsl_lightning.config import HSLCLI
-from hsl_lightning.errors import HSLError, hsl_message
+from hsl_lightning.errors import HSLError, hsl_message, suggest
 from hsl_lightning.federation import STRATEGIES
 
 __all__ = ["HSLCLI", "main"]
 
 
-def print_strategies() -> None:
+SUBCOMMANDS = {
+    "fit": "train a federation from a config (hsl fit --config configs/quickstart.yaml)",
+    "test": "score a finished run's deployed model(s) on any data config, e.g. a new site (hsl test --run DIR)",
+    "predict": "write a probability and label per image file (hsl predict --run DIR --images PATH... --out F.csv)",
+    "strategies": "list the federated strategies and what each does",
+    "benchmark": "run a grid of methods x scenarios x seeds and write its report (hsl benchmark --config GRID)",
+    "embed": "measure and draw how alike trained runs make the nodes (hsl embed RUN_DIR ...)",
+}
+
+
+def print_help() -> None:
+    width = max(map(len, SUBCOMMANDS))
+    print("usage: hsl SUBCOMMAND [options]    (hsl SUBCOMMAND --help for its options)\n\n"
+          "HeteroSync Learning on simulated or real institutions.\n\nsubcommands:")
+    for name, text in SUBCOMMANDS.items():
+        print(f"  {name:<{width}}  {text}")
+
+
+def strategies(argv: list[str]) -> None:
+    """``hsl strategies``: every registered strategy, one line each."""
+    import argparse
+
+    argparse.ArgumentParser(prog="hsl strategies", description=SUBCOMMANDS["strategies"]).parse_args(argv)
     width = max(len(n) for n in STRATEGIES)
     for name, cls in STRATEGIES.items():
         print(f"{name:<{width}}  {cls.description}")
+
+
+def _run_data(run: str, argv: list[str]):
+    """The data module of a run's ``config.yaml``, with further ``--config`` files and ``--data.*``
+    overrides applied on top (the model and federation sections stay the run's)."""
+    from pathlib import Path
+
+    config = Path(run) / "config.yaml"
+    if not config.is_file():
+        raise HSLError(f"{config} not found: --run takes the run directory of an hsl fit (it holds config.yaml).")
+    cli = HSLCLI(args=["--config", str(config), *argv], run=False)
+    return cli.datamodule
+
+
+def test(argv: list[str]) -> None:
+    """``hsl test``: score a finished run's deployed model(s) on the sites of a data config."""
+    import argparse
+    import json
+
+    from hsl_lightning.deploy.scoring import format_scores, score
+
+    parser = argparse.ArgumentParser(prog="hsl test", description=(
+        "Score a finished run's deployed model(s) on every site of a data configuration: by default the run's own "
+        "(which gives back summary.json's test AUCs); --config files and --data.* overrides change it, e.g. to the "
+        "images of a hospital that never trained. Per site: AUC with a 95 %% bootstrap interval, and accuracy, "
+        "sensitivity and specificity at the threshold chosen on the run's validation data."),
+        epilog="Any other option (--config FILE, --data.KEY VALUE) applies to the data, as in hsl fit.")
+    parser.add_argument("--run", required=True, help="the run directory of an hsl fit")
+    parser.add_argument("--split", default="test", choices=["val", "test"])
+    parser.add_argument("--out", help="the JSON to write (default: RUN/test.json)")
+    parser.add_argument("--bootstraps", type=int, default=1000, help="bootstrap resamples for the interval (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the bootstrap")
+    parser.add_argument("--wandb", default="disabled", choices=["disabled", "auto", "online", "offline"],
+                        help="also log the scores to W&B (default: disabled)")
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("--") and not a.startswith(("--config", "--data."))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (only --config and --data.* go to the data)")
+    result = score(args.run, _run_data(args.run, rest), args.split, args.bootstraps, args.seed)
+    from pathlib import Path
+
+    out = Path(args.out or Path(args.run) / "test.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(format_scores(result))
+    print(f"hsl test: scores written to {out}")
+    if args.wandb != "disabled":
+        _log_scores(result, args.run, args.wandb)
+
+
+def _log_scores(result: dict, run: str, mode: str) -> None:
+    from pathlib import Path
+
+    from hsl_lightning.federation.loggers import resolve_wandb_mode
+
+    resolved = resolve_wandb_mode(mode)
+    if resolved == "disabled":
+        return
+    import wandb
+
+    logged = wandb.init(project="hsl_lightning", name=f"test-{Path(run).name}", job_type="test", mode=resolved,
+                        dir=run, reinit="finish_previous")
+    for site in result["sites"]:
+        logged.summary.update({f"{site['site']}/{k}": site[k] for k in ("auc", "auc_low", "auc_high", "acc",
+                                                                       "sensitivity", "specificity") if k in site})
+    logged.summary["mean_auc"] = result["mean_auc"]
+    logged.finish()
+
+
+def predict(argv: list[str]) -> None:
+    """``hsl predict``: a probability and label per image file."""
+    import argparse
+
+    from hsl_lightning.deploy.predict import predict as run_predict
+
+    parser = argparse.ArgumentParser(prog="hsl predict", description=(
+        "Write a probability per image (PNG, JPEG, BMP, TIFF files, or folders of them, searched recursively), "
+        "prepared as training prepared its images, and the label at the threshold chosen on the run's validation "
+        "data. Unreadable files are named and skipped; the exit status is then 1."))
+    parser.add_argument("--run", required=True, help="the run directory of an hsl fit")
+    parser.add_argument("--images", required=True, nargs="+", help="image files and/or folders")
+    parser.add_argument("--out", default="predictions.csv", help="the CSV to write (default predictions.csv)")
+    parser.add_argument("--node", help="the node whose model to use, when the run deployed one per node")
+    args = parser.parse_args(argv)
+    result = run_predict(args.run, args.images, args.out, node=args.node)
+    for error in result["errors"]:
+        print(f"hsl predict: {error['error']}", file=sys.stderr)
+    print(f"hsl predict: {result['predicted']} of {result['images']} image(s) -> {result['out']}")
+    if result["errors"]:
+        sys.exit(1)
 
 
 def _cpu_model() -> str | None:
@@ -104,19 +217,34 @@ def embed(argv: list[str]) -> None:
     print(f"hsl embed: figure {args.out}, numbers {Path(args.out).with_suffix('.json')}")
 
 
+def _next_steps(cli) -> None:
+    """After ``hsl fit``: where the run went and what to try next."""
+    run = getattr(cli.trainer, "last_run_dir", None)
+    if run is None or cli.trainer.summary is None:
+        return
+    print(f"\nRun written to {run}/ (summary.json, config.yaml, "
+          f"{'model.ckpt' if (run / 'model.ckpt').is_file() else 'nodes/*.ckpt'}). Next:\n"
+          f"  hsl test --run {run}                                  # score it again, with bootstrap intervals\n"
+          f"  hsl test --run {run} --data.scenario.feature_skew 0.9 # on sites under other scanners\n"
+          f"  hsl predict --run {run} --images IMAGES... --out predictions.csv\n"
+          f"  hsl embed {run}                                       # how alike it makes the nodes")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["strategies"]:
-        print_strategies()
+    if not args or args[0] in ("-h", "--help", "help"):
+        print_help()
         return
+    commands = {"strategies": strategies, "benchmark": benchmark, "embed": embed, "test": test, "predict": predict}
     try:
-        if args[:1] == ["benchmark"]:
-            benchmark(args[1:])
+        if args[0] in commands:
+            commands[args[0]](args[1:])
             return
-        if args[:1] == ["embed"]:
-            embed(args[1:])
-            return
-        HSLCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+        if args[0] != "fit" and not args[0].startswith("-"):
+            raise HSLError(f"Unknown subcommand '{args[0]}'.{suggest(args[0], SUBCOMMANDS)} Subcommands: "
+                           f"{', '.join(SUBCOMMANDS)} (hsl --help).")
+        cli = HSLCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+        _next_steps(cli)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -64,7 +64,7 @@ def test_method_configs_compose_with_strategy_options(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["federation"]["strategy"] == "fedprox" and printed["federation"]["strategy_options"] == {"mu": 0.1}
     assert printed["model"]["class_path"] == "hsl_lightning.ClassifierModule"
-    assert printed["model"]["init_args"]["backbone"] == "resnet18" and printed["data"]["use_sat"] is False
+    assert printed["model"]["init_args"]["backbone"] == "test_resnet" and printed["data"]["use_sat"] is False
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "methods").glob("*.yaml")), ids=lambda p: p.stem)
