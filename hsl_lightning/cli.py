@@ -63,7 +63,11 @@ def _run_data(run: str, argv: list[str]):
     config = Path(run) / "config.yaml"
     if not config.is_file():
         raise HSLError(f"{config} not found: --run takes the run directory of an hsl fit (it holds config.yaml).")
-    cli = HSLCLI(args=["--config", str(config), *argv], run=False)
+    import warnings
+
+    with warnings.catch_warnings():  # LightningCLI warns that `args` was given while sys.argv holds hsl's own
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        cli = HSLCLI(args=["--config", str(config), *argv], run=False)
     return cli.datamodule
 
 
