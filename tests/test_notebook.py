@@ -16,6 +16,8 @@ def test_quickstart_notebook_runs_and_plots(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook drew no figure"
     assert any("mean test AUC" in o.get("text", "") for o in outputs)
     assert (tmp_path / "run" / "summary.json").is_file()
+    assert any("probability" in o.get("text", "") for o in outputs), "the notebook made no prediction"
+    assert len((tmp_path / "run" / "predictions.csv").read_text().splitlines()) == 9  # header + 8 images
 
 
 def test_homogenization_notebook_runs_and_measures(tmp_path, monkeypatch):
