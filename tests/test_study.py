@@ -265,3 +265,19 @@ def test_the_report_names_methods_that_coincide_instead_of_ranking_them_twice(tm
     report = markdown(grid, rows)
     assert "| personalized | = local |" in report and "## Convergence" in report
     assert "| local | 1 | 0 | 0 % | 9.0 | 10 |" in report
+
+
+# ---------------------------------------------------------------- misuses refused (issue 16)
+@pytest.mark.parametrize("strategy", ["scaffold", "moon"])
+def test_contributing_the_best_epoch_is_refused_where_the_strategy_reads_the_last(strategy):
+    with pytest.raises(HSLError, match=f"contribute 'best' .* {strategy} builds its state .*contribute: last"):
+        Federation(strategy=strategy, contribute="best", local_epochs=2)
+    Federation(strategy=strategy, contribute="best", local_epochs=1)  # one epoch: best is last
+    Federation(strategy="fedavg", contribute="best", local_epochs=2)  # reads nothing of the last epoch
+
+
+def test_gradient_editing_strategies_are_refused_under_the_16_bit_grad_scaler():
+    with pytest.raises(HSLError, match="scaffold edits the gradients .* '16-mixed' .* bf16-mixed or 32-true"):
+        Federation(strategy="scaffold", precision="16-mixed")
+    Federation(strategy="scaffold", precision="bf16-mixed")  # no scaler there
+    Federation(strategy="fedavg", precision="16-mixed")  # nothing edits its gradients

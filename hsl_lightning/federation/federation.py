@@ -153,6 +153,7 @@ class Federation:
         self.strategy: Strategy = get_strategy(strategy, strategy_options)
         self.rounds, self.local_epochs = rounds, local_epochs
         self.contribute = contribute or self.strategy.default_contribution
+        self._check_misuse(precision)
         self.accelerator, self.devices, self.num_nodes, self.precision = accelerator, devices, num_nodes, precision
         self.run_dir = run_dir
         self.wandb, self.wandb_project = wandb, wandb_project
@@ -331,6 +332,18 @@ class Federation:
         if getattr(module, "uses_sat", False) and not dm.uses_sat:
             raise HSLError(f"{type(module).__name__} trains on primary + SAT pairs but the data module has no SAT "
                            "(data.use_sat is false). Give it a SAT, or use ClassifierModule.")
+
+    def _check_misuse(self, precision: str) -> None:
+        """Combinations that would run but compute something else than the method: refused."""
+        name = self.strategy.name
+        if self.contribute == "best" and self.local_epochs > 1 and self.strategy.reads_last_epoch:
+            raise HSLError(f"contribute 'best' sends a node's best epoch of the round, but {name} builds its state "
+                           f"(end_local) from the last epoch's weights, so the two would not match. Set "
+                           f"federation.contribute: last (its default) or local_epochs: 1.")
+        if str(precision).startswith("16") and "after_backward" in self.strategy.local_hooks():
+            raise HSLError(f"{name} edits the gradients after backward (after_backward), but under precision "
+                           f"'{precision}' they are still multiplied by the GradScaler's loss scale then, so the edit "
+                           "would be off by that factor. Use precision bf16-mixed or 32-true.")
 
     def _check_fusable(self) -> None:
         if not self.strategy.fusable():

@@ -60,6 +60,9 @@ class Strategy:
     personal_model: ClassVar[bool] = False
     #: weight each node by its training-set size in the merge (FedAvg's rule); else all weigh 1
     size_weighted: ClassVar[bool] = False
+    #: ``end_local`` reads the module's weights after the last local epoch (so a node contributing
+    #: its best epoch instead would pair one epoch's weights with another's strategy state)
+    reads_last_epoch: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -368,6 +371,7 @@ class Scaffold(Strategy):
     """
 
     name = "scaffold"
+    reads_last_epoch = True  # c_i+ comes from the distance the last epoch's weights moved
     description = "SCAFFOLD (Karimireddy et al. 2020): control variates correct each local gradient for client drift"
 
     def __init__(self):
@@ -442,6 +446,7 @@ class Moon(Strategy):
     """
 
     name = "moon"
+    reads_last_epoch = True  # the node's "previous model" is its last epoch's
     description = "MOON (Li et al. 2021): contrastive term pulls local representations to the global model's"
     size_weighted = True
 
