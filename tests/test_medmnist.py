@@ -1,4 +1,6 @@
 import hashlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -6,6 +8,8 @@ import torch
 
 from hsl_lightning import HSLError, MedMNIST
 from hsl_lightning.data import medmnist as mm
+
+from conftest import REPO
 
 
 def test_reads_official_breastmnist_with_malignant_as_positive(medmnist_root):
@@ -90,3 +94,63 @@ def test_float_images_with_nan_pixels_are_a_clear_error(tmp_path):
     np.savez(tmp_path / "breastmnist.npz", **arrays)
     with pytest.raises(HSLError, match=r"train_images must be uint8 .* got float32"):
         MedMNIST("breastmnist", root=str(tmp_path)).load()
+
+
+def write_npz(path, change=None, size=28, n=4):
+    """A well-formed breastmnist-like file, then ``change(arrays)`` breaks it."""
+    arrays = {}
+    for s in ("train", "val", "test"):
+        arrays[f"{s}_images"] = np.full((n, size, size), 128, np.uint8)
+        arrays[f"{s}_labels"] = np.array([[0], [1]] * (n // 2), np.uint8)
+    if change:
+        change(arrays)
+    np.savez(path / "breastmnist.npz", **arrays)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(val_images=np.full((4, 32, 32), 128, np.uint8)),
+     r"key val_images must be shaped \(N, 28, 28\) for breastmnist at 28 px; got \(4, 32, 32\)"),
+    (lambda a: a.update(test_images=np.full((4, 28, 28, 3), 128, np.uint8)),
+     r"key test_images must be shaped .* got \(4, 28, 28, 3\) \(28x28 px, 3 channel"),
+    (lambda a: a.update(train_images=np.full((4, 28), 1, np.uint8)), r"key train_images must be shaped .* 2 dimension"),
+    (lambda a: a.update(train_images=np.full((4, 28, 28), 300, np.int32)),
+     r"key train_images must be uint8 pixels 0\.\.255 .* got int32, values 300\.\.300"),
+    (lambda a: a.update(train_labels=np.array([[0], [1], [0]], np.uint8)),
+     r"key train_labels has 3 labels for 4 images"),
+    (lambda a: a.update(val_labels=np.zeros((4, 3), np.uint8)), r"key val_labels must hold one label per image"),
+    (lambda a: a.update(test_labels=np.array([0.5, 1, 0, 1])), r"key test_labels must hold integer class labels"),
+    (lambda a: a.update(val_images=np.zeros((0, 28, 28), np.uint8), val_labels=np.zeros((0, 1), np.uint8)),
+     r"key val_images holds no images"),
+], ids=["split-size", "split-channels", "dims", "dtype-range", "lengths", "label-shape", "label-values",
+        "empty-split"])
+def test_each_inconsistency_of_a_well_formed_file_names_the_file_split_and_key(tmp_path, change, message):
+    write_npz(tmp_path, change)
+    with pytest.raises(HSLError, match=message):
+        MedMNIST("breastmnist", root=str(tmp_path)).load()
+
+
+def test_integral_float_labels_are_accepted(tmp_path):
+    write_npz(tmp_path, lambda a: a.update(train_labels=np.array([[0.0], [1.0], [0.0], [1.0]])))
+    data = MedMNIST("breastmnist", root=str(tmp_path)).load()
+    assert data["train"].labels.tolist() == [1, 0, 1, 0]  # stored 0 (malignant) is the positive class
+
+
+def test_hsl_fit_on_a_file_whose_splits_disagree_exits_with_one_message(tmp_path):
+    """The case that once ended in a raw torch.cat traceback deep inside the data module."""
+    write_npz(tmp_path, lambda a: a.update(val_images=np.full((4, 32, 32), 128, np.uint8)), n=40)
+    res = subprocess.run([sys.executable, "-m", "hsl_lightning", "fit", "--config",
+                          str(REPO / "configs" / "data" / "breast_pneumonia.yaml"), "--data.root", str(tmp_path),
+                          "--data.use_sat", "false", "--model.class_path", "hsl_lightning.ClassifierModule",
+                          "--federation.wandb", "disabled", "--federation.run_dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "breastmnist.npz key val_images must be shaped" in res.stderr
+
+
+def test_synthetic_sources_check_their_arguments():
+    from hsl_lightning import SyntheticAnchor, SyntheticLesions
+
+    with pytest.raises(HSLError, match="num_samples must be an integer of at least 4"):
+        SyntheticLesions(num_samples=2)
+    with pytest.raises(HSLError, match="size must be an integer number of pixels"):
+        SyntheticAnchor(size=8)

@@ -144,18 +144,48 @@ class MedMNIST(Source):
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
             raise HSLError(f"Cannot read {path}: the file is corrupt or truncated ({type(exc).__name__}: {exc}). "
                            f"Replace it with the official file (MD5 {MD5[self.flag][SIZES.index(self.size)]}).") from exc
-        return {split: self._to_set(path, split, arrays[f"{split}_images"], arrays[f"{split}_labels"])
-                for split in SPLITS}
+        for split in SPLITS:
+            self._check(path, split, arrays[f"{split}_images"], arrays[f"{split}_labels"])
+        return {split: self._to_set(arrays[f"{split}_images"], arrays[f"{split}_labels"]) for split in SPLITS}
 
-    def _to_set(self, path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> ImageSet:
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
-            raise HSLError(f"{path}: {split}_images must be uint8 (N,H,W[,C]) matching {split}_labels; got "
-                           f"{images.dtype} {images.shape} with {len(labels)} labels.")
-        labels = labels.reshape(len(labels), -1)[:, 0].astype(np.int64)
-        bad = (labels < 0) | (labels >= NUM_CLASSES[self.flag])
+    def _check(self, path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+        """Every way a split of a hand-made or damaged file can disagree with the official layout,
+        as one message naming the file, the key, what was expected and what it holds."""
+        channels, size = self.channels, self.size
+        layout = f"(N, {size}, {size})" if channels == 1 else f"(N, {size}, {size}, {channels})"
+        key = f"{path} key {split}_images"
+        if images.dtype != np.uint8:
+            finite = images[np.isfinite(images)] if np.issubdtype(images.dtype, np.floating) else images
+            span = f", values {finite.min()}..{finite.max()}" if finite.size else ""
+            raise HSLError(f"{key} must be uint8 pixels 0..255 shaped {layout}; got {images.dtype}{span}"
+                           f"{' with NaN/inf' if finite.size < images.size else ''}.")
+        if images.ndim not in (3, 4):
+            raise HSLError(f"{key} must be shaped {layout}; got {images.ndim} dimension(s) {images.shape}.")
+        got_channels = 1 if images.ndim == 3 else images.shape[3]
+        if tuple(images.shape[1:3]) != (size, size) or got_channels != channels:
+            raise HSLError(f"{key} must be shaped {layout} for {self.flag} at {size} px; got {images.shape} "
+                           f"({images.shape[1]}x{images.shape[2]} px, {got_channels} channel(s)).")
+        if len(images) == 0:
+            raise HSLError(f"{key} holds no images; every split needs some.")
+        key = f"{path} key {split}_labels"
+        if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[1] != 1):
+            raise HSLError(f"{key} must hold one label per image, shaped (N,) or (N, 1); got {labels.shape}.")
+        if len(labels) != len(images):
+            raise HSLError(f"{key} has {len(labels)} labels for {len(images)} images in {split}_images; they must "
+                           "agree.")
+        if not np.issubdtype(labels.dtype, np.integer):
+            whole = np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and (labels % 1 == 0).all()
+            if not whole:
+                raise HSLError(f"{key} must hold integer class labels; got {labels.dtype} values such as "
+                               f"{labels.reshape(-1)[:3].tolist()}.")
+        flat = labels.reshape(-1).astype(np.int64)
+        bad = (flat < 0) | (flat >= NUM_CLASSES[self.flag])
         if bad.any():
-            raise HSLError(f"{path}: {int(bad.sum())} {split} labels lie outside {self.flag}'s classes "
-                           f"0..{NUM_CLASSES[self.flag] - 1} (e.g. {labels[bad][:3].tolist()}).")
+            raise HSLError(f"{key}: {int(bad.sum())} {split} labels lie outside {self.flag}'s classes "
+                           f"0..{NUM_CLASSES[self.flag] - 1} (e.g. {flat[bad][:3].tolist()}).")
+
+    def _to_set(self, images: np.ndarray, labels: np.ndarray) -> ImageSet:
+        labels = labels.reshape(len(labels), -1)[:, 0].astype(np.int64)
         x = torch.from_numpy(images)
         x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
         y = torch.from_numpy(np.isin(labels, self.positive_labels).astype(np.int64))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hsl_lightning.data.base import ImageSet, Source
+from hsl_lightning.errors import HSLError
 
 
 def _grid(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +86,11 @@ class _Synthetic(Source):
     _draw = None
 
     def __init__(self, num_samples: int = 2000, size: int = 32, seed: int = 0):
+        name = type(self).__name__
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 4:
+            raise HSLError(f"{name} num_samples must be an integer of at least 4 (two per class), got {num_samples!r}.")
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 1024:
+            raise HSLError(f"{name} size must be an integer number of pixels from 16 to 1024, got {size!r}.")
         self.num_samples, self.size, self.seed = num_samples, size, seed
 
     def describe(self) -> str:
