@@ -94,3 +94,28 @@ def test_mixed_grey_and_colour_images_become_the_configured_channels(tmp_path):
     grey = ImageFolders(str(tmp_path)).load()["hospital_b"]["train"].images
     colour = ImageFolders(str(tmp_path), channels=3).load()["hospital_b"]["train"].images
     assert grey.shape[1] == 1 and colour.shape[1] == 3 and len(grey) == len(colour) > 0
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    make_tree(tmp_path)
+    wide = (np.arange(400, dtype=np.uint16).reshape(20, 20) * 160)  # up to 63,840 of 65,535
+    Image.fromarray(wide).save(tmp_path / "hospital_a" / "test" / "1" / "0.png")  # saved as mode I;16
+    data = ImageFolders(str(tmp_path)).load()
+    image = data["hospital_a"]["test"].images[3]  # label 0's three files, then label 1's 0.png
+    assert image.max() == round(63840 / 257) and image.float().std() > 50  # scaled, not a white square
+
+
+def test_float_images_are_refused_with_the_file_named(tmp_path):
+    make_tree(tmp_path)
+    Image.fromarray(np.zeros((20, 20), np.float32)).save(tmp_path / "hospital_b" / "train" / "0" / "x.tif")
+    with pytest.raises(HSLError, match=r"x\.tif holds float pixels"):
+        ImageFolders(str(tmp_path)).load()
+
+
+def test_an_image_in_two_splits_of_one_institution_is_a_leak(tmp_path):
+    make_tree(tmp_path)
+    copy = tmp_path / "hospital_b" / "test" / "1" / "copied.png"
+    copy.write_bytes((tmp_path / "hospital_b" / "train" / "0" / "4.png").read_bytes())
+    with pytest.raises(HSLError, match=r"hospital_b holds 1 image\(s\) in more than one split .*4\.png = .*copied\.png"):
+        ImageFolders(str(tmp_path)).load()
+    assert len(ImageFolders(str(tmp_path), allow_duplicates=True).load()["hospital_b"]["test"]) == 7

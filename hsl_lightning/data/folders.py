@@ -3,11 +3,15 @@
 Each sub-folder of ``root`` is one institution with ``train`` and ``test`` folders (``val`` is
 optional: when absent, a stratified ``val_fraction`` of train is held out). Label folders are
 ``0`` and ``1``, or any names with ``positive`` naming the positive one. Images are decoded
-once, converted to ``channels`` and resized to ``size`` px, and kept as tensors.
+once, converted to ``channels`` and resized to ``size`` px, and kept as tensors. 16-bit images are
+scaled to 8 bits (65535 -> 255); 32-bit integer and float images are refused (their range is not
+known). The same image in two splits of one institution (an export that leaks test images into
+training) is an error unless ``allow_duplicates`` is set.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +31,11 @@ class ImageFolders(Source):
     per_node = True
 
     def __init__(self, root: str, channels: int = 1, size: int | None = None, positive: str | None = None,
-                 val_fraction: float = 0.2, seed: int = 0):
+                 val_fraction: float = 0.2, seed: int = 0, allow_duplicates: bool = False):
         if channels not in (1, 3):
             raise HSLError(f"ImageFolders channels must be 1 or 3, got {channels}.")
         self.root, self.channels, self.size, self.positive = root, channels, size, positive
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction, self.seed, self.allow_duplicates = val_fraction, seed, allow_duplicates
 
     def describe(self) -> str:
         return f"image folders under {self.root}"
@@ -47,12 +51,20 @@ class ImageFolders(Source):
     def _read(self, path: Path) -> np.ndarray:
         try:
             with Image.open(path) as im:
+                if im.mode.startswith("I;16"):  # 16-bit grey: PIL's convert("L") would clip at 255
+                    wide = np.asarray(im).astype(np.float64)
+                    grey = np.round(wide / 257).astype(np.uint8)
+                    return grey if self.channels == 1 else np.repeat(grey[..., None], 3, axis=2)
+                if im.mode in ("I", "F"):
+                    raise HSLError(f"Image {path} holds {'32-bit integer' if im.mode == 'I' else 'float'} pixels, "
+                                   "whose range cannot be mapped to 8 bits safely; export 8- or 16-bit PNGs.")
                 return np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
         except (UnidentifiedImageError, OSError) as exc:
             raise HSLError(f"Cannot read image {path}: {exc}.") from exc
 
-    def _load_split(self, folder: Path) -> ImageSet:
-        images, labels = [], []
+    def _load_split(self, folder: Path) -> tuple[ImageSet, list[Path]]:
+        """The split's images and labels, and the file each image came from."""
+        images, labels, files = [], [], []
         for label_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
             y = self._label_of(label_dir)
             for f in sorted(label_dir.iterdir()):
@@ -66,9 +78,10 @@ class ImageFolders(Source):
                                        f"{tuple(images[0].shape[1:])} px images. Set size: N to resize all to N x N.")
                     images.append(x)
                     labels.append(y)
+                    files.append(f)
         if not images:
             raise HSLError(f"No images ({', '.join(sorted(EXTENSIONS))}) under {folder}/<label>/.")
-        return ImageSet(torch.stack(images), torch.tensor(labels))
+        return ImageSet(torch.stack(images), torch.tensor(labels)), files
 
     def load(self, root: str | None = None) -> dict:
         base = Path(self.root).expanduser()
@@ -82,13 +95,33 @@ class ImageFolders(Source):
             for split in ("train", "test"):
                 if not (node / split).is_dir():
                     raise HSLError(f"Node folder {node} has no '{split}' folder (needs train/ and test/, val/ optional).")
-            splits = {"train": self._load_split(node / "train"), "test": self._load_split(node / "test")}
-            if (node / "val").is_dir():
-                splits["val"] = self._load_split(node / "val")
-            else:
+            splits, files = {}, {}
+            for split in ("train", "test", "val"):
+                if split == "val" and not (node / "val").is_dir():
+                    continue
+                splits[split], files[split] = self._load_split(node / split)
+            if not self.allow_duplicates:
+                _check_no_leak(node, splits, files)
+            if "val" not in splits:
                 g = torch.Generator().manual_seed(self.seed)
                 keep, held = stratified_split(splits["train"].labels, (1 - self.val_fraction, self.val_fraction), g)
                 splits["val"] = splits["train"].subset(held)
                 splits["train"] = splits["train"].subset(keep)
-            out[node.name] = splits
+            out[node.name] = {s: splits[s] for s in ("train", "val", "test")}
         return out
+
+
+def _check_no_leak(node: Path, splits: dict[str, ImageSet], files: dict[str, list[Path]]) -> None:
+    """The same decoded image in two splits of one institution: test images seen in training."""
+    seen: dict[bytes, Path] = {}
+    for split in splits:
+        mine: dict[bytes, Path] = {}
+        for image, f in zip(splits[split].images, files[split]):
+            mine.setdefault(hashlib.sha1(image.numpy().tobytes()).digest(), f)
+        clashes = [(seen[h], f) for h, f in mine.items() if h in seen]
+        if clashes:
+            pairs = "; ".join(f"{a} = {b}" for a, b in clashes[:3])
+            raise HSLError(f"Institution {node.name} holds {len(clashes)} image(s) in more than one split ({pairs}"
+                           f"{' ...' if len(clashes) > 3 else ''}): its test or validation results would count "
+                           "images it trained on. Remove the copies, or set allow_duplicates: true.")
+        seen.update(mine)
