@@ -264,7 +264,7 @@ def test_the_report_names_methods_that_coincide_instead_of_ranking_them_twice(tm
     assert coinciding(grid, Stats(rows)) == {("personalized", "quantity"): "local"}
     report = markdown(grid, rows)
     assert "| personalized | = local |" in report and "## Convergence" in report
-    assert "| local | 1 | 0 | 0 % | 9.0 | 10 |" in report
+    assert "| local | 1 | 0 | 0 % | 0 | 9.0 | 10 |" in report
 
 
 # ---------------------------------------------------------------- misuses refused (issue 16)

@@ -179,9 +179,10 @@ def convergence(grid: Grid, rows: list[dict]) -> list[str]:
     lines = ["## Convergence", "",
              "A cell that deploys the last round of its budget may have stopped improving only because the budget "
              "ran out; the study's rule is at most 10 % of any method's cells. Early stopping ends a cell once its "
-             "patience has passed since the round of best mean node validation AUC.", "",
-             "| method | cells | deployed the last round | share | mean rounds run | budget (rounds) |",
-             "|---|---|---|---|---|---|"]
+             "patience has passed since the round of best mean node validation AUC. A cell whose best round is "
+             "the first never improved on it: stopped early, but not trained to convergence either.", "",
+             "| method | cells | deployed the last round | share | best round 1 | mean rounds run | budget (rounds) |",
+             "|---|---|---|---|---|---|---|"]
     worst = 0.0
     for method in grid.methods:
         mine = [v for k, v in cells.items() if k[0] == method]
@@ -190,7 +191,8 @@ def convergence(grid: Grid, rows: list[dict]) -> list[str]:
         last = sum(best == budget for best, budget, _ in mine)
         worst = max(worst, last / len(mine))
         budgets = sorted({budget for _, budget, _ in mine})
-        lines.append(f"| {method} | {len(mine)} | {last} | {100 * last / len(mine):.0f} % | "
+        first = sum(best == 1 < budget for best, budget, _ in mine)
+        lines.append(f"| {method} | {len(mine)} | {last} | {100 * last / len(mine):.0f} % | {first} | "
                      f"{np.mean([run for _, _, run in mine]):.1f} | {', '.join(map(str, budgets))} |")
     lines += ["", f"Largest share of any method: {100 * worst:.0f} %.", ""]
     return lines
