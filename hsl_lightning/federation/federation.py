@@ -36,12 +36,13 @@ from hsl_lightning.federation.evaluation import evaluate_trainees, external_resu
 from hsl_lightning.federation.fused_training import FusedRounds
 from hsl_lightning.federation.loggers import WandbMode
 from hsl_lightning.federation.message import RoundMessage
+from hsl_lightning.federation.privacy import DifferentialPrivacy, PrivateMean, check_supported
 from hsl_lightning.federation.rank import RankRun
 from hsl_lightning.federation.reporting import Reporter, format_table
 from hsl_lightning.federation.state import RankState, clone_state
 from hsl_lightning.federation.strategies import STRATEGIES, Contribution, Strategy, get_strategy
 from hsl_lightning.federation.sync import StatePacker
-from hsl_lightning.federation.training import OneByOne, Outcome
+from hsl_lightning.federation.training import OneByOne, Outcome, seed_of
 from hsl_lightning.metrics import summarize
 
 __all__ = ["Federation", "format_table"]
@@ -93,6 +94,12 @@ class Federation:
         val_every_n_rounds: validate every node after every n-th round and after the last; the
             deployed round is the validated round of best mean validation AUC. Validation costs
             about 5 % of a small FedAvg run (benchmarks/overhead.py); raise n to skip most of it.
+        privacy: node-level differential privacy of the shared model, DP-FedAvg
+            (:class:`~hsl_lightning.federation.privacy.DifferentialPrivacy`: ``clip``,
+            ``noise_multiplier``, ``delta``, ``accountant``): every node's update is clipped, the
+            round's sum carries Gaussian noise, every node weighs 1, and epsilon (Opacus's
+            accountant) is logged every round and written to ``summary.json``. For strategies whose
+            message is the nodes' model state, merged by a mean.
         patience: early stopping: end the run once this many rounds have passed since the round of
             best mean node validation AUC (None, the default: run every round). The deployed round
             is the best one either way; ``summary.json`` records the patience and the rounds run.
@@ -143,6 +150,7 @@ class Federation:
         checkpoint: bool = True,
         val_every_n_rounds: int = 1,
         patience: int | None = None,
+        privacy: DifferentialPrivacy | None = None,
         seed: int = 0,
         threads: int | None = None,
         fuse_institutions: bool = False,
@@ -159,17 +167,9 @@ class Federation:
         self.wandb, self.wandb_project = wandb, wandb_project
         self.progress, self.checkpoint, self.seed, self.threads = progress, checkpoint, seed, threads
         self.save_weights = save_weights
-        if val_every_n_rounds < 1:
-            raise HSLError(f"val_every_n_rounds must be at least 1, got {val_every_n_rounds} (the last round is "
-                           "always validated; set it to the number of rounds to validate only that one).")
-        self.val_every_n_rounds = val_every_n_rounds
-        if patience is not None and patience < val_every_n_rounds:
-            raise HSLError(f"patience counts rounds since the best validated round, so it must be at least "
-                           f"val_every_n_rounds ({val_every_n_rounds}), got {patience}.")
-        self.patience = patience
-        if min_nodes is not None and min_nodes < 1:
-            raise HSLError(f"min_nodes must be at least 1 (or null to stop on any failure), got {min_nodes}.")
-        self.min_nodes = min_nodes
+        self._check_rounds_and_nodes(val_every_n_rounds, patience, privacy, min_nodes)
+        self.val_every_n_rounds, self.patience, self.privacy, self.min_nodes = (val_every_n_rounds, patience, privacy,
+                                                                                 min_nodes)
         self.fuse_institutions = fuse_institutions
         if fuse_institutions:
             self._check_fusable()
@@ -222,7 +222,7 @@ class Federation:
                 break
             clock = time.perf_counter()
             message = RoundMessage(run.layout, fabric.device)
-            merge = self.strategy.merge_kind(run, received=state.merged)
+            merge = self._merge_of(run, state, r)
             losses = torch.full((len(run.names),), math.nan, dtype=torch.float64)
             for t, outcome in trainer.train_round(r, state, report.bar):
                 self._contribute(run, state, message, merge, t, outcome, losses, r)
@@ -267,6 +267,8 @@ class Federation:
         packer = StatePacker(entries, self.strategy.shared_keys(module))
         shared = set(packer.keys)
         local_keys = [k for k in entries if k not in shared]
+        if self.privacy is not None:
+            check_supported(self.strategy, plan, packer.numel, self.strategy.extra_size(module))
         report = dm.report()  # how each node was drawn: data.json, and part of the checkpoint fingerprint
         fingerprint = checkpoint.fingerprint(
             strategy=self.strategy.name, options=self.strategy.options(), seed=self.seed,
@@ -274,6 +276,12 @@ class Federation:
             model=type(module).__name__, state={k: list(v.shape) for k, v in entries.items()}, data=report)
         return RankRun(fabric, module, dm, self.strategy, run_dir, dm.node_names, plan, packer, local_keys, report,
                        fingerprint)
+
+    def _merge_of(self, run: RankRun, state: RankState, r: int):
+        """Round r's merge: the strategy's, or DP-FedAvg's clipped and noised mean."""
+        if self.privacy is None:
+            return self.strategy.merge_kind(run, received=state.merged)
+        return PrivateMean(run, state.merged, self.privacy, seed_of(self.seed, r, 104729))
 
     def _start_state(self, run: RankRun, ckpt_path: str | None) -> RankState:
         """Round 0's state (every trainee holds the module's weights), or the state after the
@@ -296,7 +304,7 @@ class Federation:
             self._node_failed(outcome, run.label(t), r)
             merge.dropped(t)
             return
-        weight = run.weight(t)
+        weight = 1.0 if self.privacy is not None else run.weight(t)  # DP: every node weighs 1
         merge.contribute(message, t, outcome.state, weight)
         message.add(t, weight, outcome.extra)
         trainee = state.trainees[t]
@@ -332,6 +340,20 @@ class Federation:
         if getattr(module, "uses_sat", False) and not dm.uses_sat:
             raise HSLError(f"{type(module).__name__} trains on primary + SAT pairs but the data module has no SAT "
                            "(data.use_sat is false). Give it a SAT, or use ClassifierModule.")
+
+    @staticmethod
+    def _check_rounds_and_nodes(val_every_n_rounds: int, patience: int | None, privacy, min_nodes: int | None) -> None:
+        if val_every_n_rounds < 1:
+            raise HSLError(f"val_every_n_rounds must be at least 1, got {val_every_n_rounds} (the last round is "
+                           "always validated; set it to the number of rounds to validate only that one).")
+        if patience is not None and patience < val_every_n_rounds:
+            raise HSLError(f"patience counts rounds since the best validated round, so it must be at least "
+                           f"val_every_n_rounds ({val_every_n_rounds}), got {patience}.")
+        if privacy is not None and min_nodes is not None:
+            raise HSLError("federation.privacy accounts for every node's share of the noise in every round; with "
+                           "min_nodes a dropped node would leave its share out. Set min_nodes to null.")
+        if min_nodes is not None and min_nodes < 1:
+            raise HSLError(f"min_nodes must be at least 1 (or null to stop on any failure), got {min_nodes}.")
 
     def _check_misuse(self, precision: str) -> None:
         """Combinations that would run but compute something else than the method: refused."""
@@ -376,5 +398,6 @@ class Federation:
                 "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed,
                 "checkpoint": self.checkpoint, "save_weights": self.save_weights, "min_nodes": self.min_nodes,
                 "val_every_n_rounds": self.val_every_n_rounds, "patience": self.patience,
+                "privacy": None if self.privacy is None else vars(self.privacy),
                 "fuse_institutions": self.fuse_institutions,
                 "cuda_graphs": self.cuda_graphs}

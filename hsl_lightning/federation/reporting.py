@@ -75,6 +75,9 @@ class Reporter:
                 row.update({f"{name}/val_{m}": validation.metrics[i][m] for m in METRICS})
             row[f"{name}/train_loss"] = float(losses[i])
         row["round_s"] = round(seconds, 4)
+        privacy = self.federation.privacy
+        if privacy is not None:  # the privacy spent so far, from Opacus's accountant
+            row["dp_epsilon"] = privacy.epsilon(r + 1)
         self._log({k: v for k, v in row.items() if k != "round"}, step=r + 1)
         if self.rank0 and self.federation.progress and validation is not None:
             self.bar.write(f"round {r + 1}/{self.federation.rounds}: mean node val AUC {stats['mean']:.4f} "
@@ -96,6 +99,11 @@ class Reporter:
             node["threshold"] = checkpoints.youden(thresholds[i])
         summary["threshold"] = checkpoints.youden(thresholds.sum(0)) if self.one_model else None
         summary["external"] = external
+        privacy = self.federation.privacy
+        if privacy is not None:
+            summary["privacy"] = {"mechanism": "DP-FedAvg (node-level, Gaussian, clipped updates)",
+                                  **vars(privacy), "rounds": len(state.history),
+                                  "epsilon": privacy.epsilon(len(state.history))}
         summary["peak_rss_mb_per_rank"] = [round(float(p), 1) for p in peaks]
         atomic_write(self.run.run_dir / "summary.json", json.dumps(summary, indent=2))
         final = {f"{n['name']}/test_auc": n["test_auc"] for n in summary["nodes"]}
