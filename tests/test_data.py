@@ -188,3 +188,20 @@ def test_a_module_augments_a_raw_training_batch_itself():
     assert torch.equal(model.training_step(raw, 0), model.training_step(prepare_batch(raw), 0))
     unaugmented = {k: v for k, v in raw.items() if not k.endswith("_theta")}
     assert not torch.equal(model.training_step(raw, 0), model.training_step(unaugmented, 0))
+
+
+def test_a_process_builds_only_the_images_of_the_nodes_it_hosts():
+    from hsl_lightning.data.base import HostedElsewhere
+
+    full, part = tiny_data(), tiny_data()
+    part.host(lambda n: {0, 2})
+    full.setup(), part.setup()
+    assert isinstance(part.nodes[1].train, HostedElsewhere) and isinstance(part.nodes[1].test, HostedElsewhere)
+    for i in (0, 2):  # the hosted nodes' data is exactly that of a process that builds everything
+        for split in ("train", "val", "test"):
+            assert torch.equal(part.nodes[i].split(split).images, full.nodes[i].split(split).images)
+    assert part.report() == full.report()  # sizes, class counts and scanners of every node
+    with pytest.raises(HSLError, match="node1's images live on the rank that hosts it"):
+        part.eval_loader(1, "test").dataset.data.images
+    with pytest.raises(HSLError, match="before setup"):
+        full.host(lambda n: {0})

@@ -43,6 +43,28 @@ class ImageSet:
         return ImageSet(torch.zeros(0, channels, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
 
 
+class HostedElsewhere:
+    """A split of an institution that another rank hosts: its labels (sizes, class counts and the
+    report need them), no images. Reading ``images`` is a mistake, and says so."""
+
+    def __init__(self, name: str, labels: torch.Tensor):
+        self.name, self.labels = name, labels.long()
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def positives(self) -> int:
+        return int(self.labels.sum())
+
+    @property
+    def images(self) -> torch.Tensor:
+        from hsl_lightning.errors import HSLError
+
+        raise HSLError(f"Node {self.name}'s images live on the rank that hosts it; this rank built only the data "
+                       "of the nodes it hosts (FederatedDataModule.host).")
+
+
 def harmonize(images: torch.Tensor, channels: int, size: int | None) -> torch.Tensor:
     """Convert uint8 images to ``channels`` (grey <-> RGB) and square ``size`` px, staying uint8."""
     if images.shape[1] != channels:

@@ -14,7 +14,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from hsl_lightning.data.base import SPLITS, ImageSet, Source, harmonize
+from hsl_lightning.data.base import SPLITS, HostedElsewhere, ImageSet, Source, harmonize
 from hsl_lightning.data.heterogeneity import Acquisition, ExternalSite, Scenario, partition, stratified_split
 from hsl_lightning.data.sampling import eval_loader, paired_loader, prepare_batch, site_loader
 from hsl_lightning.data.synthetic import SyntheticAnchor, SyntheticLesions
@@ -98,6 +98,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.external_data: ImageSet | None = None
         self.nodes: list[NodeData] | None = None
         self.size: int | None = None  # the image size training uses, once set up
+        self._hosted = None  # node count -> the node indices whose images this process builds (None: all)
         self.sat_pool: ImageSet | None = None
         self.sat_eval: ImageSet | None = None
 
@@ -115,6 +116,15 @@ class FederatedDataModule(L.LightningDataModule):
         return [n.name for n in self.nodes]
 
     # ----------------------------------------------------------------- building the world
+    def host(self, hosted) -> None:
+        """Build the images of only some nodes: ``hosted`` maps the node count to the indices this
+        process hosts (a Federation rank passes its own). The others keep their labels, so sizes,
+        class counts and the report are those of every node; their images are never built. Call
+        before ``setup``; every node's data is exactly what a process that builds all of it gets."""
+        if self.nodes is not None:
+            raise HSLError("FederatedDataModule.host must be called before setup (the data is already built).")
+        self._hosted = hosted
+
     def setup(self, stage: str | None = None) -> None:
         if self.nodes is not None:
             return
@@ -131,11 +141,16 @@ class FederatedDataModule(L.LightningDataModule):
         scanners = self.scenario.scanners(g, len(per_node))
         self.sat_pool, self.sat_eval = self._load_sat(size, g)
         sat_index = self._sat_shards(len(per_node), g)
+        hosted = set(range(len(per_node))) if self._hosted is None else set(self._hosted(len(per_node)))
         nodes = []
         for i, ((name, splits), scanner) in enumerate(zip(per_node.items(), scanners)):
-            node_g = torch.Generator().manual_seed(self.seed * 1000 + i)
-            data = {s: ImageSet(scanner.apply(harmonize(splits[s].images, self.in_chans, size), node_g), splits[s].labels)
-                    for s in SPLITS}
+            node_g = torch.Generator().manual_seed(self.seed * 1000 + i)  # per node: skipping one changes no other
+            if i in hosted:
+                data = {s: ImageSet(scanner.apply(harmonize(splits[s].images, self.in_chans, size), node_g),
+                                    splits[s].labels) for s in SPLITS}
+            else:
+                data = {s: HostedElsewhere(name, splits[s].labels) for s in SPLITS}
+            per_node[name] = None  # the node's raw copy goes as soon as it is built
             if len(data["train"]) == 0:
                 raise HSLError(f"Node '{name}' has no training samples. Check the scenario's sizes/prevalence "
                                f"for {self.primary.describe()} (it has too few images for this split).")

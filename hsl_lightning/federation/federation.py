@@ -256,6 +256,11 @@ class Federation:
             torch.set_num_threads(self.threads)
         elif fabric.world_size > 1 and fabric.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, fabric.strategy.num_processes)))
+        world, rank = fabric.world_size, fabric.global_rank
+        if world > 1 and getattr(dm, "nodes", ()) is None and hasattr(dm, "host"):
+            # each rank builds the images of the institutions it hosts only (trainee t lives on rank t % world)
+            plan_of = self.strategy.plan
+            dm.host(lambda n: {i for t, nodes in enumerate(plan_of(n)) if t % world == rank for i in nodes})
         dm.setup("fit")
         self._check(module, dm)
         self.strategy.setup(module, len(dm.node_names))

@@ -18,6 +18,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from hsl_lightning.data.base import ImageSet
 from hsl_lightning.deploy import checkpoints
 from hsl_lightning.federation.evaluation import METRICS
 from hsl_lightning.federation.loggers import make_loggers
@@ -92,6 +93,7 @@ class Reporter:
         if self.federation.save_weights:
             self.write_checkpoints(state.best, thresholds)
         peaks = self._peak_rss()
+        data_mb = self._data_mb()
         if not self.rank0:
             return None
         summary = self.summary(state, test, time.perf_counter() - start)
@@ -105,6 +107,7 @@ class Reporter:
                                   **vars(privacy), "rounds": len(state.history),
                                   "epsilon": privacy.epsilon(len(state.history))}
         summary["peak_rss_mb_per_rank"] = [round(float(p), 1) for p in peaks]
+        summary["data_mb_per_rank"] = [round(float(d), 2) for d in data_mb]
         atomic_write(self.run.run_dir / "summary.json", json.dumps(summary, indent=2))
         final = {f"{n['name']}/test_auc": n["test_auc"] for n in summary["nodes"]}
         final.update({"test/mean_auc": summary["mean_test_auc"], "test/std_auc": summary["std_test_auc"],
@@ -137,6 +140,16 @@ class Reporter:
         run = self.run
         return len(run.plan) == 1 or (run.strategy.merge_kind.one_model and not run.local_keys
                                       and not run.strategy.personal_model)
+
+    def _data_mb(self) -> torch.Tensor:
+        """MB of institution images each rank holds (only those of the nodes it hosts; a collective)."""
+        fabric, held = self.run.fabric, 0
+        for node in self.run.dm.nodes:
+            for split in (node.train, node.val, node.test):
+                if isinstance(split, ImageSet):
+                    held += split.images.numel() * split.images.element_size()
+        mb = torch.tensor([held / 2**20], dtype=torch.float64)
+        return fabric.all_gather(mb.to(fabric.device)).reshape(-1).cpu() if fabric.world_size > 1 else mb
 
     def write_checkpoints(self, best, thresholds: torch.Tensor) -> None:
         """``model.ckpt`` (rank 0) when every node deploys the same model, else ``nodes/<name>.ckpt``
