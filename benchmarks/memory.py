@@ -5,7 +5,8 @@ institutions it hosts (and only for strategies that keep per-node state), not wi
 configuration runs in a fresh process (one federated round of a ResNet-10t classifier on the
 synthetic task, 28 px, 40 training images per institution) and reports every rank's peak resident
 memory (``peak_rss_mb_per_rank`` of the run's summary: ru_maxrss, which includes the Python and
-torch runtime, about 0.5 GB).
+torch runtime, about 0.5 GB), and the MB of institution images each rank holds
+(``data_mb_per_rank``: a rank builds the images of the institutions it hosts only).
 
     .venv/bin/python benchmarks/memory.py            # about 5 minutes on 2 cores
 
@@ -36,6 +37,7 @@ summary = Federation(strategy=strategy, rounds=1, local_epochs=1, devices=world,
                      wandb="disabled", progress=False, checkpoint=False, save_weights=False).fit(
     ClassifierModule(backbone="resnet10t"), dm)
 print("PEAKS", json.dumps(summary["peak_rss_mb_per_rank"]))
+print("DATA", json.dumps(summary["data_mb_per_rank"]))
 """
 
 
@@ -48,8 +50,9 @@ def measure(n: int, world: int, strategy: str) -> dict:
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-2000:])
     peaks = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("PEAKS"))[6:])
+    data = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("DATA"))[5:])
     return {"institutions": n, "ranks": world, "strategy": strategy, "peak_mb_per_rank": peaks,
-            "max_rank_mb": max(peaks), "wall_s": round(wall, 1)}
+            "max_rank_mb": max(peaks), "data_mb_per_rank": data, "wall_s": round(wall, 1)}
 
 
 def main() -> None:
@@ -60,19 +63,22 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
     args = p.parse_args()
     rows = []
-    print(f"{'strategy':<9}{'N':>4}{'ranks':>6}{'peak MB per rank':>30}{'wall s':>8}")
+    print(f"{'strategy':<9}{'N':>4}{'ranks':>6}{'peak MB per rank':>30}{'data MB per rank':>22}{'wall s':>8}")
     for strategy in args.strategies:
         for world in args.ranks:
             for n in args.nodes:
                 row = measure(n, world, strategy)
                 rows.append(row)
                 peaks = ", ".join(f"{x:.0f}" for x in row["peak_mb_per_rank"])
-                print(f"{strategy:<9}{n:>4}{world:>6}{peaks:>30}{row['wall_s']:>8.1f}", flush=True)
+                data = ", ".join(f"{x:.2f}" for x in row["data_mb_per_rank"])
+                print(f"{strategy:<9}{n:>4}{world:>6}{peaks:>30}{data:>22}{row['wall_s']:>8.1f}", flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     headline = {f"{r['strategy']}_N{r['institutions']}_W{r['ranks']}_max_rank_mb": r["max_rank_mb"] for r in rows}
+    headline.update({f"{r['strategy']}_N{r['institutions']}_W{r['ranks']}_max_rank_data_mb": max(r["data_mb_per_rank"])
+                     for r in rows})
     print("RESULT " + json.dumps(headline))
 
 
