@@ -3,9 +3,9 @@
 from hsl_lightning.data.base import ImageSet, Source
 from hsl_lightning.data.datamodule import FederatedDataModule, NodeData
 from hsl_lightning.data.folders import ImageFolders
-from hsl_lightning.data.heterogeneity import Acquisition, Scenario
+from hsl_lightning.data.heterogeneity import Acquisition, ExternalSite, Scenario
 from hsl_lightning.data.medmnist import MedMNIST
 from hsl_lightning.data.synthetic import SyntheticAnchor, SyntheticLesions
 
-__all__ = ["ImageSet", "Source", "FederatedDataModule", "NodeData", "ImageFolders", "Acquisition", "Scenario",
+__all__ = ["ImageSet", "Source", "FederatedDataModule", "NodeData", "ImageFolders", "Acquisition", "ExternalSite", "Scenario",
            "MedMNIST", "SyntheticAnchor", "SyntheticLesions"]
