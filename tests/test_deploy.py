@@ -177,3 +177,23 @@ def test_fit_says_where_the_run_went_and_what_to_try_next(tmp_path, capsys):
     fit_run(tmp_path, name="again", federation={"rounds": 1})
     printed = capsys.readouterr().out
     assert f"Run written to {tmp_path / 'again'}/" in printed and "hsl predict --run" in printed
+
+
+def test_predict_with_a_split_network_routes_through_the_chosen_hospitals_site_part(tmp_path, capsys):
+    run, _ = fit_run(tmp_path, model={"class_path": "hsl_lightning.SplitClassifier",
+                                      "init_args": {"backbone": "test_resnet"}},
+                     data={"use_sat": False}, federation={"strategy": "splitavg", "rounds": 1})
+    Image.fromarray(np.full((28, 28), 90, dtype=np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit):
+        main(["predict", "--run", str(run), "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "p.csv")])
+    assert "split network" in capsys.readouterr().err
+    probs = []
+    for node in ("node0", "node2"):
+        main(["predict", "--run", str(run), "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "p.csv"),
+              "--node", node])
+        probs.append(float(next(csv.DictReader(open(tmp_path / "p.csv")))["probability"]))
+    model, _ = checkpoints.load(run / "model.ckpt")
+    image = torch.full((1, 1, 28, 28), 90 / 255)
+    with torch.no_grad():
+        expected = [torch.sigmoid(model.primary_logits({"image": image, "node": torch.tensor([i])})).item() for i in (0, 2)]
+    assert probs == pytest.approx(expected, abs=1e-6) and probs[0] != probs[1]  # each site part is its own

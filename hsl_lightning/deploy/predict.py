@@ -54,13 +54,25 @@ def prepare(path: Path, channels: int, size: int) -> torch.Tensor:
 def model_path(run_dir: str | Path, node: str | None) -> Path:
     models = deployed(run_dir)
     if None in models:
-        if node is not None:
+        if node is not None and not checkpoints.info(models[None]).get("class_path", "").endswith("SplitClassifier"):
             raise HSLError(f"{run_dir} deployed one model for every node; leave out --node.")
         return models[None]
     if node is None or node not in models:
         what = "names no trained node" if node is not None else "deployed one model per node"
         raise HSLError(f"{run_dir} {what}: choose one with --node ({', '.join(models)}).")
     return models[node]
+
+
+def _site(module, meta: dict, node: str | None) -> int | None:
+    """The site part a split network (SplitAVG) routes the images through: the one of ``node``."""
+    if not hasattr(module, "sites"):
+        return None
+    names = list(meta.get("nodes") or [])
+    if node is None or node not in names:
+        what = f"'{node}' is not one of its hospitals" if node is not None else "each hospital has its own site part"
+        raise HSLError(f"This run trained a split network ({what}): choose the hospital whose site part the images go "
+                       f"through with --node ({', '.join(names)}).")
+    return names.index(node)
 
 
 @torch.no_grad()
@@ -74,6 +86,7 @@ def predict(run_dir: str | Path, paths: list[str | Path], out: str | Path, node:
         raise HSLError(f"{path} infers with sat_inference 'paired', which needs a SAT image beside every input; "
                        "predict with a model trained with sat_inference primary or reference.")
     channels, size, threshold = int(meta["in_chans"]), int(meta["image_size"]), float(meta["threshold"])
+    site = _site(module, meta, node)
     files = image_files(paths)
     rows, errors = [], []
     bar = tqdm(total=len(files), desc="hsl predict", unit="image", disable=not progress, dynamic_ncols=True)
@@ -88,7 +101,13 @@ def predict(run_dir: str | Path, paths: list[str | Path], out: str | Path, node:
                 rows.append({"path": str(f), "probability": "", "label": "", "threshold": threshold,
                              "model": node or "model", "error": str(exc)})
         if images:
-            probs = module.predict_proba(torch.stack(images).float().div_(255)).tolist()
+            batch = torch.stack(images).float().div_(255)
+            if site is None:
+                probs = module.predict_proba(batch).tolist()
+            else:  # a split network: the images go through the chosen hospital's site part
+                module.eval()
+                tags = torch.full((len(batch),), site, dtype=torch.long)
+                probs = torch.sigmoid(module.primary_logits({"image": batch, "node": tags}).float()).tolist()
             rows += [{"path": str(f), "probability": f"{p:.6f}", "label": int(p >= threshold), "threshold": threshold,
                       "model": node or "model", "error": ""} for f, p in zip(chunk, probs)]
         bar.update(len(files[start: start + batch_size]))
