@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from hsl_lightning.config import HSLCLI
+from hsl_lightning.deploy import checkpoints
 from hsl_lightning.errors import HSLError
 
 
@@ -47,11 +48,12 @@ def _analysis_imports():
 def deployed_state(run_dir: Path, node: str) -> dict[str, torch.Tensor]:
     """The weights ``node`` deploys in a finished run: ``model.ckpt`` when all nodes deploy one
     model, else ``nodes/<node>.ckpt``."""
-    for path in (run_dir / "model.ckpt", run_dir / "nodes" / f"{node}.ckpt"):
-        if path.is_file():
-            return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    raise HSLError(f"{run_dir} holds no weights for node '{node}' (model.ckpt / nodes/{node}.ckpt); the run must be "
-                   "finished with federation.save_weights true.")
+    models = checkpoints.deployed(run_dir)
+    path = models.get(None) or models.get(node)
+    if path is None:
+        raise HSLError(f"{run_dir} holds no weights for node '{node}' (nodes/{node}.ckpt); it deployed models for "
+                       f"{', '.join(models)}.")
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def extract(run_dir: str | Path, split: str = "test", label: str | None = None) -> Features:

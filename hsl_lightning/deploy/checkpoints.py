@@ -53,6 +53,20 @@ def write(path: Path, module: torch.nn.Module, info: dict) -> None:
     os.replace(tmp, path)
 
 
+def deployed(run_dir: str | Path) -> dict[str | None, Path]:
+    """The run's checkpoints: {None: model.ckpt} or {node name: nodes/<name>.ckpt}."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise HSLError(f"Run directory not found: {run_dir}.")
+    if (run_dir / "model.ckpt").is_file():
+        return {None: run_dir / "model.ckpt"}
+    nodes = {p.stem: p for p in sorted((run_dir / "nodes").glob("*.ckpt"))} if (run_dir / "nodes").is_dir() else {}
+    if not nodes:
+        raise HSLError(f"{run_dir} holds no deployed model (model.ckpt or nodes/*.ckpt): the run did not finish, or "
+                       "ran with federation.save_weights false.")
+    return nodes
+
+
 def info(path: str | Path) -> dict:
     """The ``hsl`` section of a checkpoint (reads the file; the weights are not instantiated)."""
     path = Path(path)

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from hsl_lightning.data.base import harmonize
 from hsl_lightning.data.folders import EXTENSIONS
 from hsl_lightning.deploy import checkpoints
-from hsl_lightning.deploy.scoring import deployed
 from hsl_lightning.errors import HSLError
 
 
@@ -52,10 +51,10 @@ def prepare(path: Path, channels: int, size: int) -> torch.Tensor:
 
 
 def model_path(run_dir: str | Path, node: str | None) -> Path:
-    models = deployed(run_dir)
+    """The checkpoint to predict with: the run's one model, or ``node``'s (checked by :func:`_site`
+    once loaded: ``node`` then picks a split network's site part, and is refused otherwise)."""
+    models = checkpoints.deployed(run_dir)
     if None in models:
-        if node is not None and not checkpoints.info(models[None]).get("class_path", "").endswith("SplitClassifier"):
-            raise HSLError(f"{run_dir} deployed one model for every node; leave out --node.")
         return models[None]
     if node is None or node not in models:
         what = "names no trained node" if node is not None else "deployed one model per node"
@@ -66,6 +65,8 @@ def model_path(run_dir: str | Path, node: str | None) -> Path:
 def _site(module, meta: dict, node: str | None) -> int | None:
     """The site part a split network (SplitAVG) routes the images through: the one of ``node``."""
     if not hasattr(module, "sites"):
+        if node is not None and meta.get("node") is None:
+            raise HSLError(f"{meta.get('run', 'The run')} deployed one model for every node; leave out --node.")
         return None
     names = list(meta.get("nodes") or [])
     if node is None or node not in names:

@@ -27,21 +27,8 @@ from tqdm.auto import tqdm
 
 from hsl_lightning.deploy import checkpoints
 from hsl_lightning.errors import HSLError
-from hsl_lightning.metrics import NodeMetrics
-
-
-def deployed(run_dir: str | Path) -> dict[str | None, Path]:
-    """The run's checkpoints: {None: model.ckpt} or {node name: nodes/<name>.ckpt}."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise HSLError(f"Run directory not found: {run_dir}.")
-    if (run_dir / "model.ckpt").is_file():
-        return {None: run_dir / "model.ckpt"}
-    nodes = {p.stem: p for p in sorted((run_dir / "nodes").glob("*.ckpt"))} if (run_dir / "nodes").is_dir() else {}
-    if not nodes:
-        raise HSLError(f"{run_dir} holds no deployed model (model.ckpt or nodes/*.ckpt): the run did not finish, or "
-                       "ran with federation.save_weights false.")
-    return nodes
+from hsl_lightning.federation.evaluation import predictions
+from hsl_lightning.metrics import NodeMetrics, summarize
 
 
 def _sites(dm, split: str) -> list[tuple[str, object, dict | None]]:
@@ -60,15 +47,6 @@ def _models_for(site: str, row: dict | None, models: dict, trained: dict) -> lis
     if site in models and row is not None and trained.get(site) == row:
         return [site]
     return list(models)
-
-
-@torch.no_grad()
-def _logits(module, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    logits, target = [], []
-    for batch in loader:
-        logits.append(module.primary_logits(batch).float())
-        target.append(batch["label"])
-    return torch.cat(logits), torch.cat(target)
 
 
 def _metrics(logits: torch.Tensor, target: torch.Tensor, threshold: float, bootstraps: int, seed: int) -> dict:
@@ -94,7 +72,7 @@ def score(run_dir: str | Path, dm, split: str = "test", bootstraps: int = 1000, 
     if split not in ("val", "test"):
         raise HSLError(f"hsl test scores the val or test split, got '{split}'.")
     run_dir = Path(run_dir)
-    models = deployed(run_dir)
+    models = checkpoints.deployed(run_dir)
     data_json = run_dir / "data.json"
     trained = {r["name"]: r for r in json.loads(data_json.read_text())} if data_json.is_file() else {}
     sites = _sites(dm, split)
@@ -109,21 +87,16 @@ def score(run_dir: str | Path, dm, split: str = "test", bootstraps: int = 1000, 
                 loaded[node] = checkpoints.load(models[node])
             module, meta = loaded[node]
             bar.set_postfix_str(f"{name} with {node or 'the model'}")
-            logits, target = _logits(module, loader)
+            logits, target = predictions(module, loader)
             scored.append({"model": node or "model", **_metrics(logits, target, meta["threshold"], bootstraps, seed)})
             bar.update(1)
         site = {"site": name, **scored[0]} if len(scored) == 1 else {
             "site": name, "n": scored[0]["n"], "positives": scored[0]["positives"], "model": "mean over node models",
-            "auc": _mean([s["auc"] for s in scored]), "models": scored}
+            "auc": summarize([s["auc"] for s in scored])["mean"], "models": scored}
         results.append(site)
     bar.close()
     return {"run": str(run_dir), "split": split, "bootstraps": bootstraps, "sites": results,
-            "mean_auc": _mean([s["auc"] for s in results])}
-
-
-def _mean(values: list[float]) -> float:
-    defined = [v for v in values if not math.isnan(v)]
-    return sum(defined) / len(defined) if defined else math.nan
+            "mean_auc": summarize([s["auc"] for s in results])["mean"]}
 
 
 def format_scores(result: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -13,32 +14,32 @@ METRICS = ("auc", "acc", "sensitivity", "specificity")
 
 
 @torch.no_grad()
-def evaluate(fabric, module, dm, node: int, split: str) -> dict:
-    """``module``'s metrics on one node's ``split`` (``val``, ``test``, or ``external``: the data
-    module's external site, its images tagged as this node's)."""
-    module.eval()
-    metrics = NodeMetrics()
-    loader = dm.external_loader(node) if split == "external" else dm.eval_loader(node, split)
-    for i, batch in enumerate(loader):
-        batch = fabric.to_device(batch)
-        with fabric.autocast():
-            out = module.validation_step(batch, i) if split == "val" else module.test_step(batch, i)
-        metrics.update(out["logits"], out["target"])
-    return metrics.compute()
-
-
-@torch.no_grad()
-def predictions(fabric, module, dm, node: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``module``'s logits on one node's ``split`` and the targets, on the CPU."""
+def predictions(module, loader, fabric=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module``'s logits over an evaluation ``loader`` and the targets, on the CPU, in eval mode
+    (``fabric``: the device and autocast of a run; None for a module on the CPU, as ``hsl test``)."""
     module.eval()
     logits, targets = [], []
-    for i, batch in enumerate(dm.eval_loader(node, split)):
-        batch = fabric.to_device(batch)
-        with fabric.autocast():
+    for i, batch in enumerate(loader):
+        if fabric is not None:
+            batch = fabric.to_device(batch)
+        with fabric.autocast() if fabric is not None else contextlib.nullcontext():
             out = module.validation_step(batch, i)
         logits.append(out["logits"].float().cpu())
         targets.append(out["target"].cpu())
+    if not logits:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(targets)
+
+
+def evaluate(fabric, module, dm, node: int, split: str) -> dict:
+    """``module``'s metrics on one node's ``split`` (``val``, ``test``, or ``external``: the data
+    module's external site, its images tagged as this node's)."""
+    loader = dm.external_loader(node) if split == "external" else dm.eval_loader(node, split)
+    logits, target = predictions(module, loader, fabric)
+    metrics = NodeMetrics()
+    if len(target):
+        metrics.update(logits, target)
+    return metrics.compute()
 
 
 def threshold_counts(run, trainees: dict, merged: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def threshold_counts(run, trainees: dict, merged: torch.Tensor) -> torch.Tensor:
     for t in run.mine:
         trainees[t].load_deployed(run.module, run.packer, merged)
         for i in run.plan[t]:
-            logits, target = predictions(run.fabric, run.module, run.dm, i, "val")
+            logits, target = predictions(run.module, run.dm.eval_loader(i, "val"), run.fabric)
             rows[i] = counts(torch.sigmoid(logits), target)
     return gather(run.fabric, rows, run.owner)
 
