@@ -240,7 +240,8 @@ def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "")
         parts += ["\"= X\": every node test AUC of every cell equals method X's, so the two are one method in that "
                   "scenario (" + "; ".join(f"{m} = {o} in {s}" for (m, s), o in same.items()) + ").", ""]
     external = Stats(rows, "external_auc")
-    if external.nodes and any(external.nodes.values()):
+    scored_external = any(external.nodes.values())  # some cell scored an external site
+    if scored_external:
         parts += ["## Unseen site: test AUC", "",
                   "An institution that never trained (its own scanner and positive rate, images disjoint from every "
                   "node's), scored with what each cell deploys; methods that deploy a model per node give the mean "
@@ -253,7 +254,7 @@ def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "")
     parts += tuning_section(grid)
     if grid.compare:
         parts += _verdicts(grid, stats)
-        if external.nodes and any(external.nodes.values()):
+        if scored_external:
             parts += _verdicts(grid, external, "unseen site AUC")
     for scenario in grid.scenarios:
         if scenario not in stats.steps:

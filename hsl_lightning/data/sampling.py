@@ -202,7 +202,7 @@ def site_loader(primary: ImageSet, origin: torch.Tensor, batch_size: int, augmen
     sites = len(torch.unique(origin))
     per_site = max(1, batch_size // sites)
     length = samples_per_epoch or len(primary)
-    steps = max(1, length // batch_size) if length > batch_size else 1
+    steps = max(1, length // batch_size)
     sampler = SiteSampler(primary.labels, origin, per_site, steps, rebalance, seed)
     dataset = PairedImages(primary, None, augment, seed + 1, origin)
     return DataLoader(dataset, batch_size=per_site * sites, sampler=sampler, collate_fn=_as_batch)

@@ -90,16 +90,18 @@ class Reporter:
         """Weight files (every rank its trainees'), then on rank 0: ``summary.json`` (``start``: the
         run's ``time.perf_counter()`` when it began), the final metrics, W&B's run closed, the table
         printed. Returns the summary (None on other ranks)."""
+        node_thresholds = [checkpoints.youden(row) for row in thresholds]
+        pooled = checkpoints.youden(thresholds.sum(0)) if self.one_model else None
         if self.federation.save_weights:
-            self.write_checkpoints(state.best, thresholds)
+            self.write_checkpoints(state.best, node_thresholds, pooled)
         peaks = self._peak_rss()
         data_mb = self._data_mb()
         if not self.rank0:
             return None
         summary = self.summary(state, test, time.perf_counter() - start)
-        for i, node in enumerate(summary["nodes"]):
-            node["threshold"] = checkpoints.youden(thresholds[i])
-        summary["threshold"] = checkpoints.youden(thresholds.sum(0)) if self.one_model else None
+        for node, threshold in zip(summary["nodes"], node_thresholds):
+            node["threshold"] = threshold
+        summary["threshold"] = pooled
         summary["external"] = external
         privacy = self.federation.privacy
         if privacy is not None:
@@ -151,9 +153,9 @@ class Reporter:
         mb = torch.tensor([held / 2**20], dtype=torch.float64)
         return fabric.all_gather(mb.to(fabric.device)).reshape(-1).cpu() if fabric.world_size > 1 else mb
 
-    def write_checkpoints(self, best, thresholds: torch.Tensor) -> None:
-        """``model.ckpt`` (rank 0) when every node deploys the same model, else ``nodes/<name>.ckpt``
-        for each node this rank hosts; each with its threshold chosen on validation data."""
+    def write_checkpoints(self, best, node_thresholds: list[float], pooled: float | None) -> None:
+        """``model.ckpt`` (rank 0, with the threshold of all nodes' validation images pooled) when every
+        node deploys the same model, else ``nodes/<name>.ckpt`` for each node this rank hosts (with its own)."""
         fed, run, run_dir = self.federation, self.run, self.run.run_dir
         info = {"round": best.round + 1, "strategy": run.strategy.name, "seed": fed.seed, "run": str(run_dir),
                 "image_size": run.dm.size, "in_chans": run.dm.in_chans, "nodes": list(run.names)}
@@ -162,13 +164,13 @@ class Reporter:
             if self.rank0:
                 best.trainees[run.mine[0]].load_deployed(run.module, run.packer, best.merged)
                 checkpoints.write(run_dir / "model.ckpt", run.module,
-                                  {**info, "node": None, "threshold": checkpoints.youden(thresholds.sum(0))})
+                                  {**info, "node": None, "threshold": pooled})
             return
         for t in run.mine:
             best.trainees[t].load_deployed(run.module, run.packer, best.merged)
             for i in run.plan[t]:
                 checkpoints.write(run_dir / "nodes" / f"{run.names[i]}.ckpt", run.module,
-                                  {**info, "node": run.names[i], "threshold": checkpoints.youden(thresholds[i])})
+                                  {**info, "node": run.names[i], "threshold": node_thresholds[i]})
 
     def summary(self, state, test: list[dict], wall: float) -> dict:
         fed, run, history = self.federation, self.run, state.history
