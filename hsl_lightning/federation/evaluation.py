@@ -8,6 +8,7 @@ import math
 import torch
 
 from hsl_lightning.deploy.checkpoints import GRID, counts
+from hsl_lightning.federation.randomness import adopt
 from hsl_lightning.metrics import NodeMetrics, summarize
 
 METRICS = ("auc", "acc", "sensitivity", "specificity")
@@ -19,7 +20,7 @@ def predictions(module, loader, fabric=None) -> tuple[torch.Tensor, torch.Tensor
     (``fabric``: the device and autocast of a run; None for a module on the CPU, as ``hsl test``)."""
     module.eval()
     logits, targets = [], []
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(adopt(loader)):
         if fabric is not None:
             batch = fabric.to_device(batch)
         with fabric.autocast() if fabric is not None else contextlib.nullcontext():
@@ -47,12 +48,28 @@ def threshold_counts(run, trainees: dict, merged: torch.Tensor) -> torch.Tensor:
     (:func:`hsl_lightning.deploy.checkpoints.counts`), the same on every rank: rows add up, so a
     threshold can pool any nodes."""
     rows = torch.zeros(len(run.owner), 2 * len(GRID) + 2, dtype=torch.float64)
-    for t in run.mine:
-        trainees[t].load_deployed(run.module, run.packer, merged)
-        for i in run.plan[t]:
-            logits, target = predictions(run.module, run.dm.eval_loader(i, "val"), run.fabric)
-            rows[i] = counts(torch.sigmoid(logits), target)
+
+    def node_counts(module, i):
+        logits, target = predictions(module, run.dm.eval_loader(i, "val"), run.fabric)
+        return counts(torch.sigmoid(logits), target)
+
+    for i, row in each_node(run, trainees, merged, node_counts):
+        rows[i] = row
     return gather(run.fabric, rows, run.owner)
+
+
+def each_node(run, trainees: dict, merged: torch.Tensor, fn) -> list[tuple[int, object]]:
+    """``(i, fn(module, i))`` for every node i of this rank's trainees, the module holding the model
+    the node's trainee deploys; in the run's workers when it has them (a trainee per worker)."""
+    def trainee(module, t):
+        trainees[t].load_deployed(module, run.packer, merged)
+        return [(i, fn(module, i)) for i in run.plan[t]]
+
+    if run.workers is None:
+        rows = [trainee(run.module, t) for t in run.mine]
+    else:
+        rows = list(run.workers.map(trainee, run.mine))
+    return [row for rows_of_trainee in rows for row in rows_of_trainee]
 
 
 def local_val_auc(fabric, module, dm, nodes) -> float:
@@ -67,11 +84,13 @@ def evaluate_trainees(run, trainees: dict, merged: torch.Tensor, split: str) -> 
     ``merged``: the federation's merged state), one dict per node, the same on every rank.
     ``split`` ``external``: every node's deployed model on the external site."""
     values = torch.full((len(run.owner), len(METRICS)), math.nan, dtype=torch.float64)
-    for t in run.mine:
-        trainees[t].load_deployed(run.module, run.packer, merged)
-        for i in run.plan[t]:
-            m = evaluate(run.fabric, run.module, run.dm, i, split)
-            values[i] = torch.tensor([m[k] for k in METRICS], dtype=torch.float64)
+
+    def node_metrics(module, i):
+        m = evaluate(run.fabric, module, run.dm, i, split)
+        return torch.tensor([m[k] for k in METRICS], dtype=torch.float64)
+
+    for i, row in each_node(run, trainees, merged, node_metrics):
+        values[i] = row
     values = gather(run.fabric, values, run.owner)
     return [{k: float(values[i, j]) for j, k in enumerate(METRICS)} for i in range(len(run.owner))]
 

@@ -5,7 +5,8 @@ The round loop (:meth:`Federation._run`), each phase with the module that holds 
     set up the rank: data, plan of trainees, packing          rank.py (RankRun), sync.py (StatePacker)
     start fresh, or from a checkpoint                          state.py (RankState), checkpoint.py
     for round in rounds:
-        train this rank's trainees, one by one or fused        training.py (OneByOne), fused_training.py
+        train this rank's trainees: one by one, at the same    training.py (OneByOne), concurrent.py,
+          time in threads, or fused                            fused_training.py
         add each contribution to the round's message           message.py (RoundMessage), merge.py
         one all-reduce of the message over ranks               message.py, sync.py
         merge: mean, personal or server-side (the strategy's)  merge.py
@@ -32,6 +33,7 @@ from lightning.fabric import Fabric
 
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation import checkpoint
+from hsl_lightning.federation.concurrent import Concurrent, Workers
 from hsl_lightning.federation.evaluation import evaluate_trainees, external_result, gather, threshold_counts
 from hsl_lightning.federation.fused_training import FusedRounds
 from hsl_lightning.federation.loggers import WandbMode
@@ -105,6 +107,14 @@ class Federation:
             is the best one either way; ``summary.json`` records the patience and the rounds run.
         seed: seeds training (sampling, augmentation, dropout); set from ``seed_everything`` by the CLI.
         threads: CPU threads per rank (default: torch's choice, divided among local ranks).
+        concurrent_institutions: on a CPU rank, how many of its institutions train at the same time,
+            each in its own thread with its own copy of the module and ``threads // k`` intra-op
+            threads (:mod:`~hsl_lightning.federation.concurrent`); validation and testing too. None
+            (default): as many as the rank's threads and institutions allow, for strategies that can
+            (:meth:`Strategy.concurrent`: no local-training hooks), else 1; 1: one after another on
+            all the rank's threads. The result equals training one after another with the same
+            threads per institution, which also makes the default's result the same on 1 rank and
+            on 2 whenever every institution gets one thread (institutions >= cores).
         fuse_institutions: train the institutions a rank hosts as one model under ``torch.vmap``
             (:class:`~hsl_lightning.federation.fused.FusedModels`: each kernel launch serves all of
             them) instead of one after another. Meant for GPUs, which small models leave idle
@@ -153,6 +163,7 @@ class Federation:
         privacy: DifferentialPrivacy | None = None,
         seed: int = 0,
         threads: int | None = None,
+        concurrent_institutions: int | None = None,
         fuse_institutions: bool = False,
         cuda_graphs: bool = False,
     ):
@@ -173,6 +184,8 @@ class Federation:
         self.fuse_institutions = fuse_institutions
         if fuse_institutions:
             self._check_fusable()
+        self._check_concurrent(concurrent_institutions, accelerator, fuse_institutions)
+        self.concurrent_institutions = concurrent_institutions
         if cuda_graphs and not fuse_institutions:
             raise HSLError("cuda_graphs captures the fused training step: set federation.fuse_institutions to true "
                            "as well.")
@@ -214,7 +227,20 @@ class Federation:
     def _run(self, fabric: Fabric, module, dm, run_dir: Path, ckpt_path: str | None = None) -> dict | None:
         start = time.perf_counter()
         run = self._setup(fabric, module, dm, run_dir)
-        trainer = FusedRounds(self, run) if self.fuse_institutions else OneByOne(self, run)
+        try:
+            return self._rounds(run, module, ckpt_path, start)
+        finally:
+            if run.workers is not None:
+                run.workers.close()
+
+    def _rounds(self, run: RankRun, module, ckpt_path: str | None, start: float) -> dict | None:
+        fabric, run_dir = run.fabric, run.run_dir
+        if self.fuse_institutions:
+            trainer = FusedRounds(self, run)
+        elif run.workers is not None:
+            trainer = Concurrent(self, run, run.workers)
+        else:
+            trainer = OneByOne(self, run)
         state = self._start_state(run, ckpt_path)
         report = Reporter(self, run, state)
         for r in range(state.rounds_done, self.rounds):
@@ -279,8 +305,22 @@ class Federation:
             strategy=self.strategy.name, options=self.strategy.options(), seed=self.seed,
             local_epochs=self.local_epochs, contribute=self.contribute, nodes=dm.node_names, plan=plan,
             model=type(module).__name__, state={k: list(v.shape) for k, v in entries.items()}, data=report)
-        return RankRun(fabric, module, dm, self.strategy, run_dir, dm.node_names, plan, packer, local_keys, report,
-                       fingerprint)
+        run = RankRun(fabric, module, dm, self.strategy, run_dir, dm.node_names, plan, packer, local_keys, report,
+                      fingerprint)
+        k = self._institutions_at_once(run)
+        run.at_once = (k, max(1, torch.get_num_threads() // k))
+        if k > 1:
+            run.workers = Workers(module, *run.at_once)
+        return run
+
+    def _institutions_at_once(self, run: RankRun) -> int:
+        """How many of the rank's trainees train at the same time (see ``concurrent_institutions``)."""
+        hosted = len(run.mine)
+        if self.concurrent_institutions is not None:
+            return max(1, min(self.concurrent_institutions, hosted))
+        if run.device.type != "cpu" or self.fuse_institutions or not self.strategy.concurrent():
+            return 1
+        return max(1, min(hosted, torch.get_num_threads()))
 
     def _merge_of(self, run: RankRun, state: RankState, r: int):
         """Round r's merge: the strategy's, or DP-FedAvg's clipped and noised mean."""
@@ -372,6 +412,24 @@ class Federation:
                            f"'{precision}' they are still multiplied by the GradScaler's loss scale then, so the edit "
                            "would be off by that factor. Use precision bf16-mixed or 32-true.")
 
+    def _check_concurrent(self, k: int | None, accelerator: str, fused: bool) -> None:
+        if k is None or k == 1:
+            return
+        if k < 1:
+            raise HSLError(f"concurrent_institutions must be at least 1 (or null for automatic), got {k}.")
+        if fused:
+            raise HSLError("fuse_institutions already trains a rank's institutions together; set "
+                           "federation.concurrent_institutions to null or 1.")
+        if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
+            raise HSLError(f"concurrent_institutions runs institutions in CPU threads, not on accelerator "
+                           f"'{accelerator}'; on GPUs use federation.fuse_institutions.")
+        if not self.strategy.concurrent():
+            able = [name for name, kind in STRATEGIES.items() if kind.concurrent()]
+            raise HSLError(f"Strategy '{self.strategy.name}' keeps the state of an institution's local training "
+                           f"({', '.join(self.strategy.local_hooks()) or 'its traffic'}) in the strategy object, so its "
+                           f"institutions train one after another; concurrent_institutions works with: "
+                           f"{', '.join(able)}. Set federation.concurrent_institutions to null or 1.")
+
     def _check_fusable(self) -> None:
         if not self.strategy.fusable():
             hooks = self.strategy.local_hooks()
@@ -404,5 +462,5 @@ class Federation:
                 "checkpoint": self.checkpoint, "save_weights": self.save_weights, "min_nodes": self.min_nodes,
                 "val_every_n_rounds": self.val_every_n_rounds, "patience": self.patience,
                 "privacy": None if self.privacy is None else vars(self.privacy),
-                "fuse_institutions": self.fuse_institutions,
+                "concurrent_institutions": self.concurrent_institutions, "fuse_institutions": self.fuse_institutions,
                 "cuda_graphs": self.cuda_graphs}

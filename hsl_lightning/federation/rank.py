@@ -29,6 +29,8 @@ class RankRun:
     local_keys: list[str]  # state entries that stay with their trainee
     data_report: list[dict]  # how each node was drawn (data.json; part of the fingerprint)
     fingerprint: dict  # what a checkpoint must match to be resumed by this run
+    workers: object = None  # Workers: threads training (and scoring) several trainees at once, or None
+    at_once: tuple[int, int] = (1, 1)  # trainees training at the same time, and intra-op threads each
 
     def __post_init__(self):
         world, rank = self.fabric.world_size, self.fabric.global_rank

@@ -110,6 +110,7 @@ class Reporter:
                                   "epsilon": privacy.epsilon(len(state.history))}
         summary["peak_rss_mb_per_rank"] = [round(float(p), 1) for p in peaks]
         summary["data_mb_per_rank"] = [round(float(d), 2) for d in data_mb]
+        summary["institutions_at_once"], summary["threads_per_institution"] = self.run.at_once  # rank 0's
         atomic_write(self.run.run_dir / "summary.json", json.dumps(summary, indent=2))
         final = {f"{n['name']}/test_auc": n["test_auc"] for n in summary["nodes"]}
         final.update({"test/mean_auc": summary["mean_test_auc"], "test/std_auc": summary["std_test_auc"],

@@ -83,6 +83,13 @@ class Strategy:
         """Whether a rank's institutions can train as one model: nothing acts on one institution's training."""
         return not cls.local_hooks() and not cls.personal_model
 
+    @classmethod
+    def concurrent(cls) -> bool:
+        """Whether a rank's institutions can train at the same time in threads, each in its own copy of
+        the module: no local-training hooks (they keep a trainee's state in the strategy object) and no
+        traffic read from the module after the round."""
+        return not cls.local_hooks() and cls.traffic is Strategy.traffic
+
     def options(self) -> dict:
         """The strategy's settings (its constructor's arguments), for logs and configs."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

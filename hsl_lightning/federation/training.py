@@ -26,6 +26,7 @@ import torch
 from hsl_lightning.data.sampling import prepare_batch
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation.evaluation import local_val_auc
+from hsl_lightning.federation.randomness import adopt, seed_trainee
 from hsl_lightning.federation.state import RankState, State, clone_state
 
 
@@ -82,40 +83,44 @@ class OneByOne:
     def close(self) -> None:
         """Nothing is kept across rounds."""
 
-    def train_trainee(self, r: int, t: int, state: RankState, bar, loader=None) -> Outcome | Exception:
+    def train_trainee(self, r: int, t: int, state: RankState, bar, loader=None, module=None) -> Outcome | Exception:
         """Trainee ``t``'s round, from what it received (``loader``: its round's training loader, when
-        already built and not yet iterated). A failure is returned, after the strategy undid its set-up."""
+        already built and not yet iterated; ``module``: the module to train in, default the rank's).
+        A failure is returned, after the strategy undid its set-up."""
         run, strategy = self.run, self.strategy
+        module = run.module if module is None else module
         trainee = state.trainees[t]
-        trainee.load_start(run.module, run.packer, state.merged)
-        received = clone_state(run.module.state_dict()) if strategy.personal_model else None
+        trainee.load_start(module, run.packer, state.merged)
+        received = clone_state(module.state_dict()) if strategy.personal_model else None
         bar.set_postfix_str(f"round {r + 1}/{self.federation.rounds} {run.label(t)}")
         try:
-            contributed, loss, extra = self.train_local(r, t, loader=loader)
+            contributed, loss, extra = self.train_local(r, t, loader=loader, module=module)
             if received is None:
                 return Outcome(contributed, loss, extra)
             contributed = clone_state(contributed)  # the personal pass reuses the module
             # then the trainee's own model, anchored at what it received
-            run.module.load_state_dict(trainee.personal or received)
-            strategy.begin_personal(run.module, t, received)
-            personal, _, _ = self.train_local(r, t, personal=True)
-            strategy.end_personal(run.module, t)
+            module.load_state_dict(trainee.personal or received)
+            strategy.begin_personal(module, t, received)
+            personal, _, _ = self.train_local(r, t, personal=True, module=module)
+            strategy.end_personal(module, t)
             return Outcome(contributed, loss, extra, clone_state(personal))
         except Exception as exc:  # noqa: BLE001 - any failure of one trainee's training is reported by the loop
-            strategy.abort_local(run.module, t)
+            strategy.abort_local(module, t)
             return exc
 
-    def train_local(self, r: int, t: int, personal: bool = False,
-                    loader=None) -> tuple[State, float, torch.Tensor | None]:
+    def train_local(self, r: int, t: int, personal: bool = False, loader=None,
+                    module=None) -> tuple[State, float, torch.Tensor | None]:
         """``local_epochs`` of trainee ``t`` in the module: (the state it contributes, its last epoch's
         mean loss, its strategy vector). ``personal``: the pass over its own model, which contributes
         nothing to the merge and runs no local hooks."""
-        fed, run, strategy, module = self.federation, self.run, self.strategy, self.run.module
+        fed, run, strategy = self.federation, self.run, self.strategy
+        module = run.module if module is None else module
         seed = seed_of(fed.seed, r, t, 1) if personal else seed_of(fed.seed, r, t)
-        torch.manual_seed(seed)
+        seed_trainee(seed)
         if loader is None:
             loader = run.dm.train_loader(run.plan[t], seed, with_sat=getattr(module, "uses_sat", False),
                                          **strategy.loader_options())
+        adopt(loader)
         optimizer = optimizer_of(module.configure_optimizers())
         if not personal:
             strategy.begin_local(module, t)
@@ -123,7 +128,7 @@ class OneByOne:
         best_state, best_auc, epoch_loss, total_steps = None, -math.inf, math.nan, 0
         for epoch in range(fed.local_epochs):
             strategy.begin_epoch(module, epoch, fed.local_epochs)
-            epoch_loss, steps = self._epoch(loader, optimizer)
+            epoch_loss, steps = self._epoch(module, loader, optimizer)
             total_steps += steps
             if not math.isfinite(epoch_loss):
                 raise diverged(run.label(t), r, epoch, epoch_loss)
@@ -134,9 +139,9 @@ class OneByOne:
         extra = None if personal else strategy.end_local(module, t, total_steps, optimizer)
         return (best_state if best_state is not None else module.state_dict()), epoch_loss, extra
 
-    def _epoch(self, loader, optimizer) -> tuple[float, int]:
-        """One pass over ``loader``: (mean loss, optimizer steps)."""
-        fabric, module, strategy = self.run.fabric, self.run.module, self.strategy
+    def _epoch(self, module, loader, optimizer) -> tuple[float, int]:
+        """One pass of ``module`` over ``loader``: (mean loss, optimizer steps)."""
+        fabric, strategy = self.run.fabric, self.strategy
         module.train()
         loss_sum = torch.zeros((), device=fabric.device)
         steps = 0
