@@ -107,3 +107,13 @@ def test_bad_privacy_settings_are_clear_errors():
         DifferentialPrivacy(accountant="moments")
     with pytest.raises(HSLError, match="min_nodes"):
         Federation(privacy=DifferentialPrivacy(), min_nodes=2)
+
+
+def test_update_norms_before_clipping_are_logged_to_choose_the_clip_by(tmp_path):
+    free = run(tmp_path, "free", DifferentialPrivacy(clip=math.inf, noise_multiplier=0.0), rounds=1)["history"][0]
+    assert free["dp_clipped_share"] == 0.0 and 0 < free["dp_update_norm_median"] <= free["dp_update_norm_max"]
+    # clipped at round 1's median norm: the same updates (same start, no noise), one of three above it
+    clipped = run(tmp_path, "clipped", DifferentialPrivacy(clip=free["dp_update_norm_median"], noise_multiplier=0.0),
+                  rounds=1)["history"][0]
+    assert clipped["dp_update_norm_median"] == free["dp_update_norm_median"]
+    assert clipped["dp_clipped_share"] == pytest.approx(1 / 3)

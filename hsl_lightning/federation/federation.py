@@ -258,10 +258,11 @@ class Federation:
             self._check_quorum(int(total.finished.sum()), len(run.plan), r)
             merge.apply(total, state)
             self.strategy.after_round(total.extras if run.layout.extras else None, len(run.plan))
+            norms = self._update_norms(run, merge) if self.privacy is not None else None
             del message, merge
             validation = self._validate(run, state, r)
             losses = gather(fabric, losses.unsqueeze(1), run.owner)[:, 0]
-            state.history.append(report.round(r, total, validation, losses, time.perf_counter() - clock))
+            state.history.append(report.round(r, total, validation, losses, time.perf_counter() - clock, norms))
             if self.checkpoint:
                 payload = state.portable(run.packer, r, run.fingerprint, self.strategy.state_dict())
                 checkpoint.save_round(fabric, run_dir, r + 1, payload)
@@ -327,6 +328,14 @@ class Federation:
         if self.privacy is None:
             return self.strategy.merge_kind(run, received=state.merged)
         return PrivateMean(run, state.merged, self.privacy, seed_of(self.seed, r, 104729))
+
+    @staticmethod
+    def _update_norms(run: RankRun, merge: PrivateMean) -> torch.Tensor:
+        """Every node's update norm before DP clipping this round (its trainee's), on every rank."""
+        norms = torch.full((len(run.names),), math.nan, dtype=torch.float64)
+        for t, norm in merge.norms.items():
+            norms[list(run.plan[t])] = norm
+        return gather(run.fabric, norms.unsqueeze(1), run.owner)[:, 0]
 
     def _start_state(self, run: RankRun, ckpt_path: str | None) -> RankState:
         """Round 0's state (every trainee holds the module's weights), or the state after the

@@ -100,11 +100,13 @@ class PrivateMean(Mean):
     def __init__(self, run, received: torch.Tensor, privacy: DifferentialPrivacy, seed: int):
         super().__init__(run, received)
         self.privacy, self.seed = privacy, seed
+        self.norms: dict[int, float] = {}  # each trainee's update norm before clipping, to choose C by
 
     def contribute(self, message, trainee, state, weight):
         flat = self.run.packer.pack(state, message.vector.device)
         update = flat - self.received
         norm = float(torch.linalg.vector_norm(update))
+        self.norms[trainee] = norm
         if norm > self.privacy.clip:
             update = update * (self.privacy.clip / norm)
         share = self.received + update

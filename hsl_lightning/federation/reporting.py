@@ -59,9 +59,11 @@ class Reporter:
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def round(self, r: int, total, validation, losses: torch.Tensor, seconds: float) -> dict:
-        """Record round ``r``: its row (traffic, validation metrics, training losses) into the history
-        and the logs; a line under the progress bar when it was validated."""
+    def round(self, r: int, total, validation, losses: torch.Tensor, seconds: float,
+              update_norms: torch.Tensor | None = None) -> dict:
+        """Record round ``r``: its row (traffic, validation metrics, training losses; with DP the
+        nodes' update norms before clipping) into the history and the logs; a line under the
+        progress bar when it was validated."""
         run = self.run
         dropped = [run.label(t) for t in range(len(run.plan)) if total.finished[t] == 0]
         traffic = int(total.traffic)
@@ -79,6 +81,11 @@ class Reporter:
         privacy = self.federation.privacy
         if privacy is not None:  # the privacy spent so far, from Opacus's accountant
             row["dp_epsilon"] = privacy.epsilon(r + 1)
+            finished = update_norms[~update_norms.isnan()]
+            if len(finished):  # to choose the clip C by: Opacus's advice is near the median norm
+                row["dp_update_norm_median"] = float(finished.median())
+                row["dp_update_norm_max"] = float(finished.max())
+                row["dp_clipped_share"] = float((finished > privacy.clip).double().mean())
         self._log({k: v for k, v in row.items() if k != "round"}, step=r + 1)
         if self.rank0 and self.federation.progress and validation is not None:
             self.bar.write(f"round {r + 1}/{self.federation.rounds}: mean node val AUC {stats['mean']:.4f} "
