@@ -2,7 +2,9 @@
 
 The same federated workload, FedAvg: N institutions, R rounds of one local epoch, a ResNet-10t
 classifier on the synthetic task at 28 px, batch 32, AdamW (torch's fused kernel in both, the
-module's default), no augmentation or rebalancing, one thread. (a)
+module's default), no augmentation or rebalancing, one thread (``--threads N``: N for both, where
+the Federation's default trains min(N, institutions) institutions at once, a thread each, and the
+plain loop runs one institution after another on N intra-op threads). (a)
 ``Federation(strategy="fedavg").fit`` with checkpoints, weights and W&B off, in two settings: as
 configured by default (validates every node after every round and deploys the best round) and with
 ``val_every_n_rounds=rounds`` (validates after the last round only, the closest to the plain loop;
@@ -11,9 +13,11 @@ exactly the same local steps and the size-weighted averaging, and nothing else. 
 data is built; each is timed in-process, alternating a/b, ``--repeats`` times; the ratio of medians
 is reported, with a breakdown of (a) from a profile of one more run.
 
-    .venv/bin/python benchmarks/overhead.py            # about 4 minutes on 2 cores
+    .venv/bin/python benchmarks/overhead.py               # about 4 minutes on 2 cores
+    .venv/bin/python benchmarks/overhead.py --threads 2   # both cores: about 2.5 minutes
 
-Prints a table, writes benchmarks/results/overhead.json, ends with one line ``RESULT {json}``.
+Prints a table, writes benchmarks/results/overhead.json (``overhead_threadsN.json`` for N threads),
+ends with one line ``RESULT {json}``.
 """
 
 from __future__ import annotations
@@ -45,11 +49,11 @@ def make_data(nodes: int, per_node: int, batch: int) -> FederatedDataModule:
     return dm
 
 
-def run_federation(dm, rounds: int, backbone: str, run_dir: str, val_every: int = 1) -> float:
+def run_federation(dm, rounds: int, backbone: str, run_dir: str, val_every: int = 1, threads: int = 1) -> float:
     torch.manual_seed(0)
     model = ClassifierModule(backbone=backbone)
     federation = Federation(strategy="fedavg", rounds=rounds, local_epochs=1, contribute="last", run_dir=run_dir,
-                            wandb="disabled", progress=False, checkpoint=False, save_weights=False, threads=1,
+                            wandb="disabled", progress=False, checkpoint=False, save_weights=False, threads=threads,
                             val_every_n_rounds=val_every)
     start = time.perf_counter()
     federation.fit(model, dm)
@@ -99,11 +103,11 @@ def loader_alone(dm, rounds: int) -> float:
     return time.perf_counter() - start
 
 
-def breakdown(dm, rounds: int, backbone: str, run_dir: str) -> dict:
+def breakdown(dm, rounds: int, backbone: str, run_dir: str, threads: int = 1) -> dict:
     """Seconds of the Federation run spent in its main parts (one profiled run)."""
     profile = cProfile.Profile()
     profile.enable()
-    run_federation(dm, rounds, backbone, run_dir)
+    run_federation(dm, rounds, backbone, run_dir, threads=threads)
     profile.disable()
     stats = pstats.Stats(profile)
     parts = {"train_local": "local training", "evaluate_trainees": "validation and test",
@@ -123,25 +127,31 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--backbone", default="resnet10t")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.json"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of both: the plain loop's intra-op threads, the Federation's federation.threads "
+                        "(which by default trains min(threads, institutions) institutions at once)")
+    p.add_argument("--out", help="default benchmarks/results/overhead.json (overhead_threadsN.json for N threads)")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    name = "overhead.json" if args.threads == 1 else f"overhead_threads{args.threads}.json"
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / name)
+    torch.set_num_threads(args.threads)
     dm = make_data(args.nodes, args.per_node, args.batch)
     run_dir = "/tmp/hsl_overhead_run"
-    run_plain(dm, 1, args.backbone), run_federation(dm, 1, args.backbone, run_dir)  # warm-up
+    run_plain(dm, 1, args.backbone), run_federation(dm, 1, args.backbone, run_dir, threads=args.threads)  # warm-up
     times = {"hsl_lightning": [], "hsl_lightning_val_last": [], "plain_loop": []}
     for _ in range(args.repeats):
-        times["hsl_lightning"].append(run_federation(dm, args.rounds, args.backbone, run_dir))
-        times["hsl_lightning_val_last"].append(run_federation(dm, args.rounds, args.backbone, run_dir, args.rounds))
+        times["hsl_lightning"].append(run_federation(dm, args.rounds, args.backbone, run_dir, threads=args.threads))
+        times["hsl_lightning_val_last"].append(run_federation(dm, args.rounds, args.backbone, run_dir, args.rounds,
+                                                                   threads=args.threads))
         times["plain_loop"].append(run_plain(dm, args.rounds, args.backbone))
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["hsl_lightning"] / med["plain_loop"]
     ratio_last = med["hsl_lightning_val_last"] / med["plain_loop"]
-    parts = breakdown(dm, args.rounds, args.backbone, run_dir)
+    parts = breakdown(dm, args.rounds, args.backbone, run_dir, args.threads)
     parts["loader alone (no model)"] = round(loader_alone(dm, args.rounds), 3)
     steps = args.rounds * sum(len(n.train) // args.batch for n in dm.nodes)
     print(f"workload: FedAvg, {args.nodes} institutions x {args.per_node} images, {args.rounds} rounds x 1 epoch, "
-          f"{args.backbone}, batch {args.batch}, 28 px, 1 thread: {steps} optimizer steps")
+          f"{args.backbone}, batch {args.batch}, 28 px, {args.threads} thread(s): {steps} optimizer steps")
     print(f"{'run':<24}{'median s':>10}   all runs")
     for k, v in times.items():
         print(f"{k:<24}{med[k]:>10.2f}   {', '.join(f'{x:.2f}' for x in v)}")
