@@ -200,3 +200,21 @@ def test_two_ranks_give_the_same_result_as_one(tmp_path):
     for key in w1:
         assert torch.allclose(w1[key].double(), w2[key].double(), atol=TOLERANCE, rtol=0), key
     assert w1["net.primary_encoder.trunk.conv1.0.weight"].dtype == torch.float64
+
+
+@pytest.mark.slow
+def test_the_default_gives_one_and_two_ranks_the_same_result(tmp_path):
+    """As a user runs it: float32, no thread settings. With 4 hospitals every hospital trains on the
+    same number of threads on 1 rank and on 2 whatever the core count (on 2 cores, 1 thread each:
+    2 at once on one rank, 1 at a time on each of two), so the float operations per hospital agree;
+    before hospitals trained at the same time, one rank gave each 2 threads and two ranks 1."""
+    one = fit(tmp_path / "w1", data=tiny_data(scenario=Scenario(num_nodes=4, feature_skew=0.3)))
+    two = fit(tmp_path / "w2", data=tiny_data(scenario=Scenario(num_nodes=4, feature_skew=0.3)), devices=2)
+    assert one["threads_per_institution"] == two["threads_per_institution"]
+    assert [n["test_auc"] for n in one["nodes"]] == pytest.approx([n["test_auc"] for n in two["nodes"]], abs=1e-6)
+    assert [h["mean_val_auc"] for h in one["history"]] == pytest.approx([h["mean_val_auc"] for h in two["history"]],
+                                                                         abs=1e-6)
+    # and the deployed weights bit for bit: the merge sums float32 contributions in float64, exactly here
+    w1 = torch.load(tmp_path / "w1" / "run" / "model.ckpt", weights_only=True)["state_dict"]
+    w2 = torch.load(tmp_path / "w2" / "run" / "model.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
