@@ -30,12 +30,14 @@ class NodeMetrics:
         })
         self.n_pos = 0
         self.n_neg = 0
+        self.n_not_finite = 0
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         logits, target = logits.detach().float().cpu(), target.detach().long().cpu()
         self.collection.update(torch.sigmoid(logits), target)
         self.n_pos += int(target.sum())
         self.n_neg += int(target.numel() - target.sum())
+        self.n_not_finite += int((~torch.isfinite(logits)).sum())
 
     def compute(self) -> dict[str, float | str]:
         if self.n_pos + self.n_neg == 0:
@@ -52,11 +54,15 @@ class NodeMetrics:
                 values["sensitivity"] = math.nan
             else:
                 values["specificity"] = math.nan
+        if self.n_not_finite:  # NaN scores sort in an arbitrary order: any AUC of them would be an artefact
+            values = {k: math.nan for k in values}
+            values["auc_undefined"] = (f"the model's outputs are not finite for {self.n_not_finite} of "
+                                       f"{self.n_pos + self.n_neg} images")
         return values
 
     def reset(self) -> None:
         self.collection.reset()
-        self.n_pos = self.n_neg = 0
+        self.n_pos = self.n_neg = self.n_not_finite = 0
 
 
 def summarize(aucs: Sequence[float]) -> dict[str, float]:

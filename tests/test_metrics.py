@@ -41,3 +41,16 @@ def test_single_class_node_has_undefined_auc_with_reason():
 def test_summary_skips_undefined_nodes():
     s = summarize([0.8, math.nan, 0.6])
     assert math.isclose(s["mean"], 0.7) and math.isclose(s["std"], 0.1) and s["min"] == 0.6
+
+
+def test_non_finite_outputs_give_no_auc_rather_than_the_sort_order_of_nans():
+    # A model whose BatchNorm variance went negative (say under DP noise) outputs NaN for every image;
+    # ranking NaNs gives an arbitrary "AUC" (0.42 on a real run), so none is reported, with the reason.
+    m = NodeMetrics()
+    m.update(torch.tensor([float("nan"), 0.3, float("inf"), -1.0]), torch.tensor([1, 0, 1, 0]))
+    out = m.compute()
+    assert all(math.isnan(out[k]) for k in ("auc", "acc", "sensitivity", "specificity"))
+    assert "not finite for 2 of 4 images" in out["auc_undefined"]
+    m.reset()
+    m.update(torch.tensor([2.0, -1.0]), torch.tensor([1, 0]))
+    assert m.compute()["auc"] == 1.0

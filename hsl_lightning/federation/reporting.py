@@ -193,7 +193,8 @@ class Reporter:
             if math.isnan(test[i]["auc"]):
                 pos, n = node.test.positives, len(node.test)
                 row["test_auc_undefined"] = ("no test samples" if n == 0 else
-                                             f"test set holds one class only ({pos} positive of {n})")
+                                             f"test set holds one class only ({pos} positive of {n})"
+                                             if pos in (0, n) else "the deployed model's outputs are not finite")
             nodes.append(row)
         stats = summarize([n["test_auc"] for n in nodes])
         return {
