@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,15 @@ def test_update_norms_before_clipping_are_logged_to_choose_the_clip_by(tmp_path)
                   rounds=1)["history"][0]
     assert clipped["dp_update_norm_median"] == free["dp_update_norm_median"]
     assert clipped["dp_clipped_share"] == pytest.approx(1 / 3)
+
+
+def test_clip_inf_is_accepted_as_a_command_line_gives_it(capsys):
+    from hsl_lightning.cli import main
+
+    assert DifferentialPrivacy(clip="inf").clip == math.inf
+    with pytest.raises(HSLError, match="positive number or inf, got 'big'"):
+        DifferentialPrivacy(clip="big")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
+              "--federation.privacy.clip", "inf", "--federation.privacy.noise_multiplier", "0", "--print_config"])
+    assert "clip: inf" in capsys.readouterr().out

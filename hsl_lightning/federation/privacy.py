@@ -40,18 +40,24 @@ class DifferentialPrivacy:
     """DP-FedAvg's settings (see the module docs).
 
     Args:
-        clip: C, the L2 bound on each node's update per round (``inf``: no clipping).
+        clip: C, the L2 bound on each node's update per round (``inf``: no clipping; the string
+            ``inf`` is accepted, as a command line gives it, besides YAML's ``.inf``).
         noise_multiplier: sigma; the round's sum carries N(0, (sigma C)^2) per coordinate.
         delta: the delta at which epsilon is reported.
         accountant: Opacus accountant: ``rdp``, ``prv`` or ``gdp``.
     """
 
-    clip: float = 1.0
+    clip: float | str = 1.0
     noise_multiplier: float = 1.0
     delta: float = 1e-5
     accountant: str = "rdp"
 
     def __post_init__(self):
+        if isinstance(self.clip, str):
+            try:
+                self.clip = float(self.clip)
+            except ValueError:
+                raise HSLError(f"federation.privacy.clip must be a positive number or inf, got '{self.clip}'.") from None
         if not self.clip > 0:
             raise HSLError(f"federation.privacy.clip must be positive (or inf), got {self.clip}.")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
