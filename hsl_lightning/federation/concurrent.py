@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import queue
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -70,26 +71,16 @@ class Workers:
                 self._modules.put(module)
 
         items = iter(items)
-        pending = collections.deque(self._pool.submit(job, item) for item in _take(items, 2 * self.k))
+        pending = collections.deque(self._pool.submit(job, item) for item in itertools.islice(items, 2 * self.k))
         while pending:
             result = pending.popleft().result()
-            for item in _take(items, 1):
-                pending.append(self._pool.submit(job, item))
+            pending.extend(self._pool.submit(job, item) for item in itertools.islice(items, 1))
             yield result
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         randomness.remove_dropout()
         torch.set_num_threads(self._restore_threads)
-
-
-def _take(items: Iterator, n: int) -> list:
-    out = []
-    for item in items:
-        out.append(item)
-        if len(out) == n:
-            break
-    return out
 
 
 class Concurrent:
