@@ -12,7 +12,7 @@ from torch import nn
 from hsl_lightning import ClassifierModule, Federation, HSLError
 from hsl_lightning.benchmark import Grid
 from hsl_lightning.benchmark.grid import run_dir
-from hsl_lightning.benchmark.report import Stats, coinciding, markdown
+from hsl_lightning.benchmark.report import Stats, coinciding, edges, markdown, tuning_section
 from hsl_lightning.benchmark.tuning import choose
 from hsl_lightning.data.heterogeneity import ExternalSite
 from hsl_lightning.federation import federation as federation_module
@@ -241,6 +241,10 @@ def test_tuning_picks_the_best_mean_validation_auc_and_never_reads_test_auc(tmp_
     reported = [c for c in grid.cells(chosen) if c.method == "fedavg"]
     assert reported and all(dict(c.settings)["model.init_args.lr"] == 0.3 for c in reported)
     assert all(c.seed == 0 for c in grid.cells(chosen))
+    section = "\n".join(tuning_section(grid))  # 0.3 is the top of the searched range: flagged
+    assert "| fedavg | quantity (4) | lr=0.3 | 0.760 | lr highest |" in section and "1 of 1 choices" in section
+    assert edges(grid, "fedavg", {"model.init_args.lr": 0.2}) == []
+    assert edges(grid, "fedavg", {"model.init_args.lr": 0.1}) == ["lr lowest"]
 
 
 def test_tuning_seeds_must_not_be_reported(tmp_path, monkeypatch):

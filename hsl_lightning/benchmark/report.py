@@ -198,8 +198,23 @@ def convergence(grid: Grid, rows: list[dict]) -> list[str]:
     return lines
 
 
+def edges(grid: Grid, method: str, settings: dict) -> list[str]:
+    """The chosen settings that lie at the low or high end of a searched range of 3 or more numbers:
+    the best value may lie beyond it. (A 2-value search has no inside, so it is not flagged.)"""
+    out = []
+    for key, value in settings.items():
+        values = grid.methods.get(method, {}).get("search", {}).get(key) or []
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) < 3 or len(numbers) != len(values) or not isinstance(value, (int, float)):
+            continue
+        if value == min(numbers) or value == max(numbers):
+            out.append(f"{key.split('.')[-1]} {'lowest' if value == min(numbers) else 'highest'}")
+    return out
+
+
 def tuning_section(grid: Grid) -> list[str]:
-    """The values chosen on validation data (``tuning.json``), with every candidate's score."""
+    """The values chosen on validation data (``tuning.json``), with every candidate's score and the
+    choices that lie at an end of their searched range."""
     file = grid.out / "tuning.json"
     if not file.is_file():
         return []
@@ -209,15 +224,21 @@ def tuning_section(grid: Grid) -> list[str]:
              "Each candidate ran on every tuning seed at the scenario's tuning step; the one of best mean node "
              "validation AUC (averaged over the tuning seeds) is used for every reported cell of the scenario. No "
              "test AUC entered a choice.", "",
-             "| method | scenario (step) | chosen | val AUC | candidates (val AUC) |", "|---|---|---|---|---|"]
+             "| method | scenario (step) | chosen | val AUC | at a range's end | candidates (val AUC) |",
+             "|---|---|---|---|---|---|"]
+    at_end = 0
     for c in record["choices"]:
         chosen = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in c["settings"].items())
         best = next(e for e in c["candidates"] if e["candidate"] == c["chosen"])
         others = "; ".join(f"{', '.join(str(v) for v in e['settings'].values())}: {_fmt(e['mean_val_auc'])}"
                            for e in c["candidates"])
+        ends = edges(grid, c["method"], c["settings"])
+        at_end += bool(ends)
         lines.append(f"| {c['method']} | {c['scenario']} ({c['step']}) | {chosen} | {_fmt(best['mean_val_auc'])} | "
-                     f"{others} |")
-    return lines + [""]
+                     f"{', '.join(ends) or '-'} | {others} |")
+    lines += ["", f"{at_end} of {len(record['choices'])} choices put a setting at the lowest or highest value of a "
+              "searched range of 3 or more values, where a value beyond the range might have scored better.", ""]
+    return lines
 
 
 def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "") -> str:
