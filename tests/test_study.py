@@ -121,6 +121,26 @@ def test_splitavg_draws_the_same_number_of_images_from_every_site():
     assert get_strategy("splitavg", {"site_batch": "proportional"}).loader_options() == {"per_node_batch": False}
 
 
+def test_hsl_epochs_can_take_the_steps_of_a_single_task_model_on_the_same_node():
+    """The reference's epoch covers the longer of a node's primary set and SAT shard; with a large
+    shard that is several passes over the primary images per epoch. ``samples_per_epoch: primary``
+    gives HSL a single-task model's steps, for comparisons at an equal budget."""
+    big_sat = dict(sat=__import__("hsl_lightning").SyntheticAnchor(num_samples=900, size=28), sat_fraction=0.3)
+    reference, equal = tiny_data(**big_sat), tiny_data(samples_per_epoch="primary", **big_sat)
+    single = tiny_data(use_sat=False)
+    for data in (reference, equal, single):
+        data.setup()
+    for node in range(3):
+        steps = len(single.train_loader([node], seed=0, with_sat=False))
+        assert len(equal.train_loader([node], seed=0)) == steps
+        assert len(reference.train_loader([node], seed=0)) >= 3 * steps  # 270 SAT images against about 48
+        batch = next(iter(equal.train_loader([node], seed=0)))
+        assert batch["sat_image"].shape[0] == batch["image"].shape[0] == 32  # still paired
+    assert tiny_data(samples_per_epoch="longer").samples_per_epoch is None
+    with pytest.raises(HSLError, match="samples_per_epoch must be a positive number of pairs, 'longer' or 'primary'"):
+        tiny_data(samples_per_epoch="half")
+
+
 def test_hsl_experts_gates_and_towers_start_xavier_uniform():
     torch.manual_seed(0)
     xavier, default = tiny_hsl(), tiny_hsl(init="torch")
@@ -156,8 +176,14 @@ def test_the_study_gives_every_method_the_same_budget_and_a_search(monkeypatch):
     assert {"federation.strategy_options.mu"} <= set(grid.methods["moon"]["search"])
     assert {"federation.strategy_options.lam"} <= set(grid.methods["ditto"]["search"])
     assert {"model.init_args.sat_weight", "data.sat_fraction"} <= set(grid.methods["hsl"]["search"])
-    control, scaffold = grid.methods["fedavg_sgd"], grid.methods["scaffold"]
+    control, scaffold = grid.methods["swarm_sgd"], grid.methods["scaffold"]
     assert control["settings"]["model.init_args.optimizer"] == "sgd"
+    assert control["settings"]["federation.strategy"] == "swarm"  # SCAFFOLD's unweighted mean
+    assert not get_strategy("swarm").size_weighted and not get_strategy("scaffold").size_weighted
+    for method in ("hsl", "hsl_synthetic_sat"):  # HSL at the others' steps per round, sending its last epoch
+        assert grid.methods[method]["settings"]["data.samples_per_epoch"] == "primary"
+        assert grid.methods[method]["settings"]["federation.contribute"] == "last"
+    assert all(dict(c.settings).get("federation.contribute", "last") == "last" for c in grid.cells())
     assert control["search"]["model.init_args.lr"] == scaffold["search"]["model.init_args.lr"]
     assert not set(grid.tune["seeds"]) & set(grid.seeds)
     assert {"feature", "combined", "label", "quantity"} <= set(grid.scenarios)

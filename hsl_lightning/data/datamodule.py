@@ -56,7 +56,11 @@ class FederatedDataModule(L.LightningDataModule):
         eval_batch_size: evaluation batch.
         augment: random flip and rotation up to 15 degrees during training.
         rebalance: draw primary samples for an expected 50/50 class ratio.
-        samples_per_epoch: pairs per local epoch (default max(primary, SAT) of the node).
+        samples_per_epoch: pairs per local epoch: a number, ``longer`` (the default, as the
+            reference trains: max(primary, SAT) of the node, so a node whose SAT shard outnumbers
+            its primary images revisits them several times per epoch) or ``primary`` (the node's
+            primary set size, the SAT side drawn to match: the same optimizer steps per epoch as a
+            single-task model on the same node, for comparisons at an equal budget).
         seed: seeds everything about the simulated world (partition, scanners, SAT shards).
         external: an institution that never trains (:class:`ExternalSite`): its images are taken
             out of the source before the nodes are drawn, and the Federation scores every deployed
@@ -79,7 +83,7 @@ class FederatedDataModule(L.LightningDataModule):
         eval_batch_size: int = 256,
         augment: bool = True,
         rebalance: bool = True,
-        samples_per_epoch: int | None = None,
+        samples_per_epoch: int | Literal["longer", "primary"] | None = None,
         seed: int = 0,
         external: ExternalSite | None = None,
     ):
@@ -93,6 +97,13 @@ class FederatedDataModule(L.LightningDataModule):
         self.split_fractions = tuple(split_fractions)
         self.sat_mode, self.sat_fraction = sat_mode, sat_fraction
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        if samples_per_epoch == "longer":
+            samples_per_epoch = None
+        if not (samples_per_epoch in (None, "primary") or (isinstance(samples_per_epoch, int)
+                                                            and not isinstance(samples_per_epoch, bool)
+                                                            and samples_per_epoch > 0)):
+            raise HSLError(f"data.samples_per_epoch must be a positive number of pairs, 'longer' or 'primary', "
+                           f"got {samples_per_epoch!r}.")
         self.augment, self.rebalance, self.samples_per_epoch, self.seed = augment, rebalance, samples_per_epoch, seed
         self.external = external
         self.external_data: ImageSet | None = None
@@ -255,15 +266,14 @@ class FederatedDataModule(L.LightningDataModule):
         self.setup()
         primary = ImageSet.cat([self.nodes[i].train for i in nodes])
         origin = torch.cat([torch.full((len(self.nodes[i].train),), i, dtype=torch.long) for i in nodes])
+        per_epoch = len(primary) if self.samples_per_epoch == "primary" else self.samples_per_epoch
         if per_node_batch:
             if with_sat:
                 raise HSLError("A batch with the same number of images per node is drawn for primary-only training "
                                "(splitavg); this model trains with a SAT.")
-            return site_loader(primary, origin, self.batch_size, self.augment, self.rebalance, seed,
-                               self.samples_per_epoch)
+            return site_loader(primary, origin, self.batch_size, self.augment, self.rebalance, seed, per_epoch)
         sat = self.sat_for(nodes) if with_sat else None
-        return paired_loader(primary, sat, self.batch_size, self.augment, self.rebalance, seed, self.samples_per_epoch,
-                             origin)
+        return paired_loader(primary, sat, self.batch_size, self.augment, self.rebalance, seed, per_epoch, origin)
 
     def eval_loader(self, node: int, split: str):
         self.setup()
