@@ -12,7 +12,7 @@ from torch import nn
 from hsl_lightning import ClassifierModule, Federation, HSLError
 from hsl_lightning.benchmark import Grid
 from hsl_lightning.benchmark.grid import run_dir
-from hsl_lightning.benchmark.report import Stats, coinciding, edges, markdown, tuning_section
+from hsl_lightning.benchmark.report import Stats, coinciding, edges, holm, markdown, p_value, tuning_section
 from hsl_lightning.benchmark.tuning import choose
 from hsl_lightning.data.heterogeneity import ExternalSite
 from hsl_lightning.federation import federation as federation_module
@@ -294,7 +294,32 @@ def test_the_report_names_methods_that_coincide_instead_of_ranking_them_twice(tm
     assert coinciding(grid, Stats(rows)) == {("personalized", "quantity"): "local"}
     report = markdown(grid, rows)
     assert "| personalized | = local |" in report and "## Convergence" in report
-    assert "| local | 1 | 0 | 0 % | 0 | 9.0 | 10 |" in report
+    assert "| local | 1 | 0 | 0 % | 0 (0 %) | 0 | 9.0 | 10 |" in report
+
+
+def test_the_report_corrects_its_verdicts_for_the_number_of_comparisons():
+    # Holm at 5 % over 4 tests: 0.01 <= 0.05/4 is rejected, then 0.02 > 0.05/3 stops the step-down
+    assert [r for _, r in holm([0.02, 0.01, 0.04, math.nan, 0.3])] == [False, True, False, False, False]
+    assert [r for _, r in holm([0.001, 0.01, 0.02])] == [True, True, True]  # 0.02 <= 0.05/1
+    assert p_value([0.1, 0.1, 0.1]) < 1e-12 and p_value([0.0, 0.0]) == 1.0 and math.isnan(p_value([0.2]))
+    assert p_value([0.01, 0.03, 0.02, -0.01, 0.04]) == pytest.approx(0.1045, abs=1e-4)  # t = 2.09, df 4
+
+
+def test_the_report_counts_cells_that_ran_their_whole_budget_and_lists_unfinished_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    grid = tuning_grid(tmp_path)
+    rows = [{"method": "fedavg", "strategy": "fedavg", "scenario": "quantity", "step": step, "step_index": i, "seed": 0,
+             "node": "node0", "test_auc": 0.8, "val_auc": 0.8, "best_round": best, "rounds": 10, "rounds_run": run,
+             "external_auc": 0.5, "wall_s": 12.0, "bytes_per_round": 2.0e6}
+            for i, (step, best, run) in enumerate((("1", 4, 10), ("4", 10, 10), ("8", 3, 9)))]
+    report = markdown(grid, rows)
+    assert "| fedavg | 3 | 1 | 33 % | 2 (67 %) | 0 | 9.7 | 10 |" in report  # best round 4 of 10: not early-stopped
+    assert "| fedavg | 12 | 2.00 |" in report  # the cost table
+    assert "6 reported cells have no result; 0 of them failed" in report  # no summary.json was written
+    cell = grid.cells()[0]
+    (grid.out).mkdir(parents=True, exist_ok=True)
+    (grid.out / "failures.jsonl").write_text(json.dumps({"cell": cell.key, "error": "out of memory"}) + "\n")
+    assert f"- {cell.key}: out of memory" in markdown(grid, rows)
 
 
 # ---------------------------------------------------------------- misuses refused (issue 16)

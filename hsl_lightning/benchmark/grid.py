@@ -36,7 +36,9 @@ lists of values; every combination is a candidate::
 For each such method and scenario, every candidate runs on the tuning seeds (at the sweep step
 ``tune.steps`` names, by default the middle one) and the candidate of best mean node validation
 AUC, averaged over those seeds, is used for every reported cell of that scenario. The tuning
-seeds must differ from ``seeds``, so no reported data split and no test set informs a choice.
+seeds must differ from ``seeds``, so no reported data split and no test AUC informs a choice.
+(Each seed draws its splits from the same pool of images, so a tuning seed's validation images
+may be a reported seed's test images; only validation AUCs are read, alike for every method.)
 """
 
 from __future__ import annotations

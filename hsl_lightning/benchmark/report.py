@@ -7,7 +7,9 @@ within each seed first. Nodes whose test AUC is undefined (one class) are left o
 
 Verdicts (``compare`` in the grid): the per-seed difference of scenario means between the compared
 method and each reference, with a 95 % t-interval over seeds: "wins" when the interval lies above
-zero, "loses" when below, "ties" otherwise (and "n/a" with one seed).
+zero, "loses" when below, "ties" otherwise (and "n/a" with one seed). As a table holds many such
+comparisons, each also gets its t-test p-value and a verdict after Holm's correction over the
+table (family-wise error 5 %), which needs SciPy (the ``analysis`` extra).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        15: 2.131, 20: 2.086, 30: 2.042}
 
 COLUMNS = ["method", "strategy", "scenario", "step", "step_index", "seed", "node", "n_train", "n_val", "n_test",
-           "val_auc", "test_auc", "best_round", "rounds", "rounds_run", "external_auc", "wall_s"]
+           "val_auc", "test_auc", "best_round", "rounds", "rounds_run", "external_auc", "wall_s", "bytes_per_round"]
 
 
 def collect(grid: Grid) -> list[dict]:
@@ -47,7 +49,8 @@ def collect(grid: Grid) -> list[dict]:
                          "val_auc": node["val_auc"], "test_auc": node["test_auc"],
                          "best_round": summary["best_round"], "rounds": summary["rounds"],
                          "rounds_run": summary.get("rounds_run", summary["rounds"]),
-                         "external_auc": _external(summary), "wall_s": summary["wall_s"]})
+                         "external_auc": _external(summary), "wall_s": summary["wall_s"],
+                         "bytes_per_round": summary.get("bytes_sent_per_node_per_round", math.nan)})
     return rows
 
 
@@ -129,6 +132,31 @@ def verdict(diffs: list[float]) -> tuple[str, float, float, float]:
     return word, mean, std, half
 
 
+def p_value(diffs: list[float]) -> float:
+    """Two-sided paired t-test of mean difference zero (NaN with fewer than 2 differences)."""
+    if len(diffs) < 2:
+        return math.nan
+    mean, std = _mean_std(diffs)
+    if std == 0:
+        return 1.0 if mean == 0 else 0.0
+    from scipy import stats as scipy_stats
+
+    t = mean / (std / math.sqrt(len(diffs)))
+    return float(2 * scipy_stats.t.sf(abs(t), len(diffs) - 1))
+
+
+def holm(ps: list[float], alpha: float = 0.05) -> list[tuple[float, bool]]:
+    """Holm's step-down correction: (p, rejected) per test, the family-wise error held at ``alpha``
+    over the tests with a p-value (NaN ones are left out and never rejected)."""
+    tested = sorted((p, i) for i, p in enumerate(ps) if not math.isnan(p))
+    rejected = [False] * len(ps)
+    for rank, (p, i) in enumerate(tested):
+        if p > alpha / (len(tested) - rank):
+            break  # step-down: every larger p-value is kept too
+        rejected[i] = True
+    return list(zip(ps, rejected))
+
+
 def _fmt(mean: float, std: float | None = None) -> str:
     if math.isnan(mean):
         return "-"
@@ -181,8 +209,10 @@ def convergence(grid: Grid, rows: list[dict]) -> list[str]:
              "ran out; the study's rule is at most 10 % of any method's cells. Early stopping ends a cell once its "
              "patience has passed since the round of best mean node validation AUC. A cell whose best round is "
              "the first never improved on it: stopped early, but not trained to convergence either.", "",
-             "| method | cells | deployed the last round | share | best round 1 | mean rounds run | budget (rounds) |",
-             "|---|---|---|---|---|---|---|"]
+             "A cell that ran its whole budget without early stopping (last column but two) was still improving "
+             "within its patience when the budget ended, even if its deployed round is earlier.", "",
+             "| method | cells | deployed the last round | share | ran the whole budget | best round 1 | mean rounds run "
+             "| budget (rounds) |", "|---|---|---|---|---|---|---|---|"]
     worst = 0.0
     for method in grid.methods:
         mine = [v for k, v in cells.items() if k[0] == method]
@@ -192,10 +222,49 @@ def convergence(grid: Grid, rows: list[dict]) -> list[str]:
         worst = max(worst, last / len(mine))
         budgets = sorted({budget for _, budget, _ in mine})
         first = sum(best == 1 < budget for best, budget, _ in mine)
-        lines.append(f"| {method} | {len(mine)} | {last} | {100 * last / len(mine):.0f} % | {first} | "
+        whole = sum(run >= budget for _, budget, run in mine)
+        lines.append(f"| {method} | {len(mine)} | {last} | {100 * last / len(mine):.0f} % | "
+                     f"{whole} ({100 * whole / len(mine):.0f} %) | {first} | "
                      f"{np.mean([run for _, _, run in mine]):.1f} | {', '.join(map(str, budgets))} |")
     lines += ["", f"Largest share of any method: {100 * worst:.0f} %.", ""]
     return lines
+
+
+def cost(grid: Grid, rows: list[dict]) -> list[str]:
+    """Per method: what a cell cost (wall time, rounds) and what a node sends per round."""
+    cells = {}
+    for r in rows:
+        cells[(r["method"], r["scenario"], r["step"], r["seed"])] = (float(r.get("wall_s", math.nan)),
+                                                                     float(r.get("bytes_per_round", math.nan)))
+    lines = ["## Cost", "", "Wall time per cell on the machine above (cells ran side by side, so compare within this "
+             "table only) and what each node sends per round.", "",
+             "| method | mean wall time per cell (s) | MB sent per node per round |", "|---|---|---|"]
+    for method in grid.methods:
+        mine = [v for k, v in cells.items() if k[0] == method]
+        if mine:
+            wall, sent = _nanfree(w for w, _ in mine), _nanfree(b for _, b in mine)
+            lines.append(f"| {method} | {f'{np.mean(wall):.0f}' if wall else '-'} | "
+                         f"{f'{np.mean(sent) / 1e6:.2f}' if sent else '-'} |")
+    return lines + [""]
+
+
+def unfinished(grid: Grid) -> list[str]:
+    """The reported cells without a summary, and the last error of those that failed."""
+    missing = [c for c in grid.cells() if not (run_dir(grid.out, c) / "summary.json").is_file()]
+    if not missing:
+        return []
+    errors = {}
+    failures = grid.out / "failures.jsonl"
+    if failures.is_file():
+        for line in failures.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                errors[record["cell"]] = record["error"]
+    failed = [c for c in missing if c.key in errors]
+    lines = ["## Unfinished cells", "", f"{len(missing)} reported cells have no result; {len(failed)} of them failed"
+             + (" (last error below)" if failed else "") + ", the rest have not run yet.", ""]
+    lines += [f"- {c.key}: {errors[c.key]}" for c in failed]
+    return lines + [""]
 
 
 def edges(grid: Grid, method: str, settings: dict) -> list[str]:
@@ -237,7 +306,10 @@ def tuning_section(grid: Grid) -> list[str]:
         lines.append(f"| {c['method']} | {c['scenario']} ({c['step']}) | {chosen} | {_fmt(best['mean_val_auc'])} | "
                      f"{', '.join(ends) or '-'} | {others} |")
     lines += ["", f"{at_end} of {len(record['choices'])} choices put a setting at the lowest or highest value of a "
-              "searched range of 3 or more values, where a value beyond the range might have scored better.", ""]
+              "searched range of 3 or more values, where a value beyond the range might have scored better.", "",
+              "Candidates per scenario (the tuning budget; more candidates fit validation noise more closely, which "
+              "raises the validation AUC of the choice but not, on average, its test AUC): " +
+              ", ".join(f"{m} {len(grid.candidates(m))}" for m, e in grid.methods.items() if e["search"]) + ".", ""]
     return lines
 
 
@@ -271,7 +343,8 @@ def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "")
               "At the deployed round (chosen by it, so optimistic, alike for every method): the figure to choose "
               "variants and settings by, leaving the test sets out of every choice.", "",
               headline(grid, Stats(rows, "val_auc"), same), ""]
-    parts += convergence(grid, rows) if rows else []
+    parts += convergence(grid, rows) + cost(grid, rows) if rows else []
+    parts += unfinished(grid)
     parts += tuning_section(grid)
     if grid.compare:
         parts += _verdicts(grid, stats)
@@ -302,16 +375,24 @@ def _verdicts(grid: Grid, stats: Stats, what: str = "mean node AUC") -> list[str
     me, against = grid.compare["method"], grid.compare.get("against", [])
     lines = [f"## {me} against the references: {what}", "",
              f"Per-seed difference of the scenario's {what} ({me} minus reference), mean ± std over seeds, "
-             "95 % t-interval half-width; verdict by whether the interval excludes zero.", "",
-             "| scenario | reference | difference | ± 95 % | verdict |", "|---|---|---|---|---|"]
+             "95 % t-interval half-width; verdict by whether the interval excludes zero; then the paired t-test's "
+             "p-value and the verdict after Holm's correction over every row of this table.", "",
+             "| scenario | reference | difference | ± 95 % | verdict | p | after Holm |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for scenario in grid.scenarios:
         mine = stats.per_seed(me, scenario)
         for ref in against:
             theirs = stats.per_seed(ref, scenario)
             diffs = [mine[s]["mean"] - theirs[s]["mean"] for s in sorted(set(mine) & set(theirs))]
-            word, mean, std, half = verdict(diffs)
-            lines.append(f"| {scenario} | {ref} | {_fmt(mean, std)} | {_fmt(half)} | {word} |")
-    distributed = [m for m in grid.methods if stats.strategy.get(m) not in NOT_DISTRIBUTED and m != me]
+            rows.append((scenario, ref, diffs, *verdict(diffs)))
+    held = holm([p_value(r[2]) for r in rows])
+    for (scenario, ref, diffs, word, mean, std, half), (p, after) in zip(rows, held):
+        final = "n/a" if word == "n/a" else ("wins" if mean > 0 else "loses") if after else "ties"
+        lines.append(f"| {scenario} | {ref} | {_fmt(mean, std)} | {_fmt(half)} | {word} | "
+                     f"{'-' if math.isnan(p) else f'{p:.3g}'} | {final} |")
+    # the best other distributed method: neither a bound (local, central) nor a variant of the method itself
+    distributed = [m for m in grid.methods if stats.strategy.get(m) not in NOT_DISTRIBUTED
+                   and stats.strategy.get(m) != stats.strategy.get(me) and m != me]
     lines += ["", f"{me} against every distributed method ({what}, mean over seeds) and against central:", ""]
     for scenario in grid.scenarios:
         x = stats.summary(me, scenario)
