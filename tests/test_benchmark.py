@@ -44,11 +44,19 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, capsys, monke
     grid.pop("compare")
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
+    # the broken cell once finished with other arguments: its old summary must not pass for the new run
+    stale = tmp_path / "out" / "runs" / "broken" / "quantity" / "1" / "seed0"
+    stale.mkdir(parents=True)
+    (stale / "summary.json").write_text('{"mean_val_auc": 0.9}')
+    (stale / "cell.json").write_text('{"args": ["fit", "--model.init_args.lr", "0.1"]}')
     main(["benchmark", "--config", str(path), "--out", str(tmp_path / "out"), "--wandb", "disabled"])
     printed = capsys.readouterr().out
     assert "3 cell(s) run (1 failed)" in printed
     failures = (tmp_path / "out" / "failures.jsonl").read_text()
     assert "broken/quantity/1/seed0" in failures
+    assert not (stale / "summary.json").exists()
+    main(["benchmark", "--config", str(path), "--out", str(tmp_path / "out"), "--wandb", "disabled", "--report-only"])
+    assert "broken/quantity/1/seed0: " in (tmp_path / "out" / "report.md").read_text()  # listed as failed
 
 
 @pytest.mark.parametrize("change, message", [

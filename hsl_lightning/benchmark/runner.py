@@ -107,6 +107,8 @@ def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int, accele
                     cell, args = queue.pop(0)
                     directory = run_dir(grid.out, cell)
                     directory.mkdir(parents=True, exist_ok=True)
+                    # a summary left by earlier arguments must not pass for this run's if it fails or is killed
+                    (directory / "summary.json").unlink(missing_ok=True)
                     (directory / "cell.json").write_text(json.dumps({"key": cell.key, "args": args}, indent=1))
                     pending[pool.submit(_run_cell, args, str(directory))] = (cell, args)
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
