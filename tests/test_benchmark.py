@@ -31,6 +31,7 @@ def test_smoke_grid_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
     assert sizes["1"][0] == sizes["1"][1] and sizes["4"][1] > 3 * sizes["4"][0]  # the sweep reached the data
     report = (out / "report.md").read_text()
     assert "| hsl |" in report and "| quantity | fedavg |" in report and "## Mean node validation AUC" in report
+    assert "| reference | quantity |" in report and "| fedavg | " in report.split("In short")[1]  # the verdict matrix
     assert {p.name for p in (out / "plots").iterdir()} == {"quantity_nodes.png", "quantity_gradient.png"}
     main(["benchmark", "--config", str(SMOKE), "--out", str(out), "--wandb", "disabled"])
     assert "0 cell(s) run (0 failed), 4 already done" in capsys.readouterr().out

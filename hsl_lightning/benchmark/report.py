@@ -386,10 +386,16 @@ def _verdicts(grid: Grid, stats: Stats, what: str = "mean node AUC") -> list[str
             diffs = [mine[s]["mean"] - theirs[s]["mean"] for s in sorted(set(mine) & set(theirs))]
             rows.append((scenario, ref, diffs, *verdict(diffs)))
     held = holm([p_value(r[2]) for r in rows])
+    matrix = {}
     for (scenario, ref, diffs, word, mean, std, half), (p, after) in zip(rows, held):
         final = "n/a" if word == "n/a" else ("wins" if mean > 0 else "loses") if after else "ties"
         lines.append(f"| {scenario} | {ref} | {_fmt(mean, std)} | {_fmt(half)} | {word} | "
                      f"{'-' if math.isnan(p) else f'{p:.3g}'} | {final} |")
+        matrix[(ref, scenario)] = "-" if math.isnan(mean) else f"{mean:+.3f} {final}"
+    scenarios = list(grid.scenarios)
+    lines += ["", f"In short ({me} minus reference, mean over seeds, and the verdict after Holm's correction):", "",
+              "| reference | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    lines += [f"| {ref} | " + " | ".join(matrix[(ref, s)] for s in scenarios) + " |" for ref in against]
     # the best other distributed method: neither a bound (local, central) nor a variant of the method itself
     distributed = [m for m in grid.methods if stats.strategy.get(m) not in NOT_DISTRIBUTED
                    and stats.strategy.get(m) != stats.strategy.get(me) and m != me]
