@@ -209,7 +209,7 @@ def convergence(grid: Grid, rows: list[dict]) -> list[str]:
              "ran out; the study's rule is at most 10 % of any method's cells. Early stopping ends a cell once its "
              "patience has passed since the round of best mean node validation AUC. A cell whose best round is "
              "the first never improved on it: stopped early, but not trained to convergence either.", "",
-             "A cell that ran its whole budget without early stopping (last column but two) was still improving "
+             "A cell that ran its whole budget without early stopping ('ran the whole budget') was still improving "
              "within its patience when the budget ended, even if its deployed round is earlier.", "",
              "| method | cells | deployed the last round | share | ran the whole budget | best round 1 | mean rounds run "
              "| budget (rounds) |", "|---|---|---|---|---|---|---|---|"]
