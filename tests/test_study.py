@@ -317,7 +317,7 @@ def test_the_report_counts_cells_that_ran_their_whole_budget_and_lists_unfinishe
     assert "| fedavg | 12 | 2.00 |" in report  # the cost table
     assert "6 reported cells have no result; 0 of them failed" in report  # no summary.json was written
     cell = grid.cells()[0]
-    (grid.out).mkdir(parents=True, exist_ok=True)
+    grid.out.mkdir(parents=True, exist_ok=True)
     (grid.out / "failures.jsonl").write_text(json.dumps({"cell": cell.key, "error": "out of memory"}) + "\n")
     assert f"- {cell.key}: out of memory" in markdown(grid, rows)
 

@@ -231,7 +231,7 @@ def convergence(grid: Grid, rows: list[dict]) -> list[str]:
 
 
 def cost(grid: Grid, rows: list[dict]) -> list[str]:
-    """Per method: what a cell cost (wall time, rounds) and what a node sends per round."""
+    """Per method: a cell's mean wall time and what a node sends per round."""
     cells = {}
     for r in rows:
         cells[(r["method"], r["scenario"], r["step"], r["seed"])] = (float(r.get("wall_s", math.nan)),
