@@ -192,8 +192,9 @@ def test_the_study_gives_every_method_the_same_budget_and_a_search(monkeypatch):
 
 # ---------------------------------------------------------------- early stopping
 def test_early_stopping_ends_the_run_once_patience_has_passed(tmp_path, monkeypatch):
-    flat = [{"auc": 0.7, "acc": 0.5, "sensitivity": 0.5, "specificity": 0.5}] * 3
-    monkeypatch.setattr(federation_module, "evaluate_trainees", lambda run, trainees, merged, split: flat)
+    flat = [{"auc": 0.7, "acc": 0.5, "sensitivity": 0.5, "specificity": 0.5, "loss": 1.0, "n": 4.0, "auc_a": 0.7,
+             "auc_b": 0.7, "loss_a": 0.5}] * 3
+    monkeypatch.setattr(federation_module, "validate_trainees", lambda run, trainees, merged: flat)
     summary = Federation(strategy="fedavg", rounds=8, patience=2, run_dir=str(tmp_path), wandb="disabled",
                          progress=False, checkpoint=False).fit(ClassifierModule(backbone="test_resnet"),
                                                                tiny_data(use_sat=False))

@@ -112,6 +112,8 @@ class FederatedDataModule(L.LightningDataModule):
         self._hosted = None  # node count -> the node indices whose images this process builds (None: all)
         self.sat_pool: ImageSet | None = None
         self.sat_eval: ImageSet | None = None
+        self.test_pool: ImageSet | None = None  # every node's test images, before any scanner
+        self._pool_seen: dict[int, ImageSet] = {}  # node -> the test pool through its scanner
 
     @property
     def in_chans(self) -> int:
@@ -153,6 +155,8 @@ class FederatedDataModule(L.LightningDataModule):
         self.sat_pool, self.sat_eval = self._load_sat(size, g)
         sat_index = self._sat_shards(len(per_node), g)
         hosted = set(range(len(per_node))) if self._hosted is None else set(self._hosted(len(per_node)))
+        self.test_pool = ImageSet.cat([ImageSet(harmonize(splits["test"].images, self.in_chans, size),
+                                                splits["test"].labels) for splits in per_node.values()])
         nodes = []
         for i, ((name, splits), scanner) in enumerate(zip(per_node.items(), scanners)):
             node_g = torch.Generator().manual_seed(self.seed * 1000 + i)  # per node: skipping one changes no other
@@ -279,6 +283,20 @@ class FederatedDataModule(L.LightningDataModule):
         self.setup()
         return eval_loader(self.nodes[node].split(split), self.sat_eval, self.eval_batch_size, self.seed + 7919 * (node + 1),
                            node)
+
+    def pool_loader(self, node: int):
+        """The test pool (the union of every node's test images, before any scanner) seen through
+        node ``node``'s own acquisition: a larger test set with the same class-conditional images
+        as the node's own, so the same expected AUC (prevalence does not move AUC's expectation).
+        The scanner's noise is drawn from a generator of its own, so the node's own test images
+        inside the pool get a fresh draw."""
+        self.setup()
+        if node not in self._pool_seen:
+            g = torch.Generator().manual_seed(self.seed * 1000 + 500 + node)
+            scanner = self.nodes[node].acquisition
+            self._pool_seen[node] = ImageSet(scanner.apply(self.test_pool.images, g), self.test_pool.labels)
+        return eval_loader(self._pool_seen[node], self.sat_eval, self.eval_batch_size,
+                           self.seed + 7919 * (node + 1) + 7, node)
 
     def sat_reference(self, k: int = 64) -> torch.Tensor | None:
         """A fixed, seeded batch of public SAT images (float in [0, 1]) for 'reference' inference."""

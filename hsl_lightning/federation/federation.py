@@ -34,14 +34,15 @@ from lightning.fabric import Fabric
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation import checkpoint
 from hsl_lightning.federation.concurrent import Concurrent, Workers
-from hsl_lightning.federation.evaluation import evaluate_trainees, external_result, gather, threshold_counts
+from hsl_lightning.federation.evaluation import (evaluate_trainees, external_result, gather, threshold_counts,
+                                                 validate_trainees)
 from hsl_lightning.federation.fused_training import FusedRounds
 from hsl_lightning.federation.loggers import WandbMode
 from hsl_lightning.federation.message import RoundMessage
 from hsl_lightning.federation.privacy import DifferentialPrivacy, PrivateMean, check_supported
 from hsl_lightning.federation.rank import RankRun
 from hsl_lightning.federation.reporting import Reporter, format_table
-from hsl_lightning.federation.state import RankState, clone_state
+from hsl_lightning.federation.state import DeployRound, RankState, check_deploy_round, clone_state, round_score
 from hsl_lightning.federation.strategies import STRATEGIES, Contribution, Strategy, get_strategy
 from hsl_lightning.federation.sync import StatePacker
 from hsl_lightning.federation.training import OneByOne, Outcome, seed_of
@@ -105,6 +106,10 @@ class Federation:
         patience: early stopping: end the run once this many rounds have passed since the round of
             best mean node validation AUC (None, the default: run every round). The deployed round
             is the best one either way; ``summary.json`` records the patience and the rounds run.
+        deploy_round: which validated round the run deploys: ``best_auc`` (default: best mean node
+            validation AUC), ``best_loss`` (least validation loss summed over every node's images) or
+            ``last`` (the last round: a fixed number of rounds; early stopping then never ends the
+            run). Patience counts rounds since the round the rule deploys. ``summary.json`` records it.
         seed: seeds training (sampling, augmentation, dropout); set from ``seed_everything`` by the CLI.
         threads: CPU threads per rank (default: torch's choice, divided among local ranks).
         concurrent_institutions: on a CPU rank, how many of its institutions train at the same time,
@@ -160,6 +165,7 @@ class Federation:
         checkpoint: bool = True,
         val_every_n_rounds: int = 1,
         patience: int | None = None,
+        deploy_round: DeployRound = "best_auc",
         privacy: DifferentialPrivacy | None = None,
         seed: int = 0,
         threads: int | None = None,
@@ -181,6 +187,8 @@ class Federation:
         self._check_rounds_and_nodes(val_every_n_rounds, patience, privacy, min_nodes)
         self.val_every_n_rounds, self.patience, self.privacy, self.min_nodes = (val_every_n_rounds, patience, privacy,
                                                                                  min_nodes)
+        check_deploy_round(deploy_round)
+        self.deploy_round = deploy_round
         self.fuse_institutions = fuse_institutions
         if fuse_institutions:
             self._check_fusable()
@@ -372,9 +380,9 @@ class Federation:
         """Every node's validation metrics after round r, if it is validated; keeps the best round."""
         if (r + 1) % self.val_every_n_rounds and r != self.rounds - 1:
             return None
-        metrics = evaluate_trainees(run, state.trainees, state.merged, "val")
+        metrics = validate_trainees(run, state.trainees, state.merged)
         stats = summarize([m["auc"] for m in metrics])
-        score = stats["mean"] if not math.isnan(stats["mean"]) else -math.inf
+        score = round_score(self.deploy_round, metrics, stats["mean"], r)
         improved = score > state.best.score or state.best.round < 0
         if improved:
             state.record_best(r, score)
@@ -470,6 +478,7 @@ class Federation:
                 "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed,
                 "checkpoint": self.checkpoint, "save_weights": self.save_weights, "min_nodes": self.min_nodes,
                 "val_every_n_rounds": self.val_every_n_rounds, "patience": self.patience,
+                "deploy_round": self.deploy_round,
                 "privacy": None if self.privacy is None else vars(self.privacy),
                 "concurrent_institutions": self.concurrent_institutions, "fuse_institutions": self.fuse_institutions,
                 "cuda_graphs": self.cuda_graphs}

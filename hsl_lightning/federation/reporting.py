@@ -73,9 +73,12 @@ class Reporter:
         if validation is not None:
             stats = validation.stats
             row.update({"mean_val_auc": stats["mean"], "std_val_auc": stats["std"], "min_val_auc": stats["min"]})
+            row.update(validation_totals(validation.metrics))
         for i, name in enumerate(run.names):
             if validation is not None:
                 row.update({f"{name}/val_{m}": validation.metrics[i][m] for m in METRICS})
+                if "loss" in validation.metrics[i]:
+                    row[f"{name}/val_loss"] = validation.metrics[i]["loss"]
             row[f"{name}/train_loss"] = float(losses[i])
         row["round_s"] = round(seconds, 4)
         privacy = self.federation.privacy
@@ -181,6 +184,9 @@ class Reporter:
                                   {**info, "node": run.names[i], "threshold": node_thresholds[i]})
 
     def summary(self, state, test: list[dict], wall: float) -> dict:
+        """``summary.json``: per node its sizes, validation AUC at the deployed round, test metrics
+        and ``pool_test_auc`` (its deployed model on the whole test pool seen through its scanner);
+        the means over nodes, the deployed round and the rule that chose it, the history."""
         fed, run, history = self.federation, self.run, state.history
         best_round = state.best.round
         best_val = history[best_round]
@@ -190,6 +196,8 @@ class Reporter:
             row = {"name": name, "n_train": len(node.train), "n_val": len(node.val), "n_test": len(node.test),
                    "test_auc": test[i]["auc"], "val_auc": best_val[f"{name}/val_auc"]}
             row.update({f"test_{k}": test[i][k] for k in METRICS if k != "auc"})
+            if "pool_auc" in test[i]:
+                row["pool_test_auc"], row["n_pool_test"] = test[i]["pool_auc"], len(run.dm.test_pool)
             if math.isnan(test[i]["auc"]):
                 pos, n = node.test.positives, len(node.test)
                 row["test_auc_undefined"] = ("no test samples" if n == 0 else
@@ -197,16 +205,29 @@ class Reporter:
                                              if pos in (0, n) else "the deployed model's outputs are not finite")
             nodes.append(row)
         stats = summarize([n["test_auc"] for n in nodes])
+        pool = summarize([n.get("pool_test_auc", math.nan) for n in nodes])
         return {
             "method": run.strategy.name, "seed": fed.seed, "rounds": fed.rounds,
             "local_epochs": fed.local_epochs, "best_round": best_round + 1, "rounds_run": len(history),
             "patience": fed.patience, "stopped_early": len(history) < fed.rounds, "wall_s": round(wall, 2),
             "nodes": nodes, "mean_test_auc": stats["mean"], "std_test_auc": stats["std"],
-            "min_test_auc": stats["min"], "mean_val_auc": best_val["mean_val_auc"],
+            "min_test_auc": stats["min"], "mean_pool_test_auc": pool["mean"], "min_pool_test_auc": pool["min"],
+            "mean_val_auc": best_val["mean_val_auc"], "deploy_round": fed.deploy_round,
             "bytes_sent_per_node_per_round": run.payload,
             "bytes_features_per_round": max((h["bytes_features_round"] for h in history), default=0),
             "history": history,
         }
+
+
+def validation_totals(metrics: list[dict]) -> dict:
+    """A validated round's totals over nodes for choosing a deployed round: the summed validation
+    loss, and the mean node AUC and summed loss on each fixed half of every validation set
+    (:func:`~hsl_lightning.federation.evaluation.halves`); empty without those metrics."""
+    if not metrics or "loss" not in metrics[0]:
+        return {}
+    return {"sum_val_loss": sum(m["loss"] for m in metrics), "sum_val_loss_a": sum(m["loss_a"] for m in metrics),
+            "mean_val_auc_a": summarize([m["auc_a"] for m in metrics])["mean"],
+            "mean_val_auc_b": summarize([m["auc_b"] for m in metrics])["mean"]}
 
 
 def format_table(summary: dict) -> str:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from hsl_lightning.errors import HSLError
 from hsl_lightning.federation.sync import StatePacker
 
 State = dict[str, torch.Tensor]
@@ -71,9 +73,41 @@ class TraineeState:
                    saved["personal"])
 
 
+#: how a run picks the round it deploys (``federation.deploy_round``)
+DeployRound = Literal["best_auc", "best_loss", "last"]
+DEPLOY_ROUNDS = {
+    "best_auc": "the validated round of best mean node validation AUC",
+    "best_loss": "the validated round of least summed validation loss (every node's binary cross-entropy, "
+                 "summed over its validation images, summed over nodes)",
+    "last": "the last round run (a fixed number of rounds, the convention of FL-bench and FLamby)",
+}
+
+
+def check_deploy_round(rule: str) -> None:
+    if rule not in DEPLOY_ROUNDS:
+        raise HSLError(f"federation.deploy_round must be one of {', '.join(DEPLOY_ROUNDS)}, got {rule!r}: "
+                       + "; ".join(f"{k}: {v}" for k, v in DEPLOY_ROUNDS.items()) + ".")
+
+
+def round_score(rule: str, metrics: list[dict], mean_auc: float, r: int) -> float:
+    """How good validated round ``r`` (0-based) is under ``rule``; higher is better, and a round
+    deploys when it scores above every earlier one (so ``last`` deploys every round it reaches,
+    and early stopping, which counts rounds since the deployed one, never ends a ``last`` run).
+    ``metrics``: every node's validation metrics (:func:`~.evaluation.validation_metrics`);
+    ``mean_auc``: their mean AUC. Undefined values score -inf, so any defined round beats them."""
+    check_deploy_round(rule)
+    if rule == "last":
+        return float(r)
+    if rule == "best_loss":
+        loss = sum(m["loss"] for m in metrics)
+        return -loss if math.isfinite(loss) else -math.inf
+    return mean_auc if not math.isnan(mean_auc) else -math.inf
+
+
 @dataclass
 class BestRound:
-    """The validated round of best mean validation AUC so far (``round`` -1: none validated yet)."""
+    """The validated round that deploys so far, by the run's ``deploy_round`` rule (``score``:
+    :func:`round_score`; ``round`` -1: none validated yet)."""
 
     score: float = -math.inf
     round: int = -1  # 0-based
