@@ -39,19 +39,36 @@ AUC, averaged over those seeds, is used for every reported cell of that scenario
 seeds must differ from ``seeds``, so no reported data split and no test AUC informs a choice.
 (Each seed draws its splits from the same pool of images, so a tuning seed's validation images
 may be a reported seed's test images; only validation AUCs are read, alike for every method.)
+
+A pilot of deployed-round rules (``federation.deploy_round``), on seeds that are not reported::
+
+    pilot: {seeds: [101, 102], rules: [best_auc, best_loss, last]}
+
+runs every method and scenario with its tuned settings on the pilot seeds for the whole budget
+(``deploy_round: last``, no early stopping), so that each rule's choice can be replayed from the
+validation history; the rule chosen on validation data alone
+(:func:`~hsl_lightning.benchmark.tuning.choose_rule`) then applies to every reported cell of every
+method alike. A thread-count rerun of a sample of the reported cells::
+
+    rerun: {threads: 2, every: 10}
+
+reruns one reported cell in ``every`` (a different one for each seed, so the sample spreads over
+methods and scenarios) with ``threads`` CPU threads, right after its seed's cells. A scenario may
+name the ``methods`` it runs (default: all), e.g. a second dataset run with fewer methods.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
 from hsl_lightning.errors import HSLError, suggest
 
-KEYS = ("out", "data", "settings", "seeds", "methods", "scenarios", "compare", "description", "tune")
+KEYS = ("out", "data", "settings", "seeds", "methods", "scenarios", "compare", "description", "tune", "pilot", "rerun")
 
 
 @dataclass(frozen=True)
@@ -64,18 +81,35 @@ class Cell:
     configs: tuple[str, ...]
     settings: tuple[tuple[str, object], ...]
     candidate: str = ""  # a tuning cell's candidate label (c0, c1, ...); "" for a reported cell
+    stage: str = ""  # "pilot" or "rerun" for those cells; "" for tuning and reported cells
+    threads: int | None = None  # a rerun cell's threads (None: the grid's)
 
     @property
     def key(self) -> str:
         where = f"{self.method}/{self.scenario}/{_safe(self.step)}"
         if self.candidate:
             return f"tune/{where}/{self.candidate}/seed{self.seed}"
+        if self.stage == "rerun":
+            return f"rerun/threads{self.threads}/{where}/seed{self.seed}"
+        if self.stage:
+            return f"{self.stage}/{where}/seed{self.seed}"
         return f"{where}/seed{self.seed}"
 
 
 def run_dir(out: Path, cell: Cell) -> Path:
     """Where a cell's run writes (``summary.json`` there marks it done)."""
     return out / "runs" / cell.key
+
+
+def result(out: Path, cell: Cell) -> dict | None:
+    """A finished cell's summary: ``summary.json``, else its compact ``record.json`` (the summary
+    without the per-round history, kept in git so that another session can resume the grid);
+    None when the cell has not finished."""
+    directory = run_dir(out, cell)
+    for name in ("summary.json", "record.json"):
+        if (directory / name).is_file():
+            return json.loads((directory / name).read_text())
+    return None
 
 
 def _safe(label: str) -> str:
@@ -88,10 +122,10 @@ def _entry(name: str, value, kind: str) -> dict:
         value = {"config": value}
     if not isinstance(value, dict) or "config" not in value:
         raise HSLError(f"Benchmark {kind} '{name}' needs a config file (a path, or a mapping with 'config').")
-    unknown = set(value) - {"config", "settings", "sweep", "search"}
-    if unknown:
-        raise HSLError(f"Benchmark {kind} '{name}' has unknown key(s) {', '.join(sorted(unknown))}; "
-                       "it takes config, settings, (scenarios) sweep and (methods) search.")
+    unknown = set(value) - {"config", "settings", "sweep", "search", "methods"}
+    if unknown or (kind == "method" and "methods" in value):
+        raise HSLError(f"Benchmark {kind} '{name}' has unknown key(s) {', '.join(sorted(unknown or {'methods'}))}; "
+                       "it takes config, settings, (scenarios) sweep and methods, (methods) search.")
     configs = [value["config"]] if isinstance(value["config"], str) else list(value["config"])
     sweep = value.get("sweep")
     if sweep is not None:
@@ -104,7 +138,11 @@ def _entry(name: str, value, kind: str) -> dict:
                    or not all(isinstance(v, list) and v for v in search.values())):
         raise HSLError(f"Benchmark {kind} '{name}': search is a mapping of dotted settings to non-empty lists of "
                        "values, on methods only.")
-    return {"configs": configs, "settings": dict(value.get("settings") or {}), "sweep": sweep, "search": search}
+    methods = value.get("methods")
+    if methods is not None and (not isinstance(methods, list) or not methods):
+        raise HSLError(f"Benchmark scenario '{name}': methods is a non-empty list of the grid's method names.")
+    return {"configs": configs, "settings": dict(value.get("settings") or {}), "sweep": sweep, "search": search,
+            "methods": methods}
 
 
 @dataclass
@@ -118,6 +156,8 @@ class Grid:
     compare: dict = field(default_factory=dict)
     description: str = ""
     tune: dict = field(default_factory=dict)
+    pilot: dict = field(default_factory=dict)
+    rerun: dict = field(default_factory=dict)
     source: Path | None = None
 
     @classmethod
@@ -155,11 +195,44 @@ class Grid:
             compare=dict(raw.get("compare") or {}),
             description=str(raw.get("description") or ""),
             tune=dict(raw.get("tune") or {}),
+            pilot=dict(raw.get("pilot") or {}),
+            rerun=dict(raw.get("rerun") or {}),
             source=path,
         )
         grid._check_files()
         grid._check_tuning()
+        grid._check_pilot_and_rerun()
         return grid
+
+    def _check_pilot_and_rerun(self) -> None:
+        from hsl_lightning.federation.state import DEPLOY_ROUNDS
+
+        for scenario, entry in self.scenarios.items():
+            for method in entry["methods"] or []:
+                if method not in self.methods:
+                    raise HSLError(f"Benchmark grid {self.source}: scenario '{scenario}' names method '{method}', which "
+                                   f"is not among the methods.{suggest(str(method), list(self.methods))}")
+        if self.pilot:
+            unknown = set(self.pilot) - {"seeds", "rules", "scenarios"}
+            seeds, rules = self.pilot.get("seeds") or [], self.pilot.get("rules") or []
+            if unknown or not seeds or not all(isinstance(s, int) for s in seeds) or not rules:
+                raise HSLError(f"Benchmark grid {self.source}: pilot takes seeds (a list of integers) and rules (a list "
+                               f"of deploy_round rules: {', '.join(DEPLOY_ROUNDS)}).")
+            bad = [r for r in rules if r not in DEPLOY_ROUNDS] + [s for s in self.pilot.get("scenarios") or []
+                                                                   if s not in self.scenarios]
+            if bad:
+                raise HSLError(f"Benchmark grid {self.source}: pilot names {bad}, which are neither deploy_round rules "
+                               f"({', '.join(DEPLOY_ROUNDS)}) nor, under scenarios, the grid's scenarios.")
+            shared = sorted(set(seeds) & set(self.seeds))
+            if shared:
+                raise HSLError(f"Benchmark grid {self.source}: seed(s) {shared} are both pilot and reported seeds; the "
+                               "rule must be chosen on seeds that are not reported. Use other pilot.seeds.")
+        if self.rerun:
+            threads, every = self.rerun.get("threads"), self.rerun.get("every", 10)
+            if set(self.rerun) - {"threads", "every"} or not isinstance(threads, int) or threads < 1 \
+                    or not isinstance(every, int) or every < 1:
+                raise HSLError(f"Benchmark grid {self.source}: rerun takes threads (a positive integer, the thread "
+                               "count of the rerun) and every (rerun one reported cell in every; default 10).")
 
     def _check_tuning(self) -> None:
         searched = [m for m, e in self.methods.items() if e["search"]]
@@ -226,6 +299,10 @@ class Grid:
         return Cell(method, scenario, label, index, seed, tuple(self.data + s["configs"] + m["configs"]),
                     tuple(settings.items()), candidate)
 
+    def runs(self, method: str, scenario: str) -> bool:
+        """Whether the scenario runs the method (a scenario may name its ``methods``)."""
+        return self.scenarios[scenario]["methods"] is None or method in self.scenarios[scenario]["methods"]
+
     def tuning_cells(self) -> list[Cell]:
         """Every candidate of every searched method, per scenario (at its tuning step) and tuning seed."""
         out = []
@@ -233,7 +310,7 @@ class Grid:
             for scenario in self.scenarios:
                 index, label, value = self.tune_step(scenario)
                 for method in self.methods:
-                    if self.methods[method]["search"]:
+                    if self.methods[method]["search"] and self.runs(method, scenario):
                         out += [self._cell(method, scenario, index, label, value, seed, combo, candidate)
                                 for candidate, combo in self.candidates(method)]
         return out
@@ -244,9 +321,55 @@ class Grid:
         a searched method's cells need them."""
         out = []
         for seed in self.seeds:
-            for scenario in self.scenarios:
-                for index, (label, value) in enumerate(self.steps(scenario)):
-                    for method in self.methods:
+            out += self._seed_cells(seed, chosen)
+        return out
+
+    def _seed_cells(self, seed: int, chosen: dict | None, stage: str = "") -> list[Cell]:
+        out = []
+        for scenario in self.scenarios:
+            for index, (label, value) in enumerate(self.steps(scenario)):
+                for method in self.methods:
+                    if self.runs(method, scenario):
                         extra = (chosen or {}).get((method, scenario), {})
-                        out.append(self._cell(method, scenario, index, label, value, seed, extra))
+                        cell = self._cell(method, scenario, index, label, value, seed, extra)
+                        out.append(replace(cell, stage=stage) if stage else cell)
+        return out
+
+    def pilot_scenarios(self) -> list[str]:
+        """The scenarios whose pilot cells choose the rule (``pilot.scenarios``, default all)."""
+        return list(self.pilot.get("scenarios") or self.scenarios)
+
+    def pilot_cells(self, chosen: dict | None = None, every_scenario: bool = False) -> list[Cell]:
+        """Every method and scenario (of ``pilot.scenarios`` unless ``every_scenario``) with its tuned
+        settings (``chosen``) on every pilot seed, run for the whole budget and deploying the last
+        round, so that every rule can be replayed from the validation history
+        (:func:`~hsl_lightning.benchmark.tuning.choose_rule`). ``every_scenario``: also the other
+        scenarios, whose curves set the number of rounds when the rule chosen is ``last``."""
+        whole = {"federation.deploy_round": "last", "federation.patience": None}
+        scenarios = set(self.scenarios if every_scenario else self.pilot_scenarios())
+        out = []
+        for seed in self.pilot.get("seeds") or []:
+            out += [replace(c, settings=tuple({**dict(c.settings), **whole}.items()))
+                    for c in self._seed_cells(seed, chosen, "pilot") if c.scenario in scenarios]
+        return out
+
+    def rerun_cells(self, cells: list[Cell]) -> list[Cell]:
+        """The thread-count rerun of ``cells`` (reported cells): per seed, one cell in ``every``,
+        starting at an offset that moves with the seed, so the sample covers methods and scenarios."""
+        if not self.rerun:
+            return []
+        every, out = self.rerun.get("every", 10), []
+        for k, seed in enumerate(self.seeds):
+            mine = [c for c in cells if c.seed == seed]
+            out += [replace(c, stage="rerun", threads=self.rerun["threads"])
+                    for j, c in enumerate(mine) if (j + k) % every == 0]
+        return out
+
+    def ordered(self, cells: list[Cell]) -> list[Cell]:
+        """Reported cells seed by seed, each seed's rerun sample right after it: a grid stopped part
+        way holds whole seeds of every method, reruns included."""
+        reruns = self.rerun_cells(cells)
+        out = []
+        for seed in self.seeds:
+            out += [c for c in cells if c.seed == seed] + [c for c in reruns if c.seed == seed]
         return out

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hsl_lightning.benchmark.grid import Grid, run_dir
+from hsl_lightning.benchmark.grid import Grid, result
 
 #: strategies that are not distributed training methods (bounds and the frozen-encoder baseline)
 NOT_DISTRIBUTED = {"local", "central", "foundation"}
@@ -31,17 +31,18 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        15: 2.131, 20: 2.086, 30: 2.042}
 
 COLUMNS = ["method", "strategy", "scenario", "step", "step_index", "seed", "node", "n_train", "n_val", "n_test",
-           "val_auc", "test_auc", "best_round", "rounds", "rounds_run", "external_auc", "wall_s", "bytes_per_round"]
+           "val_auc", "test_auc", "best_round", "rounds", "rounds_run", "external_auc", "wall_s", "bytes_per_round",
+           "pool_test_auc", "n_pool_test", "deploy_round"]
 
 
-def collect(grid: Grid) -> list[dict]:
-    """One row per method, scenario, sweep step, seed and node, from the cells' summary.json files."""
+def collect(grid: Grid, cells=None) -> list[dict]:
+    """One row per method, scenario, sweep step, seed and node, from the cells' summaries
+    (``cells``: default the reported ones)."""
     rows = []
-    for cell in grid.cells():
-        file = run_dir(grid.out, cell) / "summary.json"
-        if not file.is_file():
+    for cell in grid.cells() if cells is None else cells:
+        summary = result(grid.out, cell)
+        if summary is None:
             continue
-        summary = json.loads(file.read_text())
         for node in summary["nodes"]:
             rows.append({"method": cell.method, "strategy": summary["method"], "scenario": cell.scenario,
                          "step": cell.step, "step_index": cell.step_index, "seed": cell.seed, "node": node["name"],
@@ -50,7 +51,10 @@ def collect(grid: Grid) -> list[dict]:
                          "best_round": summary["best_round"], "rounds": summary["rounds"],
                          "rounds_run": summary.get("rounds_run", summary["rounds"]),
                          "external_auc": _external(summary), "wall_s": summary["wall_s"],
-                         "bytes_per_round": summary.get("bytes_sent_per_node_per_round", math.nan)})
+                         "bytes_per_round": summary.get("bytes_sent_per_node_per_round", math.nan),
+                         "pool_test_auc": node.get("pool_test_auc", math.nan),
+                         "n_pool_test": node.get("n_pool_test", math.nan),
+                         "deploy_round": summary.get("deploy_round", "best_auc")})
     return rows
 
 
@@ -250,7 +254,7 @@ def cost(grid: Grid, rows: list[dict]) -> list[str]:
 
 def unfinished(grid: Grid) -> list[str]:
     """The reported cells without a summary, and the last error of those that failed."""
-    missing = [c for c in grid.cells() if not (run_dir(grid.out, c) / "summary.json").is_file()]
+    missing = [c for c in grid.cells() if result(grid.out, c) is None]
     if not missing:
         return []
     errors = {}

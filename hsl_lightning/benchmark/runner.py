@@ -1,8 +1,13 @@
 """Runs a benchmark grid: every cell is one ``hsl fit``, in worker processes, resumable.
 
-A cell is done when its ``summary.json`` exists and it ran with the same arguments; a rerun of the
-same command skips done cells and runs the rest (a killed cell starts over: cells are short and write no checkpoints). A failing
-cell is logged to ``failures.jsonl`` with its message and does not stop the grid.
+A cell is done when its ``summary.json`` (or compact ``record.json``) exists and it ran with the
+same arguments (``cell.json``); a rerun of the same command skips done cells and runs the rest (a
+killed cell starts over: cells are short and write no checkpoints). A failing cell is logged to
+``failures.jsonl`` with its message and does not stop the grid.
+
+Every finished cell also gets ``record.json``: its summary without the per-round rows, with the
+validation curves a deployed-round pilot replays (:data:`CURVES`), a few kB. A study that keeps
+``record.json`` and ``cell.json`` in git (see .gitignore) resumes in another session or clone.
 """
 
 from __future__ import annotations
@@ -20,9 +25,23 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from hsl_lightning.benchmark.grid import Cell, Grid, run_dir
-from hsl_lightning.benchmark.tuning import choose
+from hsl_lightning.benchmark.tuning import choose, choose_rule, rule_settings
 from hsl_lightning.config import HSLCLI
 from hsl_lightning.errors import HSLError, hsl_message
+
+
+#: the per-round validation figures a record keeps, one list entry per round run
+CURVES = ("mean_val_auc", "mean_val_auc_a", "mean_val_auc_b", "sum_val_loss", "sum_val_loss_a")
+
+
+def write_record(directory: Path) -> None:
+    """``record.json`` from a finished cell's ``summary.json`` (see the module's docstring)."""
+    summary = json.loads((directory / "summary.json").read_text())
+    history = summary.pop("history", [])
+    summary["curves"] = {k: [h.get(k) for h in history] for k in CURVES}
+    tmp = directory / "record.json.tmp"
+    tmp.write_text(json.dumps(summary))
+    tmp.replace(directory / "record.json")
 
 
 def cell_args(cell: Cell, directory: Path, threads: int, accelerator: str = "cpu") -> list[str]:
@@ -34,7 +53,7 @@ def cell_args(cell: Cell, directory: Path, threads: int, accelerator: str = "cpu
     args += ["--seed_everything", str(cell.seed), "--data.seed", str(cell.seed),
              "--federation.run_dir", str(directory), "--federation.wandb", "disabled",
              "--federation.progress", "false", "--federation.checkpoint", "false",
-             "--federation.save_weights", "false", "--federation.threads", str(threads),
+             "--federation.save_weights", "false", "--federation.threads", str(cell.threads or threads),
              "--federation.accelerator", accelerator]
     return args
 
@@ -60,7 +79,7 @@ def done(out: Path, cell: Cell, args: list[str]) -> bool:
     """A cell is done when its summary exists and it ran with these arguments (``cell.json``): a
     reported cell whose tuned settings changed runs again."""
     directory = run_dir(out, cell)
-    if not (directory / "summary.json").is_file():
+    if not (directory / "summary.json").is_file() and not (directory / "record.json").is_file():
         return False
     recorded = directory / "cell.json"
     return not recorded.is_file() or json.loads(recorded.read_text()).get("args") == args
@@ -75,14 +94,22 @@ def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress:
         raise HSLError(f"hsl benchmark needs at least one worker, got --workers {workers}.")
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
     tuning = grid.tuning_cells()
-    total = len(tuning) + len(grid.cells())
+    reported = grid.cells()
+    total = len(tuning) + len(grid.pilot_cells()) + len(reported) + len(grid.rerun_cells(reported))
     grid.out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=total, desc="benchmark", unit="cell", disable=not progress, dynamic_ncols=True)
     start, counts = time.perf_counter(), {"ran": 0, "failed": 0, "already_done": 0}
     try:
         _run_cells(grid, tuning, workers, threads, accelerator, bar, counts)
         chosen = choose(grid) if tuning else {}
-        _run_cells(grid, grid.cells(chosen), workers, threads, accelerator, bar, counts)
+        if grid.pilot:
+            _run_cells(grid, grid.pilot_cells(chosen), workers, threads, accelerator, bar, counts)
+            rule = choose_rule(grid, chosen)
+            if rule == "last":  # the other scenarios' curves set their number of rounds
+                _run_cells(grid, grid.pilot_cells(chosen, every_scenario=True), workers, threads, accelerator, bar,
+                           counts)
+            chosen = rule_settings(grid, chosen, rule)
+        _run_cells(grid, grid.ordered(grid.cells(chosen)), workers, threads, accelerator, bar, counts)
     finally:
         bar.close()
     return {"cells": total, **counts, "wall_s": round(time.perf_counter() - start, 1)}
@@ -93,6 +120,11 @@ def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int, accele
     """Run the cells of ``cells`` that are not done in a pool of ``workers`` fresh interpreters."""
     jobs = [(c, cell_args(c, run_dir(grid.out, c), threads, accelerator)) for c in cells]
     todo = [(c, a) for c, a in jobs if not done(grid.out, c, a)]
+    waiting = {c.key for c, _ in todo}
+    for c, _ in jobs:  # cells finished before records existed get theirs
+        directory = run_dir(grid.out, c)
+        if c.key not in waiting and (directory / "summary.json").is_file() and not (directory / "record.json").is_file():
+            write_record(directory)
     counts["already_done"] += len(jobs) - len(todo)
     bar.update(len(jobs) - len(todo))
     failures = grid.out / "failures.jsonl"
@@ -109,6 +141,7 @@ def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int, accele
                     directory.mkdir(parents=True, exist_ok=True)
                     # a summary left by earlier arguments must not pass for this run's if it fails or is killed
                     (directory / "summary.json").unlink(missing_ok=True)
+                    (directory / "record.json").unlink(missing_ok=True)
                     (directory / "cell.json").write_text(json.dumps({"key": cell.key, "args": args}, indent=1))
                     pending[pool.submit(_run_cell, args, str(directory))] = (cell, args)
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -122,6 +155,11 @@ def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int, accele
                     except Exception as exc:  # noqa: BLE001
                         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                     counts["ran"] += 1
+                    summary = run_dir(grid.out, cell) / "summary.json"
+                    if result["ok"] and summary.is_file():
+                        write_record(summary.parent)
+                    elif result["ok"]:
+                        result = {"ok": False, "error": f"hsl fit ended without writing {summary}"}
                     if not result["ok"]:
                         counts["failed"] += 1
                         with open(failures, "a") as f:
