@@ -91,7 +91,7 @@ class Federation:
             the failure is logged) as long as at least that many nodes finished the round.
         save_weights: write the deployed models at the end as Lightning checkpoints: ``model.ckpt``
             when every node deploys the same model, else ``nodes/<name>.ckpt`` per node
-            (:mod:`hsl_lightning.deploy.checkpoints`).
+            (:mod:`hsl_lightning.inference.checkpoints`).
         checkpoint: write a checkpoint after every round (``<run_dir>/checkpoints``; the newest
             complete round is kept), so ``fit(..., ckpt_path="last")`` continues a killed run.
         val_every_n_rounds: validate every node after every n-th round and after the last; the
@@ -250,24 +250,18 @@ class Federation:
         else:
             trainer = OneByOne(self, run)
         state = self._start_state(run, ckpt_path)
-        report = Reporter(self, run, state)
+        report = self._reporter(run, state)
         for r in range(state.rounds_done, self.rounds):
             if self._patience_spent(state, r):
                 break
             clock = time.perf_counter()
-            message = RoundMessage(run.layout, fabric.device)
             merge = self._merge_of(run, state, r)
-            losses = torch.full((len(run.names),), math.nan, dtype=torch.float64)
-            for t, outcome in trainer.train_round(r, state, report.bar):
-                self._contribute(run, state, message, merge, t, outcome, losses, r)
-                report.bar.update(1)
-            message.traffic.fill_(self.strategy.traffic(run.module))
-            total = message.all_reduce(fabric)
+            total, losses = self._train_and_sum(run, state, trainer, merge, report, r)
             self._check_quorum(int(total.finished.sum()), len(run.plan), r)
             merge.apply(total, state)
             self.strategy.after_round(total.extras if run.layout.extras else None, len(run.plan))
             norms = self._update_norms(run, merge) if self.privacy is not None else None
-            del message, merge
+            del merge
             validation = self._validate(run, state, r)
             losses = gather(fabric, losses.unsqueeze(1), run.owner)[:, 0]
             state.history.append(report.round(r, total, validation, losses, time.perf_counter() - clock, norms))
@@ -276,15 +270,33 @@ class Federation:
                 checkpoint.save_round(fabric, run_dir, r + 1, payload)
         trainer.close()
         report.bar.close()
-        # Deploy the round of best mean validation AUC and score each node on its own test set.
+        return self._finish(run, module, state, report, start)
+
+    # ------------------------------------------------------------------ its phases
+    def _reporter(self, run: RankRun, state: RankState) -> Reporter:
+        return Reporter(self, run, state)
+
+    def _train_and_sum(self, run: RankRun, state: RankState, trainer, merge, report, r: int):
+        """Round r's training of this rank's trainees, each contribution added to the round's
+        message, and the message summed over ranks: (the total, every node's training loss)."""
+        message = RoundMessage(run.layout, run.fabric.device)
+        losses = torch.full((len(run.names),), math.nan, dtype=torch.float64)
+        for t, outcome in trainer.train_round(r, state, report.bar):
+            self._contribute(run, state, message, merge, t, outcome, losses, r)
+            report.bar.update(1)
+        message.traffic.fill_(self.strategy.traffic(run.module))
+        return message.all_reduce(run.fabric), losses
+
+    def _finish(self, run: RankRun, module, state: RankState, report: Reporter, start: float) -> dict | None:
+        """Deploy the chosen round: score each node on its own test set (and the external site),
+        write the weights and the summary."""
         test = evaluate_trainees(run, state.best.trainees, state.best.merged, "test")
         external = external_result(run, state.best.trainees, state.best.merged)
         thresholds = threshold_counts(run, state.best.trainees, state.best.merged)
-        if fabric.world_size == 1:  # leave the user's module holding the deployed model of the first trainee
+        if run.fabric.world_size == 1:  # leave the user's module holding the deployed model of the first trainee
             state.best.trainees[run.mine[0]].load_deployed(module, run.packer, state.best.merged)
         return report.finish(state, test, external, thresholds, start)
 
-    # ------------------------------------------------------------------ its phases
     def _setup(self, fabric: Fabric, module, dm, run_dir: Path) -> RankRun:
         """The rank's threads, data, plan of trainees and packing of the shared state."""
         if self.threads:

@@ -1,0 +1,276 @@
+"""One hospital's side of a deployed federation: its data, its local training, its state.
+
+A :class:`Site` is rank ``node`` of an ``N``-rank simulation in which every other rank is another
+hospital: it builds the run's module, data module and :class:`~hsl_lightning.federation.Federation`
+from the same YAML as ``hsl fit`` (the site's own ``data`` section composed on top), hosts only
+its own node's images, and trains, validates and tests with the simulator's own code
+(:class:`~hsl_lightning.federation.training.OneByOne`, :mod:`~hsl_lightning.federation.evaluation`).
+Its reply to a round is exactly what that rank adds to the round's message
+(:class:`~hsl_lightning.federation.message.RoundMessage`): its weighted shared state, its
+strategy vector, its weight and its finished flag, plus its training loss and aggregate
+validation metrics. Images, labels and per-image outputs never leave it.
+
+What it keeps between rounds lives in its own directory (``site_dir``), one file per round
+(``round-NNNN.pt``: its local entries, personal model and strategy state), so a message may be
+handled by a fresh process, a restarted SuperNode continues where it stopped, and a server that
+resumes from a checkpoint finds the round it needs. The site writes its deployed model
+(``nodes/<name>.ckpt``) there too when it deploys a model of its own (FedBN, Ditto, local).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from hsl_lightning.errors import HSLError
+from hsl_lightning.federation.evaluation import (METRICS, VAL_EXTRAS, evaluate_trainees, external_result,
+                                                 threshold_counts, validate_trainees)
+from hsl_lightning.federation.message import RoundMessage
+from hsl_lightning.federation.state import RankState, TraineeState, clone_state
+from hsl_lightning.federation.training import OneByOne
+
+#: strategies a deployment runs: one trainee per node and a merge that needs only the sum
+DEPLOYABLE_MERGES = ("Mean",)
+
+
+class SiteFabric:
+    """A single-device Fabric seen as rank ``rank`` of ``world``: collectives keep this rank's rows
+    (the server gathers the others from their sites' replies)."""
+
+    def __init__(self, fabric, world: int, rank: int):
+        self._fabric, self.world_size, self.global_rank = fabric, world, rank
+
+    def __getattr__(self, name):
+        return getattr(self._fabric, name)
+
+    def all_gather(self, values: torch.Tensor) -> torch.Tensor:
+        out = torch.full((self.world_size, *values.shape), math.nan, dtype=values.dtype)
+        out[self.global_rank] = values.cpu()
+        return out
+
+
+def _config_file(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def threads_per_institution(federation, trainees: int) -> int:
+    """The intra-op threads the simulator gives each institution on one CPU rank hosting every
+    trainee (``Federation._institutions_at_once``), so a site trains with the same arithmetic."""
+    threads = federation.threads or torch.get_num_threads()
+    k = federation.concurrent_institutions
+    if k is None:
+        k = min(trainees, threads) if federation.strategy.concurrent() and not federation.fuse_institutions else 1
+    return max(1, threads // max(1, min(k, trainees)))
+
+
+class Site:
+    """Hospital ``node`` of the run configured by ``config`` (the ``hsl fit`` YAML, as text).
+
+    Args:
+        config: the run's YAML.
+        node: this hospital's index among the config's nodes (the SuperNode's ``node-index``).
+        site_dir: where the site keeps its state and deployed model (created).
+        data_config: YAML text composed on top of ``config`` (usually a ``data:`` section: this
+            site's own images and its copy of the public SAT data); None: the config's data, node
+            ``node`` of it.
+        name: the site's name in messages (default ``site<node>``).
+    """
+
+    def __init__(self, config: str, node: int, site_dir: str | Path, data_config: str | None = None,
+                 name: str | None = None):
+        from lightning.fabric import Fabric
+
+        from hsl_lightning.config import HSLCLI
+
+        self.node, self.name = int(node), name or f"site{node}"
+        self.site_dir = Path(site_dir)
+        args = ["--config", str(_config_file(self.site_dir, "run.yaml", config))]
+        if data_config:
+            args += ["--config", str(_config_file(self.site_dir, "data.yaml", data_config))]
+        args += ["--federation.progress", "false", "--federation.wandb", "disabled"]
+        cli = self._guard("reading the run's configuration", HSLCLI, args=args, run=False)
+        self.federation, self.module, self.dm = cli.trainer, cli.model, cli.datamodule
+        fed = self.federation
+        names = self._guard("building its data", self._build_data)
+        plan = fed.strategy.plan(len(names))
+        if len(plan) != len(names) or not 0 <= self.node < len(names):
+            raise HSLError(f"Site {self.name}: node-index {self.node} is not one of the config's {len(names)} nodes, "
+                           f"or strategy '{fed.strategy.name}' trains several nodes as one model (not deployable).")
+        torch.set_num_threads(threads_per_institution(fed, len(plan)))
+        fabric = SiteFabric(Fabric(accelerator=fed.accelerator, devices=1, precision=fed.precision), len(plan),
+                            self.node)
+        fed.threads, fed.concurrent_institutions = torch.get_num_threads(), 1  # this site's one institution
+        self.run = self._guard("setting up its model", fed._setup, fabric, self.module, self.dm,
+                               self.site_dir / "run")
+        merge = fed.strategy.merge_kind.__name__
+        if fed.fuse_institutions or (merge not in DEPLOYABLE_MERGES and fed.privacy is None):
+            raise HSLError(f"Strategy '{fed.strategy.name}' merges with {merge}, which needs every node's "
+                           f"contribution at the server, not only their sum; a deployment runs strategies whose "
+                           f"merge is a (weighted) mean.")
+        self.trainer = OneByOne(fed, self.run)
+        self._fresh_strategy = copy.deepcopy(fed.strategy.state_dict())  # round 1's strategy state
+
+    # ------------------------------------------------------------------ set-up
+    def _guard(self, what: str, fn, *args, **kwargs):
+        """``fn(...)``, its failure turned into one message naming the site and the step."""
+        try:
+            return fn(*args, **kwargs)
+        except HSLError as exc:
+            raise HSLError(f"Site {self.name} failed {what}: {exc}") from exc
+        except SystemExit as exc:  # jsonargparse reports a bad config by exiting
+            raise HSLError(f"Site {self.name} failed {what}: the configuration does not parse "
+                           f"(exit {exc.code}; see the lines above).") from exc
+        except Exception as exc:  # noqa: BLE001 - any failure becomes one message that names the site
+            raise HSLError(f"Site {self.name} failed {what}: {type(exc).__name__}: {exc}") from exc
+
+    def _build_data(self) -> list[str]:
+        node = self.node
+        if hasattr(self.dm, "host"):
+            self.dm.host(lambda n: {node})
+        self.dm.setup("fit")
+        return self.dm.node_names
+
+    def hello(self) -> dict:
+        """What the server needs once: this node's data report (sizes and class counts), the
+        external site's and the test pool's sizes, and the packing it will receive."""
+        report = self.dm.report()
+        own = report[self.node]
+        external = next((row for row in report if row.get("external")), None)
+        pool = getattr(self.dm, "test_pool", None)
+        return {"name": own["name"], "report": own, "external": external, "in_chans": self.dm.in_chans,
+                "size": self.dm.size, "n_pool": 0 if pool is None else len(pool),
+                "numel": self.run.packer.numel, "extras": self.run.layout.extras, "threads": torch.get_num_threads()}
+
+    # ------------------------------------------------------------------ state between rounds
+    def _state_file(self, completed: int) -> Path:
+        return self.site_dir / f"round-{completed:04d}.pt"
+
+    def _load(self, completed: int, merged: torch.Tensor) -> RankState:
+        """This site's state after ``completed`` rounds (0: the template's), holding ``merged``."""
+        run, fed = self.run, self.federation
+        if completed == 0:
+            template = clone_state(run.module.state_dict())
+            state = RankState.fresh(template, run.packer, run.local_keys, run.mine, run.device)
+            fed.strategy.load_state_dict(copy.deepcopy(self._fresh_strategy))
+        else:
+            path = self._state_file(completed)
+            if not path.is_file():
+                raise HSLError(f"Site {self.name} has no state after round {completed} in {self.site_dir} (was the "
+                               f"site's directory deleted, or did another run use it?); start the run afresh.")
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            fed.strategy.load_state_dict(saved["strategy"])
+            state = RankState(merged, {t: TraineeState.restore(s, run.packer, run.device)
+                                       for t, s in saved["trainees"].items()})
+        state.merged = merged.to(run.device)
+        return state
+
+    def _save(self, completed: int, state: RankState, keep: list[int]) -> None:
+        payload = {"trainees": {t: s.portable(self.run.packer) for t, s in state.trainees.items()},
+                   "strategy": self.federation.strategy.state_dict()}
+        tmp = self._state_file(completed).with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self._state_file(completed))
+        # the rounds the server may still ask for: the deployed one, the one just loaded, the new one
+        wanted = {self._state_file(k).name for k in (*keep, completed - 1, completed)}
+        for old in self.site_dir.glob("round-*.pt"):
+            if old.name not in wanted:
+                old.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ what the server asks
+    def round(self, r: int, merged: torch.Tensor, extras: torch.Tensor | None, validate: bool,
+              train: bool, keep: list[int]) -> dict:
+        """Validate the state received after round ``r - 1`` (``validate``) and train round ``r``
+        from it (``train``). ``extras``: round ``r - 1``'s summed strategy vectors, which the
+        strategy's ``after_round`` reads before training (SCAFFOLD's server control variate)."""
+        fed, run = self.federation, self.run
+        state = self._load(r, merged)
+        if extras is not None and r > 0 and run.layout.extras:
+            fed.strategy.after_round(extras.to(run.device), len(run.plan))
+        reply: dict = {"node": self.node}
+        if validate:
+            metrics = validate_trainees(run, state.trainees, state.merged)[self.node]
+            reply["val"] = {k: metrics[k] for k in METRICS + VAL_EXTRAS}
+        if not train:
+            return reply
+        clock = time.perf_counter()
+        message = RoundMessage(run.layout, run.device)
+        merge = fed._merge_of(run, state, r)
+        losses = torch.full((len(run.names),), math.nan, dtype=torch.float64)
+        bar = _NoBar()
+        for t, outcome in self.trainer.train_round(r, state, bar):
+            if isinstance(outcome, Exception):
+                cause = str(outcome) if isinstance(outcome, HSLError) else f"{type(outcome).__name__}: {outcome}"
+                reply["error"] = f"site {self.name} (node {run.label(t)}): local training failed in round {r + 1}: {cause}"
+                return reply
+            fed._contribute(run, state, message, merge, t, outcome, losses, r)
+        message.traffic.fill_(fed.strategy.traffic(run.module))
+        self._save(r + 1, state, keep)
+        reply.update({"vector": message.vector.cpu(), "loss": float(losses[self.node]),
+                      "train_s": time.perf_counter() - clock})
+        norms = getattr(merge, "norms", None)
+        if norms:
+            reply["update_norm"] = float(norms[self.node])
+        return reply
+
+    def finish(self, best_round: int, merged: torch.Tensor, write_weights: bool, info: dict) -> dict:
+        """Score the deployed round (after ``best_round + 1`` rounds, holding ``merged``) on this
+        node's test set, its view of the test pool and the external site; its validation images'
+        counts at every threshold; and write its own deployed model when ``write_weights``."""
+        from hsl_lightning.inference import checkpoints
+
+        run = self.run
+        state = self._load(best_round + 1, merged)
+        test = evaluate_trainees(run, state.trainees, state.merged, "test")[self.node]
+        external = external_result(run, state.trainees, state.merged)
+        counts = threshold_counts(run, state.trainees, state.merged)[self.node]
+        reply = {"node": self.node, "test": test, "thresholds": counts,
+                 "external": external[0]["node_aucs"][run.names[self.node]] if external else None,
+                 "peak_rss_mb": _peak_rss_mb()}
+        if write_weights:
+            state.trainees[self.node].load_deployed(run.module, run.packer, state.merged)
+            threshold = checkpoints.youden(counts)
+            path = self.site_dir / "nodes" / f"{run.names[self.node]}.ckpt"
+            checkpoints.write(path, run.module, {**info, "image_size": self.dm.size, "in_chans": self.dm.in_chans,
+                                                 "node": run.names[self.node], "threshold": threshold})
+            reply["weights"] = str(path)
+        return reply
+
+
+class _NoBar:
+    """The progress bar a site does not show (the server shows the run's)."""
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_site_config(path: str | os.PathLike | None) -> str | None:
+    """A site's data config file as text (a clear error when it is missing or not YAML)."""
+    if not path:
+        return None
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise HSLError(f"The site's data-config file {path} does not exist.")
+    text = path.read_text()
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise HSLError(f"The site's data-config file {path} is not valid YAML: {exc}") from exc
+    return text
