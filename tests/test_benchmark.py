@@ -1,6 +1,7 @@
 """The benchmark tool: grid files, the resumable runner, and the report's statistics."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -8,7 +9,9 @@ import yaml
 
 from hsl_lightning import HSLError
 from hsl_lightning.benchmark import Grid
-from hsl_lightning.benchmark.report import Stats, verdict
+from hsl_lightning.benchmark.grid import run_dir
+from hsl_lightning.benchmark.report import (Stats, _val_best_round, detectable, interval, markdown, outcomes,
+                                            seeds_needed, tost_p)
 from hsl_lightning.cli import main
 
 from conftest import REPO
@@ -92,14 +95,25 @@ def test_cells_are_ordered_seed_by_seed_with_settings_in_order(monkeypatch):
     assert dict(step.settings)["data.scenario.sizes"] == [1, 80]
 
 
-def test_verdict_uses_a_t_interval_over_seeds():
-    assert verdict([0.05, 0.06, 0.04, 0.05, 0.05])[0] == "wins"
-    assert verdict([-0.05, -0.06, -0.04, -0.05, -0.05])[0] == "loses"
-    assert verdict([0.05, -0.04, 0.06, -0.05, 0.01])[0] == "ties"
-    assert verdict([0.05])[0] == "n/a"
-    word, mean, std, half = verdict([0.1, 0.2, 0.3])
+def test_verdicts_have_four_outcomes_and_tell_equivalent_from_undetermined():
+    better, worse = [0.05, 0.06, 0.04, 0.05, 0.05], [-0.05, -0.06, -0.04, -0.05, -0.05]
+    close = [0.002, -0.001, 0.001, 0.0, -0.002, 0.001]  # tightly within the 0.02 margin
+    noisy = [0.05, -0.04, 0.06, -0.05, 0.01]  # could be anything: neither test rejects
+    assert outcomes([better, worse, close, noisy, [0.05]]) == ["better", "worse", "equivalent", "undetermined", "n/a"]
+    # a mean inside the margin is not enough: the interval must lie inside it too
+    assert outcomes([[0.015, -0.01, 0.03, 0.0, 0.02]]) == ["undetermined"]
+    assert tost_p(close) < 0.001 and tost_p(noisy) == pytest.approx(0.284, abs=0.001)  # t = -0.62, df 4
+    mean, std, half = interval([0.1, 0.2, 0.3])
     assert mean == pytest.approx(0.2) and std == pytest.approx(0.1)
     assert half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+
+
+def test_the_minimum_detectable_difference_by_hand():
+    # issue 24's figure: sd 0.011 over 5 seeds -> (t_0.975,4 + t_0.8,4) * 0.011 / sqrt(5) = (2.776 + 0.941) * ...
+    assert detectable(0.011, 5) == pytest.approx((2.7764 + 0.9410) * 0.011 / math.sqrt(5), rel=1e-3)
+    assert math.isnan(detectable(0.011, 1))
+    n = seeds_needed(0.048, 0.03)
+    assert detectable(0.048, n) <= 0.03 < detectable(0.048, n - 1)
 
 
 def test_statistics_by_hand():
@@ -133,3 +147,74 @@ def test_grid_sections_of_the_wrong_shape_are_clear_errors(tmp_path, monkeypatch
         path.write_text(text)
         with pytest.raises(HSLError, match=message):
             Grid.load(path)
+
+
+def partial_grid(tmp_path):
+    """hsl and fedavg in quantity (2 steps) and feature, 5 seeds, a tuning search and a rerun sample."""
+    grid = {"out": str(tmp_path / "out"), "data": ["configs/quickstart.yaml"], "seeds": [0, 1, 2, 3, 4],
+            "tune": {"seeds": [100]}, "rerun": {"threads": 2, "every": 2},
+            "methods": {"hsl": "configs/methods/hsl.yaml",
+                        "fedavg": {"config": "configs/methods/fedavg.yaml",
+                                   "search": {"model.init_args.lr": [0.01, 0.1]}}},
+            "scenarios": {"quantity": {"config": "configs/scenarios/quantity.yaml",
+                                       "sweep": {"key": "data.scenario.sizes", "steps": {"1": [1, 1], "4": [1, 4]}}},
+                          "feature": "configs/scenarios/feature.yaml"},
+            "compare": {"method": "hsl", "against": ["fedavg"]}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return Grid.load(path)
+
+
+def cell_rows(cell, auc, val_best_round=10):
+    return [{"method": cell.method, "strategy": cell.method, "scenario": cell.scenario, "step": cell.step,
+             "step_index": cell.step_index, "seed": cell.seed, "node": f"node{i}", "test_auc": auc + d,
+             "pool_test_auc": auc + d, "val_auc": 0.8, "best_round": 40, "rounds": 40, "rounds_run": 40,
+             "val_best_round": val_best_round, "deploy_round": "last", "external_auc": math.nan, "wall_s": 5.0,
+             "bytes_per_round": 1e6} for i, d in enumerate((-0.01, 0.01))]
+
+
+def test_the_report_says_how_far_the_grid_got_and_draws_verdicts_from_complete_seeds_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    grid = partial_grid(tmp_path)
+    # hsl beats fedavg by about 0.05 in quantity and ties it tightly in feature on seeds 0 to 3; seed 4 is part
+    # done (its feature cells are missing) and would turn quantity around (-0.5) if a verdict used it
+    gap = {("quantity", s): g for s, g in enumerate((0.05, 0.06, 0.04, 0.05, -0.5))}
+    gap.update({("feature", s): g for s, g in enumerate((0.001, -0.001, 0.0, 0.002))})
+    rows = []
+    for cell in grid.cells():
+        if (cell.scenario, cell.seed) in gap:
+            rows += cell_rows(cell, 0.7 + (gap[(cell.scenario, cell.seed)] if cell.method == "hsl" else 0.0),
+                              40 if cell.seed == 0 else 10)
+    (tune,) = [c for c in grid.tuning_cells() if c.scenario == "feature" and c.candidate == "c0"]
+    directory = run_dir(grid.out, tune)
+    directory.mkdir(parents=True)
+    (directory / "record.json").write_text(json.dumps({"mean_val_auc": 0.8, "nodes": []}))
+    sample = [c for c in grid.rerun_cells(grid.cells()) if c.seed in (0, 1)]
+    reruns = [dict(r, test_auc=r["test_auc"] + 0.001, pool_test_auc=r["pool_test_auc"] + 0.001)
+              for c in sample for r in cell_rows(c, 0.7 + (gap[(c.scenario, c.seed)] if c.method == "hsl" else 0.0))]
+    report = markdown(grid, rows, reruns=reruns)
+    assert "- Tuning (seeds [100], not reported): 1 of 4 cells (quickstart 1 of 4); settings not chosen yet" in report
+    assert ("Reported cells: 28 of 30. Seeds complete (every reported cell finished): 4 of 5 (0, 1, 2, 3); part "
+            "done: seed 4 (4 of 6 cells).") in report
+    assert "Verdicts use the complete seeds only (0, 1, 2, 3)" in report
+    assert "- Thread-count reruns: 6 of 15 cells." in report
+    headline = report.split("## hsl against the references: pool test AUC (headline)")[1].split("\n## ")[0]
+    assert "| quantity | fedavg | 4 | 0.050 ± 0.008 |" in headline and headline.count("| better |") == 1
+    assert "| feature | fedavg | 4 |" in headline and "| equivalent |" in headline
+    assert "Verdicts per dataset: quickstart: 1 better, 1 equivalent." in headline
+    # the rerun moved every figure by +0.001 and changed no verdict; seed 0's cells peaked in their last round
+    assert "| pool_test_auc | 6 | +0.0010 | 0.0010 | 0.0010 | 0 of 6 |" in report
+    assert "(pool_test_auc, complete seeds, 6 cells swapped) that change with the rerun cells in place: none" in report
+    assert "| hsl | 14 | 14 | 100 % | 14 (100 %) | 0 | 40.0 | 40 | 3 of 14 (21 %) |" in report
+    assert "(28 of 28 cells deploy the last round by the rule 'last')" in report
+    # with no complete seed there is no verdict at all, and the report says so
+    early = markdown(grid, [r for r in rows if r["seed"] == 4])
+    assert "No seed is complete, so this report draws no verdict" in early and "## hsl against" not in early
+    assert "Seeds complete (every reported cell finished): none of 5; part done: seed 4 (4 of 6 cells)" in early
+    assert "No reported cell has finished yet" in markdown(grid, [])
+
+
+def test_the_round_of_best_validation_auc_comes_from_the_record_or_the_history():
+    assert _val_best_round({"curves": {"mean_val_auc": [0.5, 0.7, 0.6]}}) == 2
+    assert _val_best_round({"history": [{"mean_val_auc": v} for v in (0.5, 0.6, 0.7)]}) == 3
+    assert math.isnan(_val_best_round({}))

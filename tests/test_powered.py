@@ -11,7 +11,7 @@ import yaml
 from hsl_lightning import HSLError
 from hsl_lightning.benchmark import Grid
 from hsl_lightning.benchmark.grid import run_dir
-from hsl_lightning.benchmark.report import collect
+from hsl_lightning.benchmark.report import collect, pilot_section
 from hsl_lightning.benchmark.runner import CURVES, cell_args, done, write_record
 from hsl_lightning.benchmark.tuning import choose_rule, replay, rule_settings
 from hsl_lightning.cli import main
@@ -67,6 +67,10 @@ def test_the_pilot_scores_each_rule_on_the_other_half_and_picks_the_best(tmp_pat
     assert record["mean_val_auc_b"] == pytest.approx({"best_auc": 0.5, "best_loss": 0.8, "last": 0.6})
     first = record["cells"][0]
     assert (first["best_auc"]["round"], first["best_loss"]["round"], first["last"]["round"]) == (1, 4, 6)
+    # the report's pilot table: best_auc's tiny half A stops at round 1 in every cell; 'last' at 6 or 1 by seed
+    table = "\n".join(pilot_section(grid))
+    assert "| best_auc | 0.500 | 8 | 1.0 | 8 |" in table and "| last | 0.600 | 8 | 3.5 | 4 |" in table
+    assert "| best_loss | 0.800 | 8 | 4.0 | 0 |" in table and "Chosen, and applied to every method alike: **best_loss**" in table
     settings = rule_settings(grid, {}, "best_loss")
     assert settings[("hsl", "quantity")] == {"federation.deploy_round": "best_loss"}
     # under 'last' each (method, scenario) runs the round of best mean whole-set validation AUC
