@@ -2,8 +2,9 @@
 
 The pieces, each in its own room: ``models`` (timm backbones, the MMoE), ``modules``
 (LightningModules), ``data`` (sources, heterogeneity, the federated data module),
-``federation`` (the Fabric orchestrator and strategies), ``deploy`` (checkpoints, ``hsl test``,
-``hsl predict``), ``benchmark``, ``metrics``, ``cli``.
+``federation`` (the Fabric orchestrator; ``federation.strategies``, one file per strategy family),
+``inference`` (using a trained model: checkpoints, ``hsl test``, ``hsl predict``), ``benchmark``,
+``metrics``, ``cli``.
 """
 
 from hsl_lightning.data import (ExternalSite, FederatedDataModule, ImageFolders, MedMNIST, Scenario, SyntheticAnchor,

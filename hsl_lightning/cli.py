@@ -34,10 +34,12 @@ SUBCOMMANDS = {
     "strategies": "list the federated strategies and what each does",
     "benchmark": "run a grid of methods x scenarios x seeds and write its report (hsl benchmark --config GRID)",
     "embed": "measure and draw how alike trained runs make the nodes (hsl embed RUN_DIR ...)",
+    "flower": "train across real sites on Flower: keys, app, supernode (hsl flower keys --help)",
 }
 
 
 def print_help() -> None:
+    """Print the ``hsl`` subcommands, one line each."""
     width = max(map(len, SUBCOMMANDS))
     print("usage: hsl SUBCOMMAND [options]    (hsl SUBCOMMAND --help for its options)\n\n"
           "HeteroSync Learning on simulated or real institutions.\n\nsubcommands:")
@@ -76,7 +78,7 @@ def test(argv: list[str]) -> None:
     import argparse
     import json
 
-    from hsl_lightning.deploy.scoring import format_scores, score
+    from hsl_lightning.inference.scoring import format_scores, score
 
     parser = argparse.ArgumentParser(prog="hsl test", description=(
         "Score a finished run's deployed model(s) on every site of a data configuration: by default the run's own "
@@ -129,7 +131,7 @@ def predict(argv: list[str]) -> None:
     """``hsl predict``: a probability and label per image file."""
     import argparse
 
-    from hsl_lightning.deploy.predict import predict as run_predict
+    from hsl_lightning.inference.predict import predict as run_predict
 
     parser = argparse.ArgumentParser(prog="hsl predict", description=(
         "Write a probability per image (PNG, JPEG, BMP, TIFF files, or folders of them, searched recursively), "
@@ -234,12 +236,24 @@ def _next_steps(cli) -> None:
           f"  hsl embed {run}                                       # how alike it makes the nodes")
 
 
+def flower(argv: list[str]) -> None:
+    """``hsl flower``: certificates and keys, the Flower app, a checked SuperNode (the flower extra)."""
+    try:
+        from hsl_lightning.flower.commands import main as flower_main
+    except ImportError as exc:
+        raise HSLError(f"hsl flower needs the flower extra: pip install 'hsl_lightning[flower]' ({exc}).") from exc
+    flower_main(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The ``hsl`` command: dispatch to a subcommand (``fit``, ``test``, ``predict``, ...); the package's own errors
+    become a one-paragraph message and exit status 2."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
         print_help()
         return
-    commands = {"strategies": strategies, "benchmark": benchmark, "embed": embed, "test": test, "predict": predict}
+    commands = {"strategies": strategies, "benchmark": benchmark, "embed": embed, "test": test, "predict": predict,
+                "flower": flower}
     try:
         if args[0] in commands:
             commands[args[0]](args[1:])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_classifier, tiny_data, tiny_hsl
 from hsl_lightning import Federation
-from hsl_lightning.deploy.checkpoints import load
+from hsl_lightning.inference.checkpoints import load
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation import randomness
 

@@ -85,10 +85,47 @@ def test_nothing_imports_the_command_line_module():
 
 def test_functions_of_the_federation_package_are_at_most_60_lines():
     long = []
-    for path in sorted((PACKAGE / "federation").glob("*.py")):
+    for path in sorted((PACKAGE / "federation").rglob("*.py")):  # strategies/ included
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 if length > 60:
-                    long.append(f"{path.name}:{node.lineno} {node.name} ({length} lines)")
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
     assert long == []
+
+
+#: over 500 lines and being changed under another issue (the benchmark report, issue 24): to be split
+#: there; the test below fails once it is split, so that this list only shrinks
+OVER_500_ELSEWHERE = {"benchmark/report.py"}
+
+
+def test_no_file_of_the_package_is_over_500_lines():
+    long = {str(path.relative_to(PACKAGE)): n for path in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(path.read_text().splitlines())) > 500}
+    assert sorted(set(long) - OVER_500_ELSEWHERE) == [], "split these files (one concern per file): " + str(long)
+    assert sorted(OVER_500_ELSEWHERE - set(long)) == [], "at most 500 lines now: remove from OVER_500_ELSEWHERE"
+
+
+def test_each_strategy_file_opens_with_its_paper_and_rule_and_registers_what_it_defines():
+    from hsl_lightning.federation.strategies import STRATEGIES
+
+    folder = PACKAGE / "federation" / "strategies"
+    for path in sorted(folder.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and len(doc.splitlines()) >= 3, f"{path.name} opens with no docstring naming the paper and rule"
+    homes = {cls.__module__.rpartition(".")[2] for cls in STRATEGIES.values()}
+    assert homes == {p.stem for p in folder.glob("*.py")} - {"__init__", "base"}  # every family file registers
+
+
+def test_nothing_refers_to_the_old_deploy_package_or_strategies_file():
+    """``deploy/`` became ``inference/`` (using a trained model), so that it is not taken for training
+    across real sites (``flower/``), and ``federation/strategies.py`` became a package of one file per
+    family: an import of an old name fails only when reached, and a docstring or page naming one
+    sends a reader to a file that is not there."""
+    root = PACKAGE.parent
+    paths = [*PACKAGE.rglob("*.py"), *(root / "tests").rglob("*.py"), *(root / "benchmarks").glob("*.py"),
+             *(root / "notebooks").glob("*.ipynb"), root / "README.md", *(root / "docs").rglob("*.md")]
+    old = ("hsl_lightning.deploy", "deploy/", "federation/strategies.py", "test_deploy.py")
+    stale = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in paths if p.is_file() and p != Path(__file__).resolve()
+             for i, line in enumerate(p.read_text().splitlines(), 1) if any(o in line for o in old)]
+    assert stale == []

@@ -82,7 +82,7 @@ def test_strategy_options_are_checked():
 
 
 def test_register_makes_a_class_a_strategy_and_what_it_overrides_decides_fusing(monkeypatch):
-    from hsl_lightning.federation import strategies
+    from hsl_lightning.federation.strategies import base as strategies  # the registry's own module
     from hsl_lightning.federation.merge import Mean, Personal, Server
 
     monkeypatch.setattr(strategies, "STRATEGIES", dict(STRATEGIES))  # registered here, forgotten after

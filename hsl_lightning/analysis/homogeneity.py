@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from hsl_lightning.config import HSLCLI
-from hsl_lightning.deploy import checkpoints
+from hsl_lightning.inference import checkpoints
 from hsl_lightning.errors import HSLError
 
 
 @dataclass
 class Features:
+    """One run's image features: a row per image, with the node each image came from."""
     run: str  # a label for the run (its strategy by default)
     features: np.ndarray  # (n, d)
     nodes: np.ndarray  # (n,) node index
@@ -115,6 +116,8 @@ def mean_pairwise_mmd(features: np.ndarray, nodes: np.ndarray) -> float:
 
 
 def homogeneity(f: Features) -> dict:
+    """How separable the nodes' features are (a linear probe's balanced accuracy, against chance) and their mean
+    pairwise MMD."""
     return {"run": f.run, "nodes": len(f.names), "images": int(len(f.nodes)),
             "node_separability": node_separability(f.features, f.nodes), "chance": 1 / len(f.names),
             "mmd": mean_pairwise_mmd(f.features, f.nodes)}

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hsl_lightning.deploy.checkpoints import GRID, counts
+from hsl_lightning.inference.checkpoints import GRID, counts
 from hsl_lightning.federation.randomness import adopt
 from hsl_lightning.metrics import NodeMetrics, summarize
 
@@ -100,7 +100,7 @@ def per_node(run, trainees: dict, merged: torch.Tensor, keys: tuple[str, ...], f
 
 def threshold_counts(run, trainees: dict, merged: torch.Tensor) -> torch.Tensor:
     """Per node, with the model it deploys, its validation images at or above every probability cut
-    (:func:`hsl_lightning.deploy.checkpoints.counts`), the same on every rank: rows add up, so a
+    (:func:`hsl_lightning.inference.checkpoints.counts`), the same on every rank: rows add up, so a
     threshold can pool any nodes."""
     rows = torch.zeros(len(run.owner), 2 * len(GRID) + 2, dtype=torch.float64)
 

@@ -3,7 +3,7 @@
 Rank 0 writes ``data.json`` (how each node was drawn), ``config.yaml`` (the resolved CLI config),
 one metrics row per round (CSV always, W&B unless disabled), ``summary.json`` and the final
 table, and ``model.ckpt`` when every node deploys the same model; otherwise every rank writes
-``nodes/<name>.ckpt`` for the nodes it hosts (Lightning checkpoints: :mod:`hsl_lightning.deploy.checkpoints`).
+``nodes/<name>.ckpt`` for the nodes it hosts (Lightning checkpoints: :mod:`hsl_lightning.inference.checkpoints`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from hsl_lightning.data.base import ImageSet
-from hsl_lightning.deploy import checkpoints
+from hsl_lightning.inference import checkpoints
 from hsl_lightning.federation.evaluation import METRICS
 from hsl_lightning.federation.loggers import make_loggers
 from hsl_lightning.metrics import summarize
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)

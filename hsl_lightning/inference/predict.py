@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from hsl_lightning.data.base import harmonize
 from hsl_lightning.data.folders import EXTENSIONS
-from hsl_lightning.deploy import checkpoints
+from hsl_lightning.inference import checkpoints
 from hsl_lightning.errors import HSLError
 
 

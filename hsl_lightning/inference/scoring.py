@@ -25,7 +25,7 @@ from torchmetrics.classification import BinaryAUROC
 from torchmetrics.wrappers import BootStrapper
 from tqdm.auto import tqdm
 
-from hsl_lightning.deploy import checkpoints
+from hsl_lightning.inference import checkpoints
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation.evaluation import predictions
 from hsl_lightning.metrics import NodeMetrics, summarize

@@ -12,7 +12,7 @@ from PIL import Image
 
 from hsl_lightning import ClassifierModule, HSLModule
 from hsl_lightning.cli import SUBCOMMANDS, main
-from hsl_lightning.deploy import checkpoints
+from hsl_lightning.inference import checkpoints
 
 TINY = {
     "seed_everything": 0,
