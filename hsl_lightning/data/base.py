@@ -28,18 +28,22 @@ class ImageSet:
         return self.labels.shape[0]
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
+        """The images and labels at ``index``."""
         return ImageSet(self.images[index], self.labels[index])
 
     @property
     def positives(self) -> int:
+        """How many images have label 1."""
         return int(self.labels.sum())
 
     @staticmethod
     def cat(sets: list["ImageSet"]) -> "ImageSet":
+        """The sets one after the other, as one set."""
         return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]))
 
     @staticmethod
     def empty(channels: int, size: int) -> "ImageSet":
+        """A set of no images of ``channels`` x ``size`` x ``size``."""
         return ImageSet(torch.zeros(0, channels, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
 
 
@@ -96,7 +100,10 @@ class Source:
     per_node: bool = False
 
     def load(self, root: str | None = None) -> dict:
+        """The source's images: official splits, one pool, or per-node splits (see the class docstring); ``root`` is
+        where files are looked for when the source names none."""
         raise NotImplementedError
 
     def describe(self) -> str:
+        """A short human-readable name of the source, for logs and reports."""
         return type(self).__name__

@@ -23,6 +23,7 @@ from hsl_lightning.errors import HSLError
 
 @dataclass
 class NodeData:
+    """One node's (institution's) splits, its acquisition (scanner) and its rows of the SAT training pool."""
     name: str
     train: ImageSet
     val: ImageSet
@@ -117,14 +118,17 @@ class FederatedDataModule(L.LightningDataModule):
 
     @property
     def in_chans(self) -> int:
+        """The primary task's image channels (1 grey, 3 RGB)."""
         return self.primary.channels
 
     @property
     def uses_sat(self) -> bool:
+        """Whether a Shared Anchor Task is configured (``sat`` set)."""
         return self.sat is not None
 
     @property
     def node_names(self) -> list[str]:
+        """The nodes' names, in order (sets the data up first)."""
         self.setup()
         return [n.name for n in self.nodes]
 
@@ -258,6 +262,7 @@ class FederatedDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- loaders
     def sat_for(self, nodes: Sequence[int]) -> ImageSet | None:
+        """The SAT training images of the given nodes (an image two nodes share counts once); None without a SAT."""
         if self.sat_pool is None:
             return None
         index = torch.unique(torch.cat([self.nodes[i].sat_index for i in nodes]))  # copies count once
@@ -280,6 +285,8 @@ class FederatedDataModule(L.LightningDataModule):
         return paired_loader(primary, sat, self.batch_size, self.augment, self.rebalance, seed, per_epoch, origin)
 
     def eval_loader(self, node: int, split: str):
+        """An evaluation loader of node ``node``'s ``split`` (``val`` or ``test``), each image with a fixed SAT
+        partner."""
         self.setup()
         return eval_loader(self.nodes[node].split(split), self.sat_eval, self.eval_batch_size, self.seed + 7919 * (node + 1),
                            node)

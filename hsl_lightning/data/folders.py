@@ -26,7 +26,18 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 class ImageFolders(Source):
-    """Per-institution image folders (see module docs)."""
+    """Per-institution image folders: ``root/<node>/<train|val|test>/<label>/*.png`` (see the module docstring).
+
+    Args:
+        root: the folder holding one sub-folder per institution.
+        channels: 1 (grey) or 3 (RGB): every image is converted to it.
+        size: resize every image to ``size`` x ``size`` px (default: keep the files' size; a split's
+            images must then all agree).
+        positive: the name of the positive label folder, when the folders are not ``0`` and ``1``.
+        val_fraction: the stratified share of train held out for validation where ``val`` is absent.
+        seed: the seed of that hold-out.
+        allow_duplicates: accept the same image in two splits of one institution.
+    """
 
     per_node = True
 

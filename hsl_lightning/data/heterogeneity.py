@@ -129,6 +129,7 @@ class Scenario:
 
     @property
     def node_names(self) -> list[str]:
+        """The nodes' names: ``names`` when given, else node0, node1, ..."""
         return list(self.names) if self.names else [f"node{i}" for i in range(self.num_nodes)]
 
     def scanners(self, g: torch.Generator, num_nodes: int | None = None) -> list[Acquisition]:
@@ -197,6 +198,7 @@ class ExternalSite:
             raise HSLError(f"data.external.feature_skew must lie in [0, 1], got {self.feature_skew}.")
 
     def scanner(self, seed: int) -> Acquisition:
+        """The external site's own scanner (acquisition), drawn from ``seed`` (none without feature skew)."""
         g = torch.Generator().manual_seed(seed * 1000 + 997)
         return Acquisition.random(self.feature_skew, g) if self.feature_skew > 0 else Acquisition()
 

@@ -54,10 +54,12 @@ TASKS = {
 
 
 def file_name(flag: str, size: int) -> str:
+    """The MedMNIST file name of a data set ``flag`` at image ``size`` (``breastmnist.npz``, ``breastmnist_64.npz``)."""
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
 
 
 def md5sum(path: Path) -> str:
+    """The MD5 digest of a file, read in 1 MiB blocks (to check a download against MedMNIST's published sums)."""
     h = hashlib.md5()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -98,10 +100,13 @@ class MedMNIST(Source):
         return f"MedMNIST {self.flag} {self.size}px"
 
     def resolve_root(self, fallback: str | None = None) -> Path:
+        """The folder of the MedMNIST files: ``root``, else ``fallback``, else ``$HSL_DATA_ROOT``, else
+        ``~/.cache/hsl_lightning/medmnist``."""
         root = self.root or fallback or os.environ.get(ENV_ROOT) or DEFAULT_ROOT
         return Path(root).expanduser()
 
     def path(self, fallback_root: str | None = None) -> Path:
+        """The ``.npz`` file of this data set and size."""
         return self.resolve_root(fallback_root) / file_name(self.flag, self.size)
 
     def _fetch(self, path: Path) -> None:

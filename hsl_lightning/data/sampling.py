@@ -187,6 +187,8 @@ def _as_batch(batch):
 
 def paired_loader(primary: ImageSet, sat: ImageSet | None, batch_size: int, augment: bool, rebalance: bool,
                   seed: int, samples_per_epoch: int | None = None, origin: torch.Tensor | None = None) -> DataLoader:
+    """A training loader of (primary image, SAT image) pairs, rebalanced and augmented as asked; ``sat`` None:
+    primary images only."""
     sampler = PairedSampler(primary.labels, len(sat) if sat is not None else 0, rebalance, seed, samples_per_epoch)
     dataset = PairedImages(primary, sat, augment, seed + 1, origin)
     # A trailing batch of one image breaks BatchNorm in train mode; epochs are resampled anyway.
@@ -209,4 +211,6 @@ def site_loader(primary: ImageSet, origin: torch.Tensor, batch_size: int, augmen
 
 
 def eval_loader(data: ImageSet, sat: ImageSet | None, batch_size: int, seed: int, node: int = 0) -> DataLoader:
+    """An evaluation loader: every image once, in order, each with a fixed, seeded SAT partner (none when ``sat`` is
+    None)."""
     return DataLoader(EvalImages(data, sat, seed, node), batch_size=batch_size, shuffle=False, collate_fn=_as_batch)

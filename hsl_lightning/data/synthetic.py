@@ -40,6 +40,8 @@ def _balanced_labels(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def lesion_images(labels: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """The primary task's nodules (uint8, one channel, ``size`` x ``size``): malignant (label 1) with lobulated
+    margins, benign with smooth oval ones."""
     n = labels.shape[0]
     x, y = _grid(n, size)
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, generator=g)  # noqa: E731
@@ -61,6 +63,8 @@ def lesion_images(labels: torch.Tensor, size: int, g: torch.Generator) -> torch.
 
 
 def anchor_images(labels: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """The Shared Anchor Task's chest films (uint8, one channel): positives (label 1) carry a patchy opacity inside
+    a lung."""
     n = labels.shape[0]
     x, y = _grid(n, size)
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, generator=g)  # noqa: E731
@@ -103,7 +107,13 @@ class _Synthetic(Source):
 
 
 class SyntheticLesions(_Synthetic):
-    """Primary task: smooth (benign, 0) vs irregular (malignant, 1) nodule margins."""
+    """Primary task: smooth (benign, 0) vs irregular (malignant, 1) nodule margins.
+
+    Args:
+        num_samples: images generated (balanced classes).
+        size: image side in px.
+        seed: the generator's seed.
+    """
 
     _draw = staticmethod(lesion_images)
 
@@ -112,7 +122,13 @@ class SyntheticLesions(_Synthetic):
 
 
 class SyntheticAnchor(_Synthetic):
-    """Shared Anchor Task: chest-film-like images with (1) or without (0) a lung opacity."""
+    """Shared Anchor Task: chest-film-like images with (1) or without (0) a lung opacity.
+
+    Args:
+        num_samples: images generated (balanced classes).
+        size: image side in px.
+        seed: the generator's seed.
+    """
 
     _draw = staticmethod(anchor_images)
 

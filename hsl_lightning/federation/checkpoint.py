@@ -77,6 +77,8 @@ def resolve(ckpt_path: str, run_dir: Path) -> Path | None:
 
 
 def load_rank(folder: Path, rank: int, world_size: int, device) -> dict:
+    """Load this rank's part of a complete round checkpoint in ``folder`` (HSLError when it is incomplete or was
+    written by another number of ranks)."""
     try:
         info = json.loads((folder / "complete.json").read_text())
     except (OSError, ValueError) as exc:
@@ -134,6 +136,8 @@ def fingerprint(**parts) -> dict:
 
 
 def check_fingerprint(saved: dict, now: dict, folder: Path) -> None:
+    """Raise HSLError when a checkpoint's run fingerprint (model, data, strategy, seed) differs from the run
+    resuming it."""
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         detail = "; ".join(f"{k}: checkpoint {_short(saved.get(k))}, now {_short(now.get(k))}" for k in differ)

@@ -17,6 +17,7 @@ WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
 def wandb_logged_in() -> bool:
+    """Whether W&B has credentials here (``WANDB_API_KEY`` or a ``~/.netrc`` entry)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
@@ -26,6 +27,7 @@ def wandb_logged_in() -> bool:
 
 
 def resolve_wandb_mode(mode: WandbMode) -> str:
+    """The W&B mode to use: ``auto`` becomes ``WANDB_MODE`` when set, else online when logged in, else offline."""
     if mode != "auto":
         return mode
     env = os.environ.get("WANDB_MODE")
@@ -35,6 +37,7 @@ def resolve_wandb_mode(mode: WandbMode) -> str:
 
 
 def make_loggers(run_dir: Path, mode: WandbMode, project: str, run_name: str, config: dict | None) -> list:
+    """Fabric loggers for a run: a CSV file of one row per round, and W&B unless disabled."""
     from lightning.fabric.loggers import CSVLogger
 
     # One row per round, written as it comes: a crashed run keeps every finished round. A resumed run

@@ -77,6 +77,7 @@ def install_dropout() -> None:
 
 
 def remove_dropout() -> None:
+    """Undo one ``install_dropout``: the original dropout is back once every installer removed its own."""
     global _installed
     with _lock:
         _installed = max(0, _installed - 1)

@@ -18,6 +18,8 @@ from hsl_lightning.federation.sync import StatePacker
 
 @dataclass
 class RankRun:
+    """What one rank holds for a run: Fabric, the module, the data, the strategy, the node names and the trainees it
+    hosts."""
     fabric: object  # lightning.fabric.Fabric
     module: torch.nn.Module  # the one module every hosted trainee is loaded into in turn
     dm: object  # the FederatedDataModule, set up

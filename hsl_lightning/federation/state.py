@@ -29,6 +29,7 @@ State = dict[str, torch.Tensor]
 
 
 def clone_state(state: State) -> State:
+    """A detached copy of a state dict."""
     return {k: v.detach().clone() for k, v in state.items()}
 
 
@@ -38,6 +39,8 @@ def _cpu(state: State) -> State:
 
 @dataclass
 class TraineeState:
+    """One trainee's state between rounds: its local state dict, the shared vector it last received and (Ditto) its
+    personal model."""
     local: State
     shared: torch.Tensor | None = None
     personal: State | None = None
@@ -84,6 +87,7 @@ DEPLOY_ROUNDS = {
 
 
 def check_deploy_round(rule: str) -> None:
+    """Raise HSLError unless ``rule`` is one of the deployed-round rules (``DEPLOY_ROUNDS``)."""
     if rule not in DEPLOY_ROUNDS:
         raise HSLError(f"federation.deploy_round must be one of {', '.join(DEPLOY_ROUNDS)}, got {rule!r}: "
                        + "; ".join(f"{k}: {v}" for k, v in DEPLOY_ROUNDS.items()) + ".")

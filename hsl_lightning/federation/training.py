@@ -56,6 +56,7 @@ def loss_value(out) -> torch.Tensor:
 
 
 def diverged(label: str, r: int, epoch: int, loss: float) -> HSLError:
+    """The HSLError for a node whose mean training loss is not finite."""
     return HSLError(f"Training diverged at node {label}, round {r + 1}, epoch {epoch + 1}: mean loss is {loss}. "
                     "Lower the learning rate (model.lr) or check the node's data for NaN/inf pixels.")
 

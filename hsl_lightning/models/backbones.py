@@ -63,6 +63,14 @@ class Backbone(nn.Module):
     Inputs are normalised with the mean/std of the backbone's pretraining (averaged over colour
     channels when ``in_chans`` differs from 3), so the same [0, 1] tensors work for random and
     pretrained weights.
+
+    Args:
+        name: any timm model name, e.g. ``resnet18``, ``efficientnet_b0`` (``test_resnet``: timm's
+            0.37 M-parameter test trunk); the models' ``backbone``.
+        in_chans: image channels (1 grey, 3 RGB); the CLI sets the models' from the data.
+        pretrained: start from timm's pretrained weights (downloaded from the hub when online).
+        weights: a local ``.pth`` or ``.safetensors`` file of pretrained weights (offline).
+        drop_rate: timm's classifier dropout, here on the pooled features.
     """
 
     def __init__(self, name: str = "resnet18", in_chans: int = 1, pretrained: bool = False,

@@ -71,6 +71,7 @@ class SharedBottom(nn.Module):
 
 @dataclass
 class HSLOutput:
+    """The HSL network's output: the primary task's logit, the SAT's logit and each task's gate weights."""
     primary_logit: torch.Tensor  # (B,)
     sat_logit: torch.Tensor  # (B,)
     gates: list[torch.Tensor]  # per task (B, num_experts)

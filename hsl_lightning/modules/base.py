@@ -23,6 +23,18 @@ Optimizer = Literal["adamw", "sgd"]
 
 
 class BinaryTaskModule(L.LightningModule):
+    """The LightningModule every model of the package builds on: a binary task's training step, AUC metrics and
+    optimizer (AdamW or SGD).
+
+    Args:
+        lr: learning rate.
+        weight_decay: weight decay (AdamW's decoupled decay; SGD's L2 term).
+        optimizer: ``adamw`` or ``sgd`` (SCAFFOLD's correction assumes SGD).
+        momentum: SGD's momentum (ignored by AdamW).
+        fused_optimizer: run the optimizer as torch's fused kernel, one call for all parameters
+            (false: torch's per-parameter loop, as the first studies' cells were computed).
+    """
+
     uses_sat = False  # whether training batches must carry SAT images
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 1e-4, optimizer: Optimizer = "adamw",
@@ -36,9 +48,11 @@ class BinaryTaskModule(L.LightningModule):
 
     # --- to implement
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A training batch's loss and the named terms it is made of (logged), e.g. the SAT's loss."""
         raise NotImplementedError
 
     def primary_logits(self, batch: dict) -> torch.Tensor:
+        """The primary task's logits (B,) of an evaluation batch."""
         raise NotImplementedError
 
     # --- Lightning hooks

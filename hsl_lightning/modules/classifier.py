@@ -11,7 +11,15 @@ from hsl_lightning.modules.base import BinaryTaskModule, Optimizer
 
 
 class ClassifierModule(BinaryTaskModule):
-    """timm backbone + dropout + one linear logit, trained with BCE on the primary task only."""
+    """timm backbone + dropout + one linear logit, trained with BCE on the primary task only.
+
+    The trunk's arguments (``backbone``, ``in_chans``, ``pretrained``, ``weights``) are those of
+    :class:`~hsl_lightning.models.backbones.Backbone`, the optimizer's (``lr``, ``weight_decay``,
+    ``optimizer``, ``momentum``, ``fused_optimizer``) those of :class:`~hsl_lightning.modules.base.BinaryTaskModule`.
+
+    Args:
+        dropout: dropout before the logit.
+    """
 
     uses_sat = False
     head_prefixes = ("head.",)  # the personal layers of personalisation strategies (FedPer)

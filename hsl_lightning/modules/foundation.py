@@ -18,6 +18,16 @@ class FoundationProbe(ClassifierModule):
     """Frozen timm encoder (CLIP ViT-B/16 image tower by default) + linear probe on the primary task.
 
     Feed it images at the encoder's resolution (``data.image_size: 224`` for CLIP ViT-B/16).
+
+    The optimizer's arguments (``lr``, ``weight_decay``, ``optimizer``, ``momentum``, ``fused_optimizer``)
+    are those of :class:`~hsl_lightning.modules.base.BinaryTaskModule`.
+
+    Args:
+        backbone: the timm name of the frozen encoder.
+        in_chans: image channels the encoder takes (3 for CLIP).
+        pretrained: load the encoder's pretrained weights from the hub (a frozen random encoder is
+            no baseline; use ``weights`` offline).
+        weights: a local ``.pth`` or ``.safetensors`` file of the encoder's weights.
     """
 
     def __init__(self, backbone: str = "vit_base_patch16_clip_224.openai", in_chans: int = 3, pretrained: bool = True,

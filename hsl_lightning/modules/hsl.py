@@ -23,13 +23,35 @@ class HSLModule(BinaryTaskModule):
     ``primary``: the primary image goes through both branches; ``reference``: the SAT feature is
     the mean SAT-encoder feature of a fixed batch of public SAT images (``set_sat_reference``),
     the same for every image; ``paired``: each image gets a fixed, seeded SAT partner from the
-    evaluation batch (``sat_image``). The default and the measurements behind it are in the README.
+    evaluation batch (``sat_image``). The default and the measurements behind it are on the documentation site
+    (docs/concepts.md, "What the SAT branch sees at inference").
 
     The network's arguments (backbone ... tower_dropout, mixture, embedding) are those of
     :class:`HSLNetwork`; ``mixture: shared_bottom`` replaces the MMoE by one shared network (an
     ablation); ``embedding: identity`` skips the softmax in front of the experts (a variant);
     ``init``: ``xavier`` (the reference's Keras layers) or ``torch`` (torch's default, which this
     library used before) for the experts, gates and towers.
+
+    The trunk's arguments (``backbone``, ``in_chans``, ``pretrained``, ``weights``) are those of
+    :class:`~hsl_lightning.models.backbones.Backbone`, the optimizer's (``lr``, ``weight_decay``,
+    ``optimizer``, ``momentum``, ``fused_optimizer``) those of :class:`~hsl_lightning.modules.base.BinaryTaskModule`.
+
+    Args:
+        shared_encoder: one trunk for both tasks (its weights held and synchronised once) instead of two.
+        proj_dim: width of each task's projected encoder feature (the experts see twice this).
+        skip_dim: width of the experts' outputs and of each task's skip projection.
+        temperature: T of the shared embedding softmax([f1 ; f2] / T).
+        num_experts: experts shared by both tasks.
+        expert_hidden: hidden units of each expert.
+        expert_dropout: dropout inside each expert.
+        tower_hidden: hidden units of each task's tower.
+        tower_dropout: dropout inside each tower.
+        primary_weight: weight of the primary task's BCE in the loss.
+        sat_weight: weight of the SAT's BCE in the loss.
+        sat_inference: what the SAT branch sees at inference: ``primary``, ``reference`` or ``paired``.
+        mixture: ``mmoe`` (the method) or ``shared_bottom`` (an ablation).
+        embedding: ``softmax`` (the reference) or ``identity`` (a variant).
+        init: ``xavier`` (the reference) or ``torch`` for the experts, gates and towers.
     """
 
     uses_sat = True
@@ -79,6 +101,7 @@ class HSLModule(BinaryTaskModule):
         self.register_buffer("sat_reference", None, persistent=False)
 
     def set_sat_reference(self, images: torch.Tensor | None) -> None:
+        """The public SAT images used by ``sat_inference: reference`` (None: forget them)."""
         self.sat_reference = None if images is None else images.to(self.device)
 
     def setup(self, stage: str) -> None:

@@ -41,6 +41,15 @@ class SplitClassifier(BinaryTaskModule):
     The split needs a backbone whose forward runs its top-level layers one after another (ResNets,
     most CNNs); that is checked once at construction. ``sites``: how many site parts to hold
     (the federation calls :meth:`set_sites` with its node count; a checkpoint records the count).
+
+    The trunk's arguments (``backbone``, ``in_chans``, ``pretrained``, ``weights``) are those of
+    :class:`~hsl_lightning.models.backbones.Backbone`, the optimizer's (``lr``, ``weight_decay``,
+    ``optimizer``, ``momentum``, ``fused_optimizer``) those of :class:`~hsl_lightning.modules.base.BinaryTaskModule`.
+
+    Args:
+        cut: the top-level layer after which a site's part ends and the server's begins.
+        dropout: dropout before the logit.
+        sites: how many site parts to hold.
     """
 
     uses_sat = False
