@@ -78,8 +78,11 @@ class Federation:
         local_epochs: local epochs per round at each institution.
         contribute: ``best`` (epoch of best local validation AUC within the round) or ``last``;
             default: the strategy's (``best`` for hsl, ``last`` otherwise).
-        accelerator, devices, num_nodes, precision: as for Lightning Fabric. ``devices`` x
-            ``num_nodes`` ranks host the institutions.
+        accelerator: as for Lightning Fabric (``cpu``, ``gpu``, ``auto``).
+        devices: ranks per machine, as for Lightning Fabric; ``devices`` x ``num_nodes`` ranks host
+            the institutions.
+        num_nodes: machines, as for Lightning Fabric (not institutions: those are the scenario's nodes).
+        precision: as for Lightning Fabric (``32-true``, ``bf16-mixed``, ...).
         run_dir: where the run writes summary.json, config.yaml, metrics and weights
             (default ``runs/<time>-<strategy>``).
         wandb: ``auto`` (online when logged in, else offline), ``online``, ``offline`` or ``disabled``.
