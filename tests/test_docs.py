@@ -95,3 +95,18 @@ def test_every_strategy_has_a_page_naming_its_options():
         assert f"::: {cls.__module__}.{cls.__name__}" in page, name
         for option in inspect.signature(cls).parameters:
             assert f"`{option}`" in page, (name, option)
+
+
+def test_the_readme_is_short_and_its_set_up_commands_are_what_ci_runs():
+    """The README is for a newcomer (at most 250 lines; the rest is on the site), and its two set-up
+    commands are exactly those .ci/run runs on a clean clone, so CI checks what a newcomer types."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    set_up = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", set_up, flags=re.DOTALL)
+    assert len(commands) == 2
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    for command in commands:
+        assert command.strip() in ci, command
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    assert links and [link for link in links if not link.startswith("http") and not (ROOT / link).exists()] == []
