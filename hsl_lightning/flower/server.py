@@ -34,53 +34,55 @@ from hsl_lightning.federation.federation import Federation, Validation
 from hsl_lightning.federation.message import RoundMessage
 from hsl_lightning.federation.reporting import Reporter
 from hsl_lightning.federation.state import round_score
+from hsl_lightning.flower.site import compact, expand_message
 from hsl_lightning.inference.checkpoints import GRID
 from hsl_lightning.metrics import summarize
 
 
 class Sites:
-    """The sites of a deployment, addressed by hospital index. Each method returns one reply per
-    index (a dict; ``{"error": message}`` for a site that failed or did not answer)."""
+    """The sites of a deployment, addressed by hospital index. Requests and replies are dicts of
+    numbers, strings, lists and arrays (the protocol; :meth:`Site.handle` answers them). Each method
+    returns one reply per index asked (``{"error": message}`` for a site that failed or did not
+    answer); ``skip``: indices not to ask (sites that failed before)."""
 
     count: int
 
-    def hello(self) -> dict[int, dict]:
+    def _send(self, requests: dict[int, dict]) -> dict[int, dict]:
         raise NotImplementedError
+
+    def hello(self) -> dict[int, dict]:
+        return self._send({i: {"action": "hello"} for i in range(self.count)})
 
     def round(self, r: int, merged: torch.Tensor, extras: torch.Tensor | None, validate: bool, train: bool,
               keep: list[int], skip: set[int]) -> dict[int, dict]:
-        raise NotImplementedError
+        request = {"action": "round", "round": r, "merged": compact(merged), "validate": validate, "train": train,
+                   "keep": keep}
+        if extras is not None:
+            request["extras"] = extras
+        return self._send({i: request for i in range(self.count) if i not in skip})
 
     def finish(self, best_round: int, merged: torch.Tensor, write_weights: bool, info: dict,
                skip: set[int]) -> dict[int, dict]:
-        raise NotImplementedError
+        request = {"action": "finish", "best_round": best_round, "merged": compact(merged), "write_weights": write_weights,
+                   "info": info}
+        return self._send({i: request for i in range(self.count) if i not in skip})
 
 
 class LocalSites(Sites):
-    """Sites called in this process, in hospital order (the tests' and the benchmark's reference)."""
+    """Sites answered in this process, in hospital order (the tests' and the benchmark's reference)."""
 
     def __init__(self, sites: list):
         self.sites, self.count = sites, len(sites)
 
-    def _each(self, skip: set[int], call) -> dict[int, dict]:
+    def _send(self, requests):
         out = {}
-        for i, site in enumerate(self.sites):
-            if i in skip:
-                continue
+        for i, request in requests.items():
+            copied = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in request.items()}
             try:
-                out[i] = call(site)
+                out[i] = self.sites[i].handle(copied)
             except HSLError as exc:
                 out[i] = {"error": str(exc)}
         return out
-
-    def hello(self):
-        return self._each(set(), lambda s: s.hello())
-
-    def round(self, r, merged, extras, validate, train, keep, skip):
-        return self._each(skip, lambda s: s.round(r, merged.clone(), extras, validate, train, keep))
-
-    def finish(self, best_round, merged, write_weights, info, skip):
-        return self._each(skip, lambda s: s.finish(best_round, merged.clone(), write_weights, info))
 
 
 class _Split:
@@ -169,7 +171,8 @@ class DeployedFederation(Federation):
         deployed.sites = sites
         deployed.concurrent_institutions = 1  # the server trains nothing
         deployed._pending, deployed._extras, deployed._dead = {}, {}, {}
-        deployed._site_info, deployed._timing = {}, {"requests": 0, "wait_s": 0.0}
+        deployed._site_info, deployed._timing = {}, {"requests": 0, "wait_s": 0.0, "site_busy_s": 0.0,
+                                                         "transport_s": 0.0}
         return deployed
 
     # ------------------------------------------------------------------ entry point
@@ -218,8 +221,12 @@ class DeployedFederation(Federation):
     def _ask(self, call, *args):
         clock = time.perf_counter()
         replies = call(*args)
+        waited = time.perf_counter() - clock
+        busy = max((float(r.get("busy_s", 0.0)) for r in replies.values()), default=0.0)
         self._timing["requests"] += 1
-        self._timing["wait_s"] += time.perf_counter() - clock
+        self._timing["wait_s"] += waited
+        self._timing["site_busy_s"] += busy  # the slowest site's own time; the rest is transport and polling
+        self._timing["transport_s"] += max(0.0, waited - busy)
         return replies
 
     def _train_and_sum(self, run, state, trainer, merge, report, r):
@@ -232,15 +239,15 @@ class DeployedFederation(Federation):
         self._norms = {}
         for i in range(self.sites.count):  # hospital order, whatever the order the replies came in
             reply = replies.get(i) or {"error": self._dead.get(i, "no reply")}
-            if "error" in reply or "vector" not in reply:
+            if "error" in reply or not ("vector" in reply or "state" in reply):
                 self._site_failed(i, reply.get("error", "no training result"), r)
                 continue
-            vector = torch.as_tensor(reply["vector"], dtype=torch.float64)
-            if vector.shape != total.vector.shape:
-                self._site_failed(i, f"sent a message of {tuple(vector.shape)} entries, expected "
-                                     f"{tuple(total.vector.shape)} (a different model or strategy?)", r)
+            sizes = [len(reply[k]) for k in ("vector", "state", "tail") if k in reply]
+            if sum(sizes) != run.layout.size:
+                self._site_failed(i, f"sent a message of {sum(sizes)} entries, expected {run.layout.size} (a "
+                                     "different model or strategy?)", r)
                 continue
-            total.vector += vector.to(run.device)
+            expand_message(reply, total.vector, run.packer.numel)
             losses[i] = reply["loss"]
             if "update_norm" in reply:
                 self._norms[i] = reply["update_norm"]
@@ -329,4 +336,4 @@ class DeployedFederation(Federation):
         return {"sites": {str(i): info.get("name") for i, info in sorted(self._site_info.items())},
                 "failed": {str(i): cause for i, cause in sorted(self._dead.items())},
                 "site_checkpoints": getattr(self, "_weights", {}),
-                "requests": self._timing["requests"], "wait_s": round(self._timing["wait_s"], 3)}
+                **{k: round(v, 3) for k, v in self._timing.items()}}

@@ -186,6 +186,24 @@ class Site:
                 old.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ what the server asks
+    def handle(self, request: dict) -> dict:
+        """Answer one request of the server (see :class:`~hsl_lightning.flower.server.Sites`)."""
+        action = request.get("action")
+        if action == "hello":
+            return self.hello()
+        merged = torch.as_tensor(request["merged"], dtype=torch.float64)
+        if merged.shape != (self.run.packer.numel,):
+            raise HSLError(f"Site {self.name} received a state of {tuple(merged.shape)} entries but its model has "
+                           f"{self.run.packer.numel}: the server and the site built different models (check both "
+                           "use the same run config and hsl_lightning version).")
+        if action == "round":
+            extras = request.get("extras")
+            return self.round(int(request["round"]), merged, None if extras is None else torch.as_tensor(extras),
+                              bool(request["validate"]), bool(request["train"]), [int(k) for k in request["keep"]])
+        if action == "finish":
+            return self.finish(int(request["best_round"]), merged, bool(request["write_weights"]), request["info"])
+        raise HSLError(f"Site {self.name} got a request it does not know: {action!r}.")
+
     def round(self, r: int, merged: torch.Tensor, extras: torch.Tensor | None, validate: bool,
               train: bool, keep: list[int]) -> dict:
         """Validate the state received after round ``r - 1`` (``validate``) and train round ``r``
@@ -214,8 +232,8 @@ class Site:
             fed._contribute(run, state, message, merge, t, outcome, losses, r)
         message.traffic.fill_(fed.strategy.traffic(run.module))
         self._save(r + 1, state, keep)
-        reply.update({"vector": message.vector.cpu(), "loss": float(losses[self.node]),
-                      "train_s": time.perf_counter() - clock})
+        reply.update(compact_message(message.vector.cpu(), run.packer.numel))
+        reply.update({"loss": float(losses[self.node]), "train_s": time.perf_counter() - clock})
         norms = getattr(merge, "norms", None)
         if norms:
             reply["update_norm"] = float(norms[self.node])
@@ -243,6 +261,37 @@ class Site:
                                                  "node": run.names[self.node], "threshold": threshold})
             reply["weights"] = str(path)
         return reply
+
+
+def compact(vector: torch.Tensor) -> torch.Tensor:
+    """``vector`` as float32 when that holds it exactly (a merged state does: it is rounded to its
+    entries' dtypes), else as it is: half the bytes, the same numbers."""
+    small = vector.float()
+    return small if torch.equal(small.double(), vector) else vector
+
+
+def compact_message(vector: torch.Tensor, numel: int) -> dict:
+    """A site's part of the round's message, in as few bytes as give the same sum: its shared state
+    divided by its weight, in float32 when exact (a plain mean: weight x float32 state is exact in
+    float64, and so is dividing it back), with the weight and the message's tail (strategy vector,
+    traffic, finished flag, weight); else the float64 message itself (DP-FedAvg's noised share)."""
+    state, weight = vector[:numel], float(vector[-1])
+    if weight > 0:
+        per = (state / weight).float()
+        if torch.equal(per.double() * weight, state):
+            return {"state": per, "weight": weight, "tail": vector[numel:]}
+    return {"vector": vector}
+
+
+def expand_message(reply: dict, total: torch.Tensor, numel: int) -> None:
+    """Add a site's part (:func:`compact_message`) into the round's ``total`` message: exactly what
+    the simulator adds for that site (weight x state, then the tail)."""
+    if "vector" in reply:
+        total += torch.as_tensor(reply["vector"], dtype=torch.float64).to(total.device)
+        return
+    state = torch.as_tensor(reply["state"]).to(device=total.device, dtype=torch.float64)
+    total[:numel].add_(state, alpha=float(reply["weight"]))
+    total[numel:] += torch.as_tensor(reply["tail"], dtype=torch.float64).to(total.device)
 
 
 class _NoBar:

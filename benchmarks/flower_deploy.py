@@ -1,0 +1,150 @@
+"""The same federation simulated (``hsl fit``) and deployed on Flower (a SuperLink and 3 SuperNodes
+on this machine, TLS and node authentication on), in one run; prints one line ``RESULT {json}``.
+
+    .venv/bin/python benchmarks/flower_deploy.py [--config configs/quickstart.yaml] [--rounds 4]
+
+Keys: ``same_as_simulation`` (deployed weights and every node's validation and test AUC equal to
+the simulator's, bit for bit), ``max_abs_weight_diff``, ``auc_sim`` / ``auc_deploy`` (mean node
+test AUC), ``round_s_sim`` / ``round_s_deploy`` (seconds per round: the run's summed round times
+over its rounds; a deployed round also carries the next round's training, which the simulator
+counts in its next round, so the sums compare), ``startup_s_deploy`` (the rest of the deployment's
+wall time: submitting the app, starting the ServerApp, the sites' workers importing and building
+their data once, the final scoring), ``superlink_start_s``, ``transport_s_per_round`` (the
+server's waiting beyond the slowest site's own work: Flower's polling and the transfers),
+``bytes_per_site_round`` (arrays and JSON a site sends and receives per round), ``unregistered_refused`` (a
+SuperNode with a key the SuperLink does not know is refused while the run goes on), ``tls``
+(the SuperLink answers only TLS, with the consortium CA's certificate), ``secure_aggregation``
+(false: not in this release; see docs/deployment.md). Also ``calibration``: this machine's images/s
+(benchmarks/calibrate.py), for comparing timings across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    if a.keys() != b.keys():
+        return float("inf")
+    return max((float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel()), default=0.0)
+
+
+def plain_http_refused(address: str) -> bool:
+    """True when a plain-HTTP request to the SuperLink gets no HTTP answer (it speaks TLS only)."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"GET /v1/fleet HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        try:
+            answer = sock.recv(64)
+        except (TimeoutError, ConnectionResetError):
+            return True
+    return not answer.startswith(b"HTTP/")
+
+
+def compare(sim: Path, dep: Path) -> tuple[bool, float]:
+    """Deployed weights and AUCs against the simulator's (site-held weights for per-node models)."""
+    s, d = (json.loads((p / "summary.json").read_text()) for p in (sim, dep))
+    same = all(a[k] == b[k] for a, b in zip(s["nodes"], d["nodes"]) for k in ("val_auc", "test_auc"))
+    same = same and s["best_round"] == d["best_round"]
+    if (sim / "model.ckpt").is_file():
+        diff = max_diff(weights(sim / "model.ckpt"), weights(dep / "model.ckpt"))
+    else:
+        held = d["deployment"]["site_checkpoints"]
+        diff = max(max_diff(weights(sim / "nodes" / f"{n}.ckpt"), weights(Path(held[n]))) for n in held)
+    return same and diff == 0.0, diff
+
+
+def per_round(summary: dict) -> float:
+    return sum(h["round_s"] for h in summary["history"]) / len(summary["history"])
+
+
+def main() -> None:
+    from hsl_lightning.flower.commands import check_tls
+    from hsl_lightning.flower.localhost import Localhost
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
+    parser.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
+    parser.add_argument("--workdir", default=None, help="keep the deployment's files here (default: a temp folder)")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="hsl-flower-"))
+    config = yaml.safe_load(Path(args.config).read_text())
+    config.setdefault("federation", {}).update({"progress": False, "wandb": "disabled"})
+    if args.rounds:
+        config["federation"]["rounds"] = args.rounds
+    work.mkdir(parents=True, exist_ok=True)
+    run_yaml = work / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    sim_dir, dep_dir = work / "sim", work / "deploy"
+    clock = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "hsl"), "fit", "--config", str(run_yaml),
+                    "--federation.run_dir", str(sim_dir)], check=True, capture_output=True)
+    sim_wall = time.perf_counter() - clock
+
+    with Localhost(work / "deployment") as lh:
+        lh.make_keys()
+        lh.run(str(Path(sys.executable).parent / "hsl"), "flower", "keys", "--out", str(lh.keys / "intruder"),
+               "--sites", "intruder")
+        superlink_s = lh.start_superlink()
+        for site in lh.sites:
+            lh.register(site)
+        for i in range(len(lh.sites)):
+            lh.start_supernode(i)
+        intruder = lh.start_supernode(len(lh.sites), key="intruder/intruder")
+        clock = time.perf_counter()
+        done = lh.submit(run_yaml, dep_dir, timeout=3600)
+        deploy_wall = time.perf_counter() - clock
+        try:
+            intruder.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        refused = intruder.poll() not in (None, 0)
+        tls = plain_http_refused(lh.address)
+        check_tls(lh.address, lh.keys / "ca.crt", "benchmark")  # raises unless the CA vouches for the SuperLink
+    if not (dep_dir / "summary.json").is_file():
+        raise SystemExit(f"the deployment did not finish:\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}")
+    sim, dep = (json.loads((p / "summary.json").read_text()) for p in (sim_dir, dep_dir))
+    same, diff = compare(sim_dir, dep_dir)
+    traffic = json.loads((dep_dir / "deployment" / "traffic.json").read_text())
+    rounds, sites = len(dep["history"]), len(dep["nodes"])
+    calibration = subprocess.run([sys.executable, str(REPO / "benchmarks" / "calibrate.py")], capture_output=True,
+                                 text=True).stdout.strip().splitlines()
+    result = {
+        "same_as_simulation": same, "max_abs_weight_diff": diff,
+        "auc_sim": sim["mean_test_auc"], "auc_deploy": dep["mean_test_auc"],
+        "round_s_sim": round(per_round(sim), 2), "round_s_deploy": round(per_round(dep), 2),
+        "startup_s_deploy": round(deploy_wall - sum(h["round_s"] for h in dep["history"]), 2),
+        "superlink_start_s": round(superlink_s, 2), "sim_wall_s": round(sim_wall, 2),
+        "deploy_wall_s": round(deploy_wall, 2),
+        "transport_s_per_round": round(dep["deployment"]["transport_s"] / max(1, dep["deployment"]["requests"]), 2),
+        "bytes_per_site_round": int((traffic["bytes_sent"] + traffic["bytes_received"]) / (sites * rounds)),
+        "unregistered_refused": refused and dep["mean_test_auc"] == dep["mean_test_auc"], "tls": tls,
+        "secure_aggregation": False, "rounds": rounds, "sites": sites,
+        "calibration": calibration[-1] if calibration else None,
+    }
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""A deployment's two sides in one process (no SuperLink): the simulator's numbers, faults, restarts.
+
+The sites answer the server's requests in process (``LocalSites``), through the same protocol the
+Flower messages carry; tests/test_flower_deploy.py runs the real thing over TLS.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hsl_lightning.config import HSLCLI
+from hsl_lightning.errors import HSLError
+from hsl_lightning.flower.server import DeployedFederation, LocalSites
+from hsl_lightning.flower.site import Site
+
+TINY = {
+    "seed_everything": 3,
+    "model": {"class_path": "hsl_lightning.ClassifierModule", "init_args": {"backbone": "test_resnet"}},
+    "data": {"primary": {"class_path": "hsl_lightning.SyntheticLesions", "init_args": {"num_samples": 180, "size": 28}},
+             "sat": {"class_path": "hsl_lightning.SyntheticAnchor", "init_args": {"num_samples": 120, "size": 28}},
+             "scenario": {"num_nodes": 3, "feature_skew": 0.3}, "batch_size": 32, "splits": "pooled"},
+    "federation": {"strategy": "fedavg", "rounds": 2, "local_epochs": 1, "progress": False, "wandb": "disabled"},
+}
+
+
+def config_for(strategy: str, **federation) -> dict:
+    config = json.loads(json.dumps(TINY))
+    config["federation"].update(strategy=strategy, **federation)
+    if strategy == "hsl":
+        config["model"] = {"class_path": "hsl_lightning.HSLModule",
+                           "init_args": {"backbone": "test_resnet", "num_experts": 4, "proj_dim": 64}}
+    if strategy == "scaffold":
+        config["model"]["init_args"].update(optimizer="sgd", lr=0.05, weight_decay=0.0)
+    return config
+
+
+def simulate(config: dict, run_dir: Path) -> dict:
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = HSLCLI(args=["--config", str(path), "--federation.run_dir", str(run_dir)], run=False)
+    return cli.trainer.fit(cli.model, cli.datamodule)
+
+
+def sites_for(config: dict, root: Path, site_type=Site) -> list:
+    text = yaml.safe_dump(config)
+    return [site_type(text, i, root / f"site{i}") for i in range(config["data"]["scenario"]["num_nodes"])]
+
+
+def deploy(config: dict, run_dir: Path, sites, ckpt_path=None) -> dict:
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = HSLCLI(args=["--config", str(path), "--federation.run_dir", str(run_dir)], run=False)
+    return DeployedFederation.wrap(cli.trainer, LocalSites(sites)).fit(cli.model, ckpt_path=ckpt_path)
+
+
+def deployed_weights(run_dir: Path, summary: dict) -> dict:
+    """Every node's deployed state dict: the run's model.ckpt, or the site-held nodes/<name>.ckpt."""
+    held = summary.get("deployment", {}).get("site_checkpoints", {})
+    out = {}
+    for node in summary["nodes"]:
+        name = node["name"]
+        path = Path(held[name]) if name in held else run_dir / "nodes" / f"{name}.ckpt"
+        path = path if path.is_file() else run_dir / "model.ckpt"
+        out[name] = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return out
+
+
+def assert_same(sim: dict, sim_dir: Path, dep: dict, dep_dir: Path) -> None:
+    assert dep["best_round"] == sim["best_round"] and dep["rounds_run"] == sim["rounds_run"]
+    for a, b in zip(sim["nodes"], dep["nodes"]):
+        assert (a["name"], a["val_auc"], a["test_auc"], a["n_train"]) == (b["name"], b["val_auc"], b["test_auc"],
+                                                                          b["n_train"])
+    for ha, hb in zip(sim["history"], dep["history"]):
+        assert {k: v for k, v in ha.items() if k != "round_s"} == {k: v for k, v in hb.items() if k != "round_s"}
+    ws, wd = deployed_weights(sim_dir, sim), deployed_weights(dep_dir, dep)
+    for name in ws:
+        assert ws[name].keys() == wd[name].keys()
+        for key in ws[name]:
+            assert torch.equal(ws[name][key], wd[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("strategy", ["hsl", "fedavg", "fedprox", "scaffold", "fedbn", "ditto", "local"])
+def test_a_deployment_gives_the_simulators_numbers_bit_for_bit(tmp_path, strategy):
+    config = config_for(strategy)
+    sim = simulate(config, tmp_path / "sim")
+    dep = deploy(config, tmp_path / "dep", sites_for(config, tmp_path / "sites"))
+    assert_same(sim, tmp_path / "sim", dep, tmp_path / "dep")
+    one_model = (tmp_path / "sim" / "model.ckpt").is_file()
+    assert (tmp_path / "dep" / "model.ckpt").is_file() == one_model
+    if not one_model:  # FedBN's BatchNorm, Ditto's personal model, local's whole model: held by the sites only
+        assert not (tmp_path / "dep" / "nodes").exists()
+        assert len(dep["deployment"]["site_checkpoints"]) == 3
+
+
+def test_dp_fedavg_runs_in_deployment_with_its_epsilon(tmp_path):
+    config = config_for("fedavg", privacy={"clip": 1.0, "noise_multiplier": 0.5})
+    sim = simulate(config, tmp_path / "sim")
+    dep = deploy(config, tmp_path / "dep", sites_for(config, tmp_path / "sites"))
+    assert_same(sim, tmp_path / "sim", dep, tmp_path / "dep")
+    assert dep["privacy"]["epsilon"] == sim["privacy"]["epsilon"] and 0 < dep["privacy"]["epsilon"] < float("inf")
+    assert "dp_update_norm_median" in dep["history"][0]
+
+
+class FailingSite(Site):
+    """A site whose training fails in round 2 (``fail_round``) or whose answer never comes (``vanish``)."""
+
+    fail_round, vanish = 1, False
+
+    def handle(self, request):
+        if request["action"] == "round" and request["round"] == self.fail_round and request["train"] and self.node == 1:
+            if self.vanish:
+                raise HSLError(f"site {self.node}: no reply within 3600 s (disconnected?)")
+            raise HSLError(f"Site {self.name}: local training failed in round {self.fail_round + 1}: out of memory")
+        return super().handle(request)
+
+
+def test_a_failing_site_stops_the_run_naming_it_or_drops_out_with_min_nodes(tmp_path):
+    config = config_for("fedavg", rounds=3)
+    with pytest.raises(HSLError, match=r"site1.*round 2.*min_nodes"):
+        deploy(config, tmp_path / "a", sites_for(config, tmp_path / "sa", FailingSite))
+    FailingSite.vanish = True
+    try:
+        config = config_for("fedavg", rounds=3, min_nodes=2)
+        dep = deploy(config, tmp_path / "b", sites_for(config, tmp_path / "sb", FailingSite))
+    finally:
+        FailingSite.vanish = False
+    assert list(dep["deployment"]["failed"]) == ["1"] and "disconnected" in dep["deployment"]["failed"]["1"]
+    assert [h["nodes_dropped"] for h in dep["history"]] == [0, 1, 1]
+    assert dep["nodes"][1]["test_auc"] != dep["nodes"][1]["test_auc"]  # NaN: the site never answered again
+    assert dep["nodes"][0]["test_auc"] == dep["nodes"][0]["test_auc"]
+
+
+def test_a_site_with_missing_data_fails_with_a_message_naming_it(tmp_path):
+    config = config_for("fedavg")
+    data = {"data": {"primary": {"class_path": "hsl_lightning.ImageFolders",
+                                 "init_args": {"root": str(tmp_path / "no-such-folder")}}}}
+    with pytest.raises(HSLError, match=r"Site hospital2 failed building its data: .*no-such-folder"):
+        Site(yaml.safe_dump(config), 1, tmp_path / "s", yaml.safe_dump(data), name="hospital2")
+    from hsl_lightning.flower.site import load_site_config
+
+    with pytest.raises(HSLError, match="does not exist"):
+        load_site_config(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("data: [unclosed")
+    with pytest.raises(HSLError, match="not valid YAML"):
+        load_site_config(tmp_path / "broken.yaml")
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingSites(LocalSites):
+    """Sites whose server crashes when it asks for round ``at``."""
+
+    def __init__(self, sites, at):
+        super().__init__(sites)
+        self.at = at
+
+    def _send(self, requests):
+        if any(r.get("round") == self.at for r in requests.values()):
+            raise Crash
+        return super()._send(requests)
+
+
+def test_a_restarted_server_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    config = config_for("scaffold", rounds=3)  # control variates on both sides must survive the restart
+    whole = deploy(config, tmp_path / "whole", sites_for(config, tmp_path / "s1"))
+    path = tmp_path / "cut.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = HSLCLI(args=["--config", str(path), "--federation.run_dir", str(tmp_path / "cut")], run=False)
+    with pytest.raises(Crash):
+        DeployedFederation.wrap(cli.trainer, CrashingSites(sites_for(config, tmp_path / "s2"), at=2)).fit(cli.model)
+    # the server comes back (and so do the sites, as fresh processes reading their own directories)
+    resumed = deploy(config, tmp_path / "cut", sites_for(config, tmp_path / "s2"), ckpt_path="last")
+    assert_same(whole, tmp_path / "whole", resumed, tmp_path / "cut")
+
+
+def test_strategies_that_need_every_contribution_are_refused(tmp_path):
+    with pytest.raises(HSLError, match="merges with Server"):
+        Site(yaml.safe_dump(config_for("fedcome")), 0, tmp_path / "s")
