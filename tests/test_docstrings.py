@@ -18,9 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hsl_lightning"
 #: being edited there: listed so that they are documented there; the test below fails once one of
 #: them has a docstring, so the list only shrinks
 PENDING = {"benchmark/grid.py: Cell", "benchmark/grid.py: Grid", "benchmark/report.py: write_csv",
-           "benchmark/report.py: log_to_wandb", "benchmark/runner.py: cell_args",
-           "flower/app.py: decode", "flower/commands.py: app", "flower/commands.py: keys",
-           "flower/commands.py: supernode", "flower/localhost.py: free_port", "flower/worker.py: main"}
+           "benchmark/report.py: log_to_wandb", "benchmark/runner.py: cell_args"}
 
 
 def public_files() -> list[Path]:

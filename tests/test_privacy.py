@@ -94,3 +94,32 @@ def test_the_message_parts_are_named_views_of_one_vector():
     assert message.vector.tolist() == [1, 1, 1, 1, 2, 2, 3, 0, 1, 0, 5]
     with pytest.raises(ValueError, match="11 entries"):
         RoundMessage(layout, vector=torch.zeros(10, dtype=torch.float64))
+
+
+def test_a_flower_reply_is_exactly_its_part_of_the_simulators_message(tmp_path, monkeypatch):
+    """A deployed site's reply to round 1, as the Flower message carries it, holds its part of the
+    round's message and aggregates only; the sites' parts add up to the simulator's message bit for bit."""
+    from hsl_lightning.flower.app import decode, encode
+    from hsl_lightning.flower.site import compact, expand_message
+    from test_flower import config_for, simulate, sites_for
+
+    config = config_for("scaffold")  # a strategy vector travels too
+    sent, reduce = [], sync.all_reduce_sum
+    monkeypatch.setattr(sync, "all_reduce_sum", lambda fabric, v: sent.append(v.detach().clone()) or reduce(fabric, v))
+    simulate(config, tmp_path / "sim")
+    monkeypatch.undo()
+    sites = sites_for(config, tmp_path / "sites")
+    run = sites[0].run
+    merged = run.packer.pack(run.module.state_dict())  # round 1 starts from the template, the same at every site
+    total = torch.zeros(run.layout.size, dtype=torch.float64)
+    for site in sites:
+        reply = decode(encode(site.handle({"action": "round", "round": 0, "merged": compact(merged),
+                                           "validate": False, "train": True, "keep": []})))
+        arrays = {k for k, v in reply.items() if hasattr(v, "shape")}
+        assert arrays == {"state", "tail"}
+        assert len(reply["state"]) == run.packer.numel and len(reply["tail"]) == run.layout.size - run.packer.numel
+        assert set(reply) - arrays <= {"node", "weight", "loss", "train_s"}
+        assert all(isinstance(reply[k], (int, float)) for k in set(reply) - arrays)
+        assert reply["weight"] == site.run.weight(site.node)  # the strategy's weight of its image count
+        expand_message(reply, total, run.packer.numel)
+    assert torch.equal(total, sent[0])

@@ -59,6 +59,7 @@ def encode(payload: dict) -> RecordDict:
 
 
 def decode(content: RecordDict) -> dict:
+    """The request or reply that :func:`encode` put into Flower records."""
     payload = json.loads(content["config"]["json"])
     payload.update({key: array.numpy() for key, array in content["arrays"].items()})
     return payload

@@ -81,6 +81,7 @@ def check_data(node_config: dict, site: str) -> None:
 
 
 def supernode(argv: list[str]) -> None:
+    """``hsl flower supernode``: check the site's certificate, key, data and connection, then start it."""
     parser = argparse.ArgumentParser(prog="hsl flower supernode", description=(
         "Check this site's CA certificate, node key, connection to the SuperLink and data config, then start "
         "flower-supernode with the same options (any further options are passed on)."))
@@ -114,6 +115,7 @@ def supernode(argv: list[str]) -> None:
 
 
 def keys(argv: list[str]) -> None:
+    """``hsl flower keys``: the CA, the SuperLink's certificate and the sites' node keys."""
     from hsl_lightning.flower.keys import make_keys
 
     parser = argparse.ArgumentParser(prog="hsl flower keys", description=(
@@ -132,6 +134,7 @@ def keys(argv: list[str]) -> None:
 
 
 def app(argv: list[str]) -> None:
+    """``hsl flower app``: a Flower app folder that runs an ``hsl fit`` config."""
     from hsl_lightning.flower.app import write_app
 
     parser = argparse.ArgumentParser(prog="hsl flower app", description=(
@@ -149,6 +152,9 @@ COMMANDS = {"keys": keys, "app": app, "supernode": supernode}
 
 def main(argv: list[str]) -> None:
     """``hsl flower SUBCOMMAND``."""
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return
     if not argv or argv[0] not in COMMANDS:
         raise HSLError(f"usage: hsl flower {{{','.join(COMMANDS)}}} ... (hsl flower keys --help for one's options)")
     COMMANDS[argv[0]](argv[1:])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 def free_port() -> int:
+    """A TCP port that is free on this machine now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

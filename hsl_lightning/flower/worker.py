@@ -87,10 +87,10 @@ def handle(site, setup: dict, request: dict):
     from hsl_lightning.flower.site import Site
 
     try:
+        clock = time.perf_counter()
         if site is None or site.setup_key != setup:
             site = Site(setup["config"], setup["node"], setup["site_dir"], setup.get("data_config"), setup.get("name"))
             site.setup_key = setup
-        clock = time.perf_counter()
         reply = site.handle(request)
         reply["busy_s"] = time.perf_counter() - clock  # the site's own time: the rest of a round trip is transport
         return site, reply
@@ -141,6 +141,7 @@ def serve(site_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m hsl_lightning.flower.worker SITE_DIR``: serve one site's requests."""
     parser = argparse.ArgumentParser(description="A site's worker process (started by the hsl ClientApp).")
     parser.add_argument("site_dir")
     serve(Path(parser.parse_args(argv).site_dir))

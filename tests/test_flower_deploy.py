@@ -1,0 +1,58 @@
+"""The deployment guide's commands, run as written: a SuperLink and 3 SuperNodes on this machine
+(self-signed certificates made here, TLS and node authentication on), 2 rounds of the quickstart,
+then the checks a site's IT staff would meet: an unregistered key, a wrong CA certificate, a missing
+key. Every process group is killed at the end (tests/.. Localhost.stop)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hsl_lightning.flower.localhost import Localhost
+
+REPO = Path(__file__).resolve().parents[1]
+HSL = str(Path(sys.executable).parent / "hsl")
+
+
+@pytest.mark.slow
+def test_the_deployment_guide_end_to_end(tmp_path):
+    config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    config["federation"].update(rounds=2, local_epochs=1, wandb="disabled", progress=False)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    with Localhost(tmp_path / "d") as lh:
+        lh.make_keys()
+        lh.run(HSL, "flower", "keys", "--out", str(lh.keys / "other"), "--sites", "intruder")
+        lh.start_superlink()
+        for site in lh.sites:
+            lh.register(site)
+        for i in range(3):
+            lh.start_supernode(i)
+        intruder = lh.start_supernode(3, key="other/intruder")  # a key the SuperLink never registered
+        done = lh.submit(run_yaml, run_dir, timeout=600)
+        assert (run_dir / "summary.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+        assert intruder.wait(60) != 0  # refused (Flower exits it with 305) while the run went on without it
+
+        # a SuperNode given the wrong CA certificate, or a missing key: one line naming the site
+        wrong = lh.run(HSL, "flower", "supernode", "--superlink", lh.address, "--root-certificates",
+                       str(lh.keys / "other" / "ca.crt"), "--auth-supernode-private-key", str(lh.keys / "hospital1"),
+                       "--node-config", 'node-index=0 name="hospital1"', "--check-only", check=False)
+        assert wrong.returncode == 2 and "Site hospital1: the SuperLink at" in wrong.stderr
+        assert "does not vouch" in wrong.stderr and "Traceback" not in wrong.stderr
+        missing = lh.run(HSL, "flower", "supernode", "--superlink", lh.address, "--root-certificates",
+                         str(lh.keys / "ca.crt"), "--auth-supernode-private-key", str(lh.keys / "nobody"),
+                         "--node-config", 'node-index=2 name="hospital3"', "--check-only", check=False)
+        assert missing.returncode == 2 and "Site hospital3: the node key" in missing.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_run"] == 2 and summary["deployment"]["failed"] == {}
+    assert [n["name"] for n in summary["nodes"]] == ["node0", "node1", "node2"]
+    assert all(0 <= n["test_auc"] <= 1 for n in summary["nodes"])
+    assert (run_dir / "model.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+    # the server's run directory is hsl fit's: hsl test works on it unchanged
+    scored = subprocess.run([HSL, "test", "--run", str(run_dir), "--bootstraps", "20"], capture_output=True, text=True,
+                            timeout=300)
+    assert scored.returncode == 0, scored.stderr[-2000:]
