@@ -79,8 +79,7 @@ class Federation:
         contribute: ``best`` (epoch of best local validation AUC within the round) or ``last``;
             default: the strategy's (``best`` for hsl, ``last`` otherwise).
         accelerator: as for Lightning Fabric (``cpu``, ``gpu``, ``auto``).
-        devices: ranks per machine, as for Lightning Fabric; ``devices`` x ``num_nodes`` ranks host
-            the institutions.
+        devices: ranks per machine, as for Fabric; ``devices`` x ``num_nodes`` ranks host the institutions.
         num_nodes: machines, as for Lightning Fabric (not institutions: those are the scenario's nodes).
         precision: as for Lightning Fabric (``32-true``, ``bf16-mixed``, ...).
         run_dir: where the run writes summary.json, config.yaml, metrics and weights
@@ -269,8 +268,8 @@ class Federation:
             losses = gather(fabric, losses.unsqueeze(1), run.owner)[:, 0]
             state.history.append(report.round(r, total, validation, losses, time.perf_counter() - clock, norms))
             if self.checkpoint:
-                payload = state.portable(run.packer, r, run.fingerprint, self.strategy.state_dict())
-                checkpoint.save_round(fabric, run_dir, r + 1, payload)
+                checkpoint.save_round(fabric, run_dir, r + 1, state.portable(run.packer, r, run.fingerprint,
+                                                                             self.strategy.state_dict()))
         trainer.close()
         report.bar.close()
         return self._finish(run, module, state, report, start)
@@ -280,8 +279,7 @@ class Federation:
         return Reporter(self, run, state)
 
     def _train_and_sum(self, run: RankRun, state: RankState, trainer, merge, report, r: int):
-        """Round r's training of this rank's trainees, each contribution added to the round's
-        message, and the message summed over ranks: (the total, every node's training loss)."""
+        """Round r's training here, added to the message and summed over ranks: (total, node losses)."""
         message = RoundMessage(run.layout, run.fabric.device)
         losses = torch.full((len(run.names),), math.nan, dtype=torch.float64)
         for t, outcome in trainer.train_round(r, state, report.bar):
@@ -291,8 +289,7 @@ class Federation:
         return message.all_reduce(run.fabric), losses
 
     def _finish(self, run: RankRun, module, state: RankState, report: Reporter, start: float) -> dict | None:
-        """Deploy the chosen round: score each node on its own test set (and the external site),
-        write the weights and the summary."""
+        """Deploy the chosen round: each node's test scores, the external site, weights, summary."""
         test = evaluate_trainees(run, state.best.trainees, state.best.merged, "test")
         external = external_result(run, state.best.trainees, state.best.merged)
         thresholds = threshold_counts(run, state.best.trainees, state.best.merged)
@@ -396,6 +393,10 @@ class Federation:
         if (r + 1) % self.val_every_n_rounds and r != self.rounds - 1:
             return None
         metrics = validate_trainees(run, state.trainees, state.merged)
+        return self._judge(state, metrics, r)
+
+    def _judge(self, state: RankState, metrics: list[dict], r: int) -> Validation:
+        """Round r's validation summary and score; the best round so far is recorded to deploy."""
         stats = summarize([m["auc"] for m in metrics])
         score = round_score(self.deploy_round, metrics, stats["mean"], r)
         improved = score > state.best.score or state.best.round < 0

@@ -30,10 +30,9 @@ import torch
 
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation.evaluation import METRICS, VAL_EXTRAS
-from hsl_lightning.federation.federation import Federation, Validation
+from hsl_lightning.federation.federation import Federation
 from hsl_lightning.federation.message import RoundMessage
 from hsl_lightning.federation.reporting import Reporter
-from hsl_lightning.federation.state import round_score
 from hsl_lightning.flower.site import compact, expand_message
 from hsl_lightning.inference.checkpoints import GRID
 from hsl_lightning.metrics import summarize
@@ -280,12 +279,7 @@ class DeployedFederation(Federation):
             if "val" not in reply and i not in self._dead:
                 self._site_failed(i, reply.get("error", "no validation result"), r)
             metrics.append(reply.get("val") or _nan_metrics(METRICS + VAL_EXTRAS))
-        stats = summarize([m["auc"] for m in metrics])
-        score = round_score(self.deploy_round, metrics, stats["mean"], r)
-        improved = score > state.best.score or state.best.round < 0
-        if improved:
-            state.record_best(r, score)
-        return Validation(metrics, stats, improved)
+        return self._judge(state, metrics, r)
 
     def _finish(self, run, module, state, report, start):
         self._pending.clear()
