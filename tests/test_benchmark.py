@@ -10,8 +10,8 @@ import yaml
 from hsl_lightning import HSLError
 from hsl_lightning.benchmark import Grid
 from hsl_lightning.benchmark.grid import run_dir
-from hsl_lightning.benchmark.report import (Stats, _val_best_round, detectable, interval, markdown, outcomes,
-                                            seeds_needed, tost_p)
+from hsl_lightning.benchmark.report import Stats, detectable, interval, markdown, outcomes, seeds_needed, tost_p
+from hsl_lightning.benchmark.results import _val_best_round
 from hsl_lightning.cli import main
 
 from conftest import REPO

@@ -94,9 +94,10 @@ def test_functions_of_the_federation_package_are_at_most_60_lines():
     assert long == []
 
 
-#: over 500 lines and being changed under another issue (the benchmark report, issue 24): to be split
-#: there; the test below fails once it is split, so that this list only shrinks
-OVER_500_ELSEWHERE = {"benchmark/report.py"}
+#: files over 500 lines allowed for now because another change is splitting them (none left: the
+#: benchmark report was split into results, stats, sections, verdicts and plots); the test below fails
+#: once such a file is split, so that this set only shrinks
+OVER_500_ELSEWHERE: set[str] = set()
 
 
 def test_no_file_of_the_package_is_over_500_lines():
