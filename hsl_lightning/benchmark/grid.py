@@ -73,6 +73,12 @@ KEYS = ("out", "data", "settings", "seeds", "methods", "scenarios", "compare", "
 
 @dataclass(frozen=True)
 class Cell:
+    """One ``hsl fit`` of a grid: a method on a scenario at one sweep step and seed, with the configs
+    and the dotted settings the run starts from (turned into arguments by
+    :func:`~hsl_lightning.benchmark.runner.cell_args`). A tuning cell carries its ``candidate``, a
+    pilot or rerun cell its ``stage`` (a rerun cell also its ``threads``); a reported cell neither.
+    ``key`` names the cell's folder under the grid's ``runs/``."""
+
     method: str
     scenario: str
     step: str  # the sweep step's label ("-" when the scenario has no sweep)
@@ -86,6 +92,8 @@ class Cell:
 
     @property
     def key(self) -> str:
+        """The cell's folder under ``runs/``: ``<method>/<scenario>/<step>/seed<seed>`` for a reported
+        cell, under ``tune/`` (with the candidate), ``pilot/`` or ``rerun/threads<n>/`` for the others."""
         where = f"{self.method}/{self.scenario}/{_safe(self.step)}"
         if self.candidate:
             return f"tune/{where}/{self.candidate}/seed{self.seed}"
@@ -147,6 +155,12 @@ def _entry(name: str, value, kind: str) -> dict:
 
 @dataclass
 class Grid:
+    """A benchmark grid as read from its YAML file (see the module's docstring) by :meth:`load`,
+    which checks it: the methods, scenarios (with their sweeps), seeds and settings of every cell, the
+    verdicts to draw (``compare``), the optional tuning, pilot and rerun stages, and ``out``, the
+    folder that receives the runs, ``results.csv``, ``report.md`` and ``plots/``. Its methods list the
+    cells of each stage (:meth:`tuning_cells`, :meth:`pilot_cells`, :meth:`cells`, :meth:`rerun_cells`)."""
+
     out: Path
     data: list[str]
     settings: dict
@@ -162,6 +176,10 @@ class Grid:
 
     @classmethod
     def load(cls, path: str | Path, out: str | None = None) -> "Grid":
+        """The grid of the YAML file ``path``, its results folder ``out`` if given (else the file's
+        ``out``, else ``benchmarks/results/<the file's stem>``); raises :class:`~hsl_lightning.errors.HSLError`
+        saying what to fix for a missing file, invalid YAML, an unknown key, a config path that is not
+        a file, or a tuning, pilot, rerun or compare entry that does not fit the grid."""
         path = Path(path)
         if not path.is_file():
             raise HSLError(f"Benchmark grid file not found: {path}.")

@@ -45,6 +45,10 @@ def write_record(directory: Path) -> None:
 
 
 def cell_args(cell: Cell, directory: Path, threads: int, accelerator: str = "cpu") -> list[str]:
+    """The ``hsl fit`` arguments of ``cell``: its configs in order, its dotted settings (a string as
+    it is, anything else as JSON), the cell's seed for ``seed_everything`` and the data split, its run
+    folder ``directory``, and no W&B, progress bar, checkpoint or saved weights. ``threads``: CPU
+    threads of the run unless the cell sets its own (a rerun cell); ``accelerator``: cpu or cuda."""
     args = ["fit"]
     for config in cell.configs:
         args += ["--config", config]
