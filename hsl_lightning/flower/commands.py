@@ -110,6 +110,9 @@ def supernode(argv: list[str]) -> None:
         raise HSLError("flower-supernode is not installed: pip install 'hsl_lightning[flower]'.")
     command = [exe, "--superlink", args.superlink, "--root-certificates", str(ca), "--auth-supernode-private-key",
                args.auth_supernode_private_key, "--node-config", args.node_config, *rest]
+    # Flower's SuperExec looks for a new message every second by default; a tenth of a second costs a
+    # negligible local request and takes up to 0.9 s off every round (a site may still set its own).
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     sys.stdout.flush()
     os.execv(exe, command)
 
