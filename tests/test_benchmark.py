@@ -218,3 +218,12 @@ def test_the_round_of_best_validation_auc_comes_from_the_record_or_the_history()
     assert _val_best_round({"curves": {"mean_val_auc": [0.5, 0.7, 0.6]}}) == 2
     assert _val_best_round({"history": [{"mean_val_auc": v} for v in (0.5, 0.6, 0.7)]}) == 3
     assert math.isnan(_val_best_round({}))
+
+
+def test_the_report_of_a_study_whose_results_predate_the_rounds_columns_says_so_instead_of_failing():
+    """Older studies' results.csv has no 'rounds'/'rounds_run': --report-only must still write a report."""
+    from hsl_lightning.benchmark.sections import convergence
+
+    old = [{"method": "hsl", "scenario": "feature", "step": "-", "seed": 0, "best_round": "3", "rounds": ""}]
+    text = "\n".join(convergence(None, old))
+    assert text.startswith("## Convergence") and "predates the columns 'rounds'" in text

@@ -70,6 +70,9 @@ def headline(grid: Grid, stats: Stats, same: dict | None = None) -> str:
 
 def convergence(grid: Grid, rows: list[dict]) -> list[str]:
     """Per method: how many cells deployed the last round of their budget (not shown converged)."""
+    if rows and not all(r.get("rounds") not in (None, "") for r in rows):
+        return ["## Convergence", "", "Not shown: this study's results.csv predates the columns 'rounds' and "
+                "'rounds_run' (each cell's budget and the rounds it ran), and its runs are not kept to recover them.", ""]
     cells, peaks, fixed = {}, {}, set()
     for r in rows:
         key = (r["method"], r["scenario"], r["step"], r["seed"])
