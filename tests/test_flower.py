@@ -5,6 +5,7 @@ Flower messages carry; tests/test_flower_deploy.py runs the real thing over TLS.
 """
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,25 @@ def test_a_restarted_server_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
 def test_strategies_that_need_every_contribution_are_refused(tmp_path):
     with pytest.raises(HSLError, match="merges with Server"):
         Site(yaml.safe_dump(config_for("fedcome")), 0, tmp_path / "s")
+
+
+def test_a_deployed_round_trip_is_split_into_flowers_stages_and_the_sites_work():
+    """The server splits the round trip of the reply it waited for (the last to arrive) into
+    delivery, ClientApp start, the site's work and the way back; the stages add up to the trip."""
+    import psutil  # in the dev environment (through ipython)
+
+    from hsl_lightning.flower.app import _process_started
+
+    started = _process_started()
+    assert started is not None and started <= time.time()
+    assert abs(started - psutil.Process().create_time()) < 0.05
+
+    deployed = DeployedFederation.__new__(DeployedFederation)
+    deployed._timing = {}
+    slow = {"pushed": 100.0, "spawned": 101.5, "entered": 103.0, "left": 110.0, "pulled": 110.75}
+    fast = {"pushed": 100.0, "spawned": 100.2, "entered": 100.9, "left": 104.0, "pulled": 104.5}
+    deployed._time_stages({0: {"clock": fast}, 1: {"clock": slow}, 2: {"error": "no reply"}})
+    assert deployed._timing == {"timed_requests": 1, "deliver_s": 1.5, "clientapp_start_s": 1.5, "site_s": 7.0,
+                                "return_s": 0.75}
+    deployed._time_stages({0: {"node": 0}})  # the simulator's in-process sites carry no clock
+    assert deployed._timing["timed_requests"] == 1

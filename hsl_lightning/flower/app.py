@@ -99,9 +99,21 @@ def _site_setup(context: Context) -> tuple[Path, dict, bool]:
 _IN_PROCESS: dict = {}  # persistent=false: the site of this (short-lived) process
 
 
+def _process_started() -> float | None:
+    """When this process started (Unix time), from /proc; None where that cannot be read."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 @client.query()
 def answer(msg: Message, context: Context) -> Message:
     """Answer one request of the server, from the site's worker (or in this process)."""
+    entered = time.time()
     request = decode(msg.content)
     try:
         site_dir, setup, persistent = _site_setup(context)
@@ -117,6 +129,10 @@ def answer(msg: Message, context: Context) -> Message:
     except (HSLError, RuntimeError, OSError) as exc:
         reply = {"error": str(exc)}
     reply.setdefault("node", context.node_config.get("node-index"))
+    # when Flower started this ClientApp process, when it handed over the message, and when the answer
+    # was ready: the server splits a round trip into Flower's delivery, the process start, the site's
+    # work and the way back (timestamps only; nothing about the data)
+    reply["clock"] = {"spawned": _process_started(), "entered": entered, "left": time.time()}
     return Message(content=encode(reply), reply_to=msg)
 
 
@@ -138,6 +154,7 @@ class FlowerSites:
             self.bytes_sent += nbytes(content)
             messages.append(Message(content, node_id, MessageType.QUERY, ttl=self.timeout_s,
                                     group_id=str(payload.get("round", 0))))
+        pushed = time.time()
         for node_id, message_id in zip(requests, self.grid.push_messages(messages)):
             ids[message_id] = node_id
         replies, deadline = {}, time.monotonic() + self.timeout_s
@@ -151,6 +168,9 @@ class FlowerSites:
                 else:
                     self.bytes_received += nbytes(reply.content)
                     replies[node_id] = decode(reply.content)
+                    clock = replies[node_id].get("clock")
+                    if isinstance(clock, dict):
+                        clock.update(pushed=pushed, pulled=time.time())
             if len(replies) < len(ids):
                 time.sleep(self.poll_s)
         for node_id in requests:

@@ -226,7 +226,27 @@ class DeployedFederation(Federation):
         self._timing["wait_s"] += waited
         self._timing["site_busy_s"] += busy  # the slowest site's own time; the rest is transport and polling
         self._timing["transport_s"] += max(0.0, waited - busy)
+        self._time_stages(replies)
         return replies
+
+    def _time_stages(self, replies: dict) -> None:
+        """Split the round trip of the last reply to arrive (the one the round waited for) into
+        Flower's delivery (server push to ClientApp process start: the SuperNode's and SuperExec's
+        polling and the transfer), the ClientApp process's start, the site's own work, and the way
+        back (the reply's transfer and the SuperNode's and server's polling). Needs the clocks a
+        deployed site adds (:func:`hsl_lightning.flower.app.answer`); one machine's clock, or
+        synchronised ones, for the two middle stages to be exact."""
+        clocks = [r.get("clock") for r in replies.values() if isinstance(r.get("clock"), dict)]
+        clocks = [c for c in clocks if all(isinstance(c.get(k), float) for k in ("pushed", "entered", "left", "pulled"))]
+        if not clocks:
+            return
+        last = max(clocks, key=lambda c: c["pulled"])
+        spawned = last["spawned"] if isinstance(last.get("spawned"), float) else last["entered"]
+        stages = {"deliver_s": spawned - last["pushed"], "clientapp_start_s": last["entered"] - spawned,
+                  "site_s": last["left"] - last["entered"], "return_s": last["pulled"] - last["left"]}
+        self._timing["timed_requests"] = self._timing.get("timed_requests", 0) + 1
+        for key, value in stages.items():
+            self._timing[key] = self._timing.get(key, 0.0) + value
 
     def _train_and_sum(self, run, state, trainer, merge, report, r):
         replies = self._pending.pop(r, None)
