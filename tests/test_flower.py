@@ -5,6 +5,9 @@ Flower messages carry; tests/test_flower_deploy.py runs the real thing over TLS.
 """
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -140,7 +143,7 @@ def test_a_site_with_missing_data_fails_with_a_message_naming_it(tmp_path):
                                  "init_args": {"root": str(tmp_path / "no-such-folder")}}}}
     with pytest.raises(HSLError, match=r"Site hospital2 failed building its data: .*no-such-folder"):
         Site(yaml.safe_dump(config), 1, tmp_path / "s", yaml.safe_dump(data), name="hospital2")
-    from hsl_lightning.flower.site import load_site_config
+    from hsl_lightning.flower.nodeconfig import load_site_config
 
     with pytest.raises(HSLError, match="does not exist"):
         load_site_config(tmp_path / "missing.yaml")
@@ -199,8 +202,51 @@ def test_a_deployed_round_trip_is_split_into_flowers_stages_and_the_sites_work()
     deployed._timing = {}
     slow = {"pushed": 100.0, "spawned": 101.5, "entered": 103.0, "left": 110.0, "pulled": 110.75}
     fast = {"pushed": 100.0, "spawned": 100.2, "entered": 100.9, "left": 104.0, "pulled": 104.5}
-    deployed._time_stages({0: {"clock": fast}, 1: {"clock": slow}, 2: {"error": "no reply"}})
-    assert deployed._timing == {"timed_requests": 1, "deliver_s": 1.5, "clientapp_start_s": 1.5, "site_s": 7.0,
-                                "return_s": 0.75}
+    deployed._time_stages({0: {"clock": fast, "busy_s": 3.0}, 1: {"clock": slow, "busy_s": 6.0}, 2: {"error": "x"}})
+    stages = {"deliver": 1.5, "clientapp_start": 1.5, "handover": 1.0, "site_work": 6.0, "return": 0.75}
+    assert deployed._timing == {"timed_requests": 1, **{f"{k}_s": v for k, v in stages.items()}, "stages": [stages]}
     deployed._time_stages({0: {"node": 0}})  # the simulator's in-process sites carry no clock
     assert deployed._timing["timed_requests"] == 1
+
+
+def test_the_superlink_certificate_always_names_this_machine(tmp_path):
+    """Flower's SuperExec reaches its SuperLink at 127.0.0.1 over TLS: a certificate made only for the
+    sites' name (superlink.example.org) would leave the SuperLink unable to run anything."""
+    from cryptography import x509
+
+    from hsl_lightning.flower.keys import make_keys
+
+    make_keys(tmp_path, ["hospital1"], ["superlink.example.org"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    listed = [str(n.value) for n in names]
+    assert listed == ["superlink.example.org", "localhost", "127.0.0.1", "::1"]
+
+
+def test_the_clientapp_forwards_a_message_without_importing_torch(tmp_path):
+    """Flower starts a ClientApp process per message: reading the node config and the site's data
+    config there must not import torch or Lightning (that cost 20 s per message under load)."""
+    data = tmp_path / "data.yaml"
+    data.write_text("data:\n  primary: {init_args: {root: " + str(tmp_path) + "}}\n")
+    code = ("import sys\nfrom types import SimpleNamespace\nfrom hsl_lightning.flower.app import _site_setup\n"
+            f"ctx = SimpleNamespace(node_config={{'node-index': 1, 'data-config': {str(data)!r}}}, "
+            "run_config={'hsl-config': 'x: 1'})\n"
+            "site_dir, setup, persistent = _site_setup(ctx)\n"
+            "heavy = sorted(m for m in ('torch', 'lightning') if m in sys.modules)\n"
+            "print(setup['node'], persistent, heavy)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "1 True []"
+
+
+def test_the_supernode_check_names_a_data_folder_that_does_not_exist(tmp_path):
+    from hsl_lightning.flower.commands import check_data
+
+    data = tmp_path / "data.yaml"
+    data.write_text(f"data:\n  primary:\n    init_args: {{root: {tmp_path / 'images'}}}\n"
+                    f"  sat:\n    init_args: {{flag: breastmnist, root: {tmp_path}}}\n")
+    with pytest.raises(HSLError, match=r"Site hospital2: the data config .* names .*images, which does not exist"):
+        check_data({"data-config": str(data)}, "hospital2")
+    (tmp_path / "images").mkdir()
+    check_data({"data-config": str(data)}, "hospital2")  # every named folder exists now

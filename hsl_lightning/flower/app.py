@@ -73,7 +73,7 @@ def nbytes(content: RecordDict) -> int:
 
 # ---------------------------------------------------------------------- the client (a SuperNode's)
 def _site_setup(context: Context) -> tuple[Path, dict, bool]:
-    from hsl_lightning.flower.site import load_site_config
+    from hsl_lightning.flower.nodeconfig import load_site_config
 
     config, node = context.node_config, context.node_config.get("node-index")
     if node is None:
@@ -226,8 +226,8 @@ def run(grid: Grid, context: Context) -> None:
     """The ServerApp: build the run from its hsl-config and run the deployed federation."""
     import tempfile
 
-    from hsl_lightning.config import HSLCLI
     from hsl_lightning.flower.server import DeployedFederation
+    from hsl_lightning.flower.site import read_config
 
     cfg = context.run_config
     text = cfg.get("hsl-config")
@@ -239,7 +239,7 @@ def run(grid: Grid, context: Context) -> None:
         args = ["--config", str(path)]
         if cfg.get("run-dir"):
             args += ["--federation.run_dir", str(cfg["run-dir"])]
-        cli = HSLCLI(args=args, run=False)
+        cli = read_config(args)
     count = len(cli.trainer.strategy.plan(int(cli.datamodule.scenario.num_nodes)))
     sites = _flower_sites_class()(grid, count, float(cfg.get("round-timeout-s", 3600)),
                                   float(cfg.get("wait-for-sites-s", 600)), float(cfg.get("poll-s", 0.1)))

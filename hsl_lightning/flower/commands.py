@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import socket
 import ssl
@@ -18,17 +17,7 @@ import sys
 from pathlib import Path
 
 from hsl_lightning.errors import HSLError
-
-
-def parse_node_config(text: str) -> dict:
-    """Flower's ``--node-config`` string (``key=value`` pairs, strings in double quotes) as a dict."""
-    out = {}
-    for part in shlex.split(text):
-        if "=" not in part:
-            raise HSLError(f"--node-config entry {part!r} is not key=value.")
-        key, value = part.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
+from hsl_lightning.flower.nodeconfig import load_site_config, missing_paths, parse_node_config
 
 
 def check_tls(address: str, ca: Path, site: str, timeout: float = 10.0) -> None:
@@ -71,13 +60,16 @@ def check_key(path: Path, site: str) -> None:
 
 
 def check_data(node_config: dict, site: str) -> None:
-    """A ``data-config`` named in the node config must exist and parse as YAML."""
-    from hsl_lightning.flower.site import load_site_config
-
+    """A ``data-config`` named in the node config must exist, parse as YAML, and name only files and
+    folders that exist here."""
     try:
-        load_site_config(node_config.get("data-config"))
+        text = load_site_config(node_config.get("data-config"))
     except HSLError as exc:
         raise HSLError(f"Site {site}: {exc}") from exc
+    missing = missing_paths(text)
+    if missing:
+        raise HSLError(f"Site {site}: the data config {node_config['data-config']} names "
+                       f"{', '.join(missing)}, which does not exist on this machine.")
 
 
 def supernode(argv: list[str]) -> None:
@@ -125,8 +117,9 @@ def keys(argv: list[str]) -> None:
         "Make a CA, the SuperLink's TLS certificate and one node key pair per site."))
     parser.add_argument("--out", required=True, help="folder for the files (must not hold them yet)")
     parser.add_argument("--sites", nargs="+", required=True, help="site names, e.g. hospital1 hospital2")
-    parser.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1", "::1"],
-                        help="names and addresses the sites reach the SuperLink by (default: this machine only)")
+    parser.add_argument("--hosts", nargs="+", default=[],
+                        help="names and addresses the sites reach the SuperLink by, e.g. superlink.example.org "
+                             "(localhost, 127.0.0.1 and ::1 are always added: Flower's SuperExec uses them)")
     parser.add_argument("--days", type=int, default=365, help="validity of the certificates")
     args = parser.parse_args(argv)
     paths = make_keys(args.out, args.sites, args.hosts, args.days)

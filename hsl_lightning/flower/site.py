@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation.evaluation import (METRICS, VAL_EXTRAS, evaluate_trainees, external_result,
@@ -53,6 +51,21 @@ class SiteFabric:
         out = torch.full((self.world_size, *values.shape), math.nan, dtype=values.dtype)
         out[self.global_rank] = values.cpu()
         return out
+
+
+def read_config(args: list[str]):
+    """``HSLCLI(args=args, run=False)`` in a process Flower started: its own command line (which for the
+    ServerApp holds the SuperLink's session token) is hidden from LightningCLI, which would otherwise
+    print it in a warning about mixing ``args`` with ``sys.argv``."""
+    import sys
+
+    from hsl_lightning.config import HSLCLI
+
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return HSLCLI(args=args, run=False)
+    finally:
+        sys.argv = argv
 
 
 def _config_file(folder: Path, name: str, text: str) -> Path:
@@ -89,15 +102,13 @@ class Site:
                  name: str | None = None):
         from lightning.fabric import Fabric
 
-        from hsl_lightning.config import HSLCLI
-
         self.node, self.name = int(node), name or f"site{node}"
         self.site_dir = Path(site_dir)
         args = ["--config", str(_config_file(self.site_dir, "run.yaml", config))]
         if data_config:
             args += ["--config", str(_config_file(self.site_dir, "data.yaml", data_config))]
         args += ["--federation.progress", "false", "--federation.wandb", "disabled"]
-        cli = self._guard("reading the run's configuration", HSLCLI, args=args, run=False)
+        cli = self._guard("reading the run's configuration", read_config, args)
         self.federation, self.module, self.dm = cli.trainer, cli.model, cli.datamodule
         fed = self.federation
         names = self._guard("building its data", self._build_data)
@@ -146,7 +157,7 @@ class Site:
         own = report[self.node]
         external = next((row for row in report if row.get("external")), None)
         pool = getattr(self.dm, "test_pool", None)
-        return {"name": own["name"], "report": own, "external": external, "in_chans": self.dm.in_chans,
+        return {"name": own["name"], "site": self.name, "report": own, "external": external, "in_chans": self.dm.in_chans,
                 "size": self.dm.size, "n_pool": 0 if pool is None else len(pool),
                 "numel": self.run.packer.numel, "extras": self.run.layout.extras, "threads": torch.get_num_threads()}
 
@@ -308,18 +319,3 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def load_site_config(path: str | os.PathLike | None) -> str | None:
-    """A site's data config file as text (a clear error when it is missing or not YAML)."""
-    if not path:
-        return None
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise HSLError(f"The site's data-config file {path} does not exist.")
-    text = path.read_text()
-    try:
-        yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise HSLError(f"The site's data-config file {path} is not valid YAML: {exc}") from exc
-    return text
