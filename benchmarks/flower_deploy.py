@@ -9,15 +9,18 @@ test AUC), ``round_s_sim`` / ``round_s_deploy`` (seconds per round: the run's su
 over its rounds; a deployed round also carries the next round's training, which the simulator
 counts in its next round, so the sums compare), ``startup_s_deploy`` (the rest of the deployment's
 wall time: submitting the app, starting the ServerApp, the sites' workers importing and building
-their data once, the final scoring), ``superlink_start_s``, ``transport_s_per_round`` (the
-server's waiting beyond the slowest site's own work: Flower's polling and the transfers),
+their data once, the final scoring), ``superlink_start_s``, ``transport_s_per_request`` (per
+request to the sites, i.e. the rounds plus the opening and closing requests: the server's waiting
+beyond the slowest site's own work),
 ``stages_s_per_request`` (the round trip the server waited for, per request, split at the
 timestamps the ClientApp adds: ``deliver`` from the server's push to the start of the ClientApp
 process Flower launches for the message (the SuperNode's 3 s idle polling, the SuperExec's task
-polling, the transfer), ``clientapp_start`` (that process's imports and the message handed over),
-``site`` (the site's own work, through its worker), ``return`` (the reply's way back: the SuperNode's
-0.5 s reply polling, the transfer, the server's 0.1 s polling)), ``flower_share`` (the share of
-those round trips that is not the site's work), ``bytes_per_site_round`` (arrays and JSON a site sends and receives per round), ``unregistered_refused`` (a
+polling, the transfer), ``clientapp_start`` (that process's imports and the message handed over), ``handover`` (our
+ClientApp's decoding and its socket to the site's worker, which starts on the run's first request),
+``site_work`` (the site's own work), ``return`` (the reply's way back: the SuperNode's 0.5 s reply
+polling, the transfer, the server's 0.1 s polling)), ``flower_share`` (the share of those round
+trips spent in Flower: delivery, ClientApp start and return), ``stages`` (every request's stages),
+``bytes_per_site_round`` (arrays and JSON a site sends and receives per round), ``unregistered_refused`` (a
 SuperNode with a key the SuperLink does not know is refused while the run goes on), ``tls``
 (the SuperLink answers only TLS, with the consortium CA's certificate), ``secure_aggregation``
 (false: not in this release; see docs/deployment.md). Also ``calibration``: this machine's images/s
@@ -136,7 +139,8 @@ def main() -> None:
     rounds, sites = len(dep["history"]), len(dep["nodes"])
     timing = dep["deployment"]
     stages = {key[:-2]: round(timing.get(key, 0.0) / max(1, timing.get("timed_requests", 0)), 2)
-              for key in ("deliver_s", "clientapp_start_s", "site_s", "return_s")}
+              for key in ("deliver_s", "clientapp_start_s", "handover_s", "site_work_s", "return_s")}
+    flower = stages["deliver"] + stages["clientapp_start"] + stages["return"]
     calibration = subprocess.run([sys.executable, str(REPO / "benchmarks" / "calibrate.py")], capture_output=True,
                                  text=True).stdout.strip().splitlines()
     result = {
@@ -146,8 +150,9 @@ def main() -> None:
         "startup_s_deploy": round(deploy_wall - sum(h["round_s"] for h in dep["history"]), 2),
         "superlink_start_s": round(superlink_s, 2), "sim_wall_s": round(sim_wall, 2),
         "deploy_wall_s": round(deploy_wall, 2),
-        "transport_s_per_round": round(dep["deployment"]["transport_s"] / max(1, dep["deployment"]["requests"]), 2),
-        "stages_s_per_request": stages, "flower_share": round(1 - stages["site"] / max(1e-9, sum(stages.values())), 3),
+        "transport_s_per_request": round(dep["deployment"]["transport_s"] / max(1, dep["deployment"]["requests"]), 2),
+        "stages_s_per_request": stages, "stages": timing.get("stages", []),
+        "flower_share": round(flower / max(1e-9, sum(stages.values())), 3),
         "bytes_per_site_round": int((traffic["bytes_sent"] + traffic["bytes_received"]) / (sites * rounds)),
         "unregistered_refused": refused and dep["mean_test_auc"] == dep["mean_test_auc"], "tls": tls,
         "secure_aggregation": False, "rounds": rounds, "sites": sites,

@@ -25,7 +25,7 @@ def test_the_deployment_guide_end_to_end(tmp_path):
     run_yaml.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
     with Localhost(tmp_path / "d") as lh:
-        lh.make_keys()
+        lh.make_keys(["--hosts", "superlink.example.org"])  # as the guide: the sites' name for the SuperLink
         lh.run(HSL, "flower", "keys", "--out", str(lh.keys / "other"), "--sites", "intruder")
         lh.start_superlink()
         for site in lh.sites:
@@ -50,6 +50,7 @@ def test_the_deployment_guide_end_to_end(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_run"] == 2 and summary["deployment"]["failed"] == {}
     assert [n["name"] for n in summary["nodes"]] == ["node0", "node1", "node2"]
+    assert summary["deployment"]["site_names"] == {"0": "hospital1", "1": "hospital2", "2": "hospital3"}
     assert all(0 <= n["test_auc"] <= 1 for n in summary["nodes"])
     assert (run_dir / "model.ckpt").is_file() and (run_dir / "config.yaml").is_file()
     # the server's run directory is hsl fit's: hsl test works on it unchanged

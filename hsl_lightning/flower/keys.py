@@ -35,6 +35,10 @@ def _name(common: str):
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
+#: names of the SuperLink's own machine, always in its certificate (its SuperExec connects to 127.0.0.1)
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 def make_keys(out: str | os.PathLike, sites: list[str], hosts: list[str], days: int = 365) -> dict[str, Path]:
     """Write the CA, the SuperLink's certificate for ``hosts`` and one node key pair per site name
     into ``out``; returns the paths by role. Existing files are never overwritten."""
@@ -64,6 +68,9 @@ def make_keys(out: str | os.PathLike, sites: list[str], hosts: list[str], days: 
     _write(out / "ca.crt", ca.public_bytes(pem), private=False)
     _write(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain), private=True)
 
+    # the SuperLink's own SuperExec reaches it at 127.0.0.1 through the same TLS port, so this machine's
+    # names are always in the certificate, whatever names the sites use
+    hosts = list(dict.fromkeys([*hosts, *LOCAL_HOSTS]))
     alt = []
     for host in hosts:
         try:

@@ -186,7 +186,7 @@ class DeployedFederation(Federation):
         for i, hello in hellos.items():
             if "error" in hello:
                 self._site_failed(i, hello["error"], 0)
-        self._site_info = {i: {k: h[k] for k in ("name", "threads") if k in h} for i, h in hellos.items()}
+        self._site_info = {i: {k: h[k] for k in ("name", "site", "threads") if k in h} for i, h in hellos.items()}
         dm = RemoteData(hellos, self.sites.count, getattr(model, "uses_sat", False))
         run_dir = Path(self.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{self.strategy.name}")
         fabric = Fabric(accelerator="cpu", devices=1, precision=self.precision)
@@ -232,21 +232,27 @@ class DeployedFederation(Federation):
     def _time_stages(self, replies: dict) -> None:
         """Split the round trip of the last reply to arrive (the one the round waited for) into
         Flower's delivery (server push to ClientApp process start: the SuperNode's and SuperExec's
-        polling and the transfer), the ClientApp process's start, the site's own work, and the way
-        back (the reply's transfer and the SuperNode's and server's polling). Needs the clocks a
+        polling and the transfer), the ClientApp process's start, the handover to the site's worker
+        and back (decoding, the worker's start on a run's first request, the local socket), the
+        site's own work, and the way back (the reply's transfer and the SuperNode's and server's
+        polling). Sums per stage, and every request's stages in ``stages``. Needs the clocks a
         deployed site adds (:func:`hsl_lightning.flower.app.answer`); one machine's clock, or
         synchronised ones, for the two middle stages to be exact."""
         clocks = [r.get("clock") for r in replies.values() if isinstance(r.get("clock"), dict)]
         clocks = [c for c in clocks if all(isinstance(c.get(k), float) for k in ("pushed", "entered", "left", "pulled"))]
         if not clocks:
             return
-        last = max(clocks, key=lambda c: c["pulled"])
+        reply = max((r for r in replies.values() if r.get("clock") in clocks), key=lambda r: r["clock"]["pulled"])
+        last = reply["clock"]
         spawned = last["spawned"] if isinstance(last.get("spawned"), float) else last["entered"]
+        work = min(float(reply.get("busy_s", 0.0)), last["left"] - last["entered"])
         stages = {"deliver_s": spawned - last["pushed"], "clientapp_start_s": last["entered"] - spawned,
-                  "site_s": last["left"] - last["entered"], "return_s": last["pulled"] - last["left"]}
+                  "handover_s": last["left"] - last["entered"] - work, "site_work_s": work,
+                  "return_s": last["pulled"] - last["left"]}
         self._timing["timed_requests"] = self._timing.get("timed_requests", 0) + 1
         for key, value in stages.items():
             self._timing[key] = self._timing.get(key, 0.0) + value
+        self._timing.setdefault("stages", []).append({k[:-2]: round(v, 3) for k, v in stages.items()})
 
     def _train_and_sum(self, run, state, trainer, merge, report, r):
         replies = self._pending.pop(r, None)
@@ -335,7 +341,8 @@ class DeployedFederation(Federation):
     def _site_failed(self, i: int, cause: str, r: int) -> None:
         """A site failed (or did not answer) in round ``r``: stop, naming it, unless ``min_nodes``
         lets the run go on without it (it is then left out of every later round)."""
-        name = self._site_info.get(i, {}).get("name", f"site{i}")
+        info = self._site_info.get(i, {})
+        name = info.get("site") or info.get("name") or f"site{i}"
         if not cause.lower().startswith("site"):
             cause = f"site {i} ({name}): {cause}"
         if self.min_nodes is None:
@@ -348,6 +355,7 @@ class DeployedFederation(Federation):
         """``summary.json``'s ``deployment``: the sites, those that failed, where the site-held weights
         are, and the time the server spent waiting for replies."""
         return {"sites": {str(i): info.get("name") for i, info in sorted(self._site_info.items())},
+                "site_names": {str(i): info.get("site") for i, info in sorted(self._site_info.items())},
                 "failed": {str(i): cause for i, cause in sorted(self._dead.items())},
                 "site_checkpoints": getattr(self, "_weights", {}),
-                **{k: round(v, 3) for k, v in self._timing.items()}}
+                **{k: round(v, 3) if isinstance(v, float) else v for k, v in self._timing.items()}}
