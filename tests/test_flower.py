@@ -74,6 +74,7 @@ def deployed_weights(run_dir: Path, summary: dict) -> dict:
 
 def assert_same(sim: dict, sim_dir: Path, dep: dict, dep_dir: Path) -> None:
     assert dep["best_round"] == sim["best_round"] and dep["rounds_run"] == sim["rounds_run"]
+    assert dep["threads_per_institution"] == sim["threads_per_institution"]  # the sites', not the server's
     for a, b in zip(sim["nodes"], dep["nodes"]):
         assert (a["name"], a["val_auc"], a["test_auc"], a["n_train"]) == (b["name"], b["val_auc"], b["test_auc"],
                                                                           b["n_train"])

@@ -200,6 +200,9 @@ class DeployedFederation(Federation):
         if len(run.plan) != self.sites.count:
             raise HSLError(f"Strategy '{self.strategy.name}' trains {len(run.plan)} model(s) for {self.sites.count} "
                            "sites; a deployment needs one per site.")
+        threads = [int(info["threads"]) for info in self._site_info.values() if "threads" in info]
+        if threads:  # summary.json describes the sites' training (one institution each), not the server
+            run.at_once = (1, max(threads))
         return DeployedReporter(self, run, state)
 
     def _keep(self, state) -> list[int]:
