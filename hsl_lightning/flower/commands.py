@@ -69,7 +69,7 @@ def check_data(node_config: dict, site: str) -> None:
     missing = missing_paths(text)
     if missing:
         raise HSLError(f"Site {site}: the data config {node_config['data-config']} names "
-                       f"{', '.join(missing)}, which does not exist on this machine.")
+                       f"{', '.join(missing)}, which {'does' if len(missing) == 1 else 'do'} not exist on this machine.")
 
 
 def supernode(argv: list[str]) -> None:
