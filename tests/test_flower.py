@@ -251,3 +251,25 @@ def test_the_supernode_check_names_a_data_folder_that_does_not_exist(tmp_path):
         check_data({"data-config": str(data)}, "hospital2")
     (tmp_path / "images").mkdir()
     check_data({"data-config": str(data)}, "hospital2")  # every named folder exists now
+
+
+def test_a_stopped_run_stops_the_sites_worker_and_never_starts_one(tmp_path):
+    """After a failed run the server sends 'stop': a site's worker (its data and model in memory)
+    exits at once instead of idling for IDLE_S; a site without a worker does not start one for it."""
+    from hsl_lightning.flower import worker
+
+    site_dir = tmp_path / "site"
+    process = subprocess.Popen([sys.executable, "-m", "hsl_lightning.flower.worker", str(site_dir)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(worker.address_of(site_dir)).exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        assert worker.call(site_dir, {}, {"action": "stop"}) == {"stopped": True}
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert worker.call(site_dir, {}, {"action": "stop"}) == {"stopped": False}
+    assert not Path(worker.address_of(site_dir)).exists()

@@ -117,7 +117,9 @@ def answer(msg: Message, context: Context) -> Message:
     request = decode(msg.content)
     try:
         site_dir, setup, persistent = _site_setup(context)
-        if persistent:
+        if not persistent and request.get("action") == "stop":
+            reply = {"stopped": False}  # nothing outlives this process
+        elif persistent:
             from hsl_lightning.flower import worker
 
             reply = worker.call(site_dir, setup, request)
@@ -203,6 +205,19 @@ class FlowerSites:
                                         f"{self.wait_s:.0f} s"})
         return out
 
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Tell every connected site that the run has stopped, so its worker exits now (best effort:
+        a site that does not answer within ``timeout_s`` keeps its worker until it idles out)."""
+        if not self.node_of:
+            return
+        self.timeout_s, kept = min(self.timeout_s, timeout_s), self.timeout_s
+        try:
+            self._exchange({node_id: {"action": "stop"} for node_id in self.node_of.values()})
+        except Exception as exc:  # noqa: BLE001 - the run's own error is the one to report
+            print(f"hsl: could not tell the sites to stop their workers: {exc}", flush=True)
+        finally:
+            self.timeout_s = kept
+
     def _send(self, requests: dict[int, dict]) -> dict[int, dict]:
         by_node = {self.node_of[i]: request for i, request in requests.items() if i in self.node_of}
         answers = self._exchange(by_node)
@@ -245,7 +260,11 @@ def run(grid: Grid, context: Context) -> None:
                                   float(cfg.get("wait-for-sites-s", 600)), float(cfg.get("poll-s", 0.1)))
     federation = DeployedFederation.wrap(cli.trainer, sites)
     ckpt = str(cfg.get("ckpt-path") or "") or None
-    summary = federation.fit(cli.model, ckpt_path=ckpt)
+    try:
+        summary = federation.fit(cli.model, ckpt_path=ckpt)
+    except BaseException:
+        sites.stop()  # the sites' workers would otherwise hold their data and model for IDLE_S
+        raise
     traffic = {"bytes_sent": sites.bytes_sent, "bytes_received": sites.bytes_received, "exchanges": sites.exchanges}
     out = Path(federation.last_run_dir) / "deployment" / "traffic.json"
     out.parent.mkdir(parents=True, exist_ok=True)

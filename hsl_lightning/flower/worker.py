@@ -6,8 +6,8 @@ ClientApp forwards each request to one worker process per site and run, which ke
 :class:`~hsl_lightning.flower.site.Site` in memory between rounds: :func:`call` starts it on
 the first request (in its own session, so it outlives the ClientApp process that started it) and
 talks to it over a Unix socket that only holders of the site's key (``worker.key``, mode 0600, in
-the site's directory) can use. The worker stops after the run's last request or after
-``IDLE_S`` seconds without one. What it keeps in memory is also on disk (the site's round
+the site's directory) can use. The worker stops after the run's last request, when the server
+stops a failed run (``{"action": "stop"}``), or after ``IDLE_S`` seconds without a request. What it keeps in memory is also on disk (the site's round
 files), so a worker that dies costs a rebuild, not the run.
 """
 
@@ -69,6 +69,8 @@ def call(site_dir: str | Path, setup: dict, request: dict) -> dict:
     reply. ``setup``: what builds the site (``config``, ``node``, ``data_config``, ``name``)."""
     site_dir = Path(site_dir)
     conn = _connect(site_dir, 0, None)
+    if conn is None and request.get("action") == "stop":
+        return {"stopped": False}  # no worker to stop: never start one for it
     if conn is None:
         site_dir.mkdir(parents=True, exist_ok=True)
         log = open(site_dir / "worker.log", "a")  # noqa: SIM115 - handed to the child
@@ -131,6 +133,11 @@ def serve(site_dir: Path) -> None:
         with listener.accept() as conn:
             message = conn.recv()
             last[0] = time.monotonic()
+            if message["request"].get("action") == "stop":  # the run failed: free the site's memory now
+                conn.send({"stopped": True})
+                print("hsl worker: the server stopped the run, stopping", flush=True)
+                listener.close()
+                return
             site, reply = handle(site, message["setup"], message["request"])
             conn.send(plain(reply))
             last[0] = time.monotonic()
