@@ -273,3 +273,48 @@ def test_a_stopped_run_stops_the_sites_worker_and_never_starts_one(tmp_path):
             process.kill()
     assert worker.call(site_dir, {}, {"action": "stop"}) == {"stopped": False}
     assert not Path(worker.address_of(site_dir)).exists()
+
+
+def test_sites_holding_only_their_own_image_folders_give_the_simulators_numbers(tmp_path):
+    """Real hospitals: every site's root holds only its own folder (ImageFolders with the federation's
+    node list); the deployment equals hsl fit on one root holding every folder, bit for bit, except
+    the pool figure, which needs every node's test images and so is left out."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    names = ["hospital_a", "hospital_b", "hospital_c"]
+    full, rng = tmp_path / "all", np.random.default_rng(0)
+    for k, name in enumerate(names):
+        for split, per_label in (("train", 12 + 4 * k), ("test", 5)):
+            for label in (0, 1):
+                folder = full / name / split / str(label)
+                folder.mkdir(parents=True)
+                for j in range(per_label):  # positives carry a bright square: a learnable task
+                    pixels = rng.integers(0, 160, (28, 28))
+                    if label:
+                        pixels[8:20, 8:20] += 90
+                    Image.fromarray(pixels.astype(np.uint8), mode="L").save(folder / f"{j}.png")
+    config = config_for("fedavg")
+    config["data"] = {"primary": {"class_path": "hsl_lightning.ImageFolders",
+                                  "init_args": {"root": str(full), "nodes": names, "size": 28}},
+                      "sat": TINY["data"]["sat"], "batch_size": 16}
+    sim = simulate(config, tmp_path / "sim")
+    sites = []
+    for i, name in enumerate(names):
+        own = tmp_path / f"site{i}" / "images"
+        shutil.copytree(full / name, own / name)
+        data = yaml.safe_dump({"data": {"primary": {"class_path": "hsl_lightning.ImageFolders",
+                                                    "init_args": {"root": str(own)}}}})
+        sites.append(Site(yaml.safe_dump(config), i, tmp_path / f"site{i}" / "state", data_config=data))
+    dep = deploy(config, tmp_path / "dep", sites)
+    assert_same(sim, tmp_path / "sim", dep, tmp_path / "dep")
+    assert [n["n_train"] for n in dep["nodes"]] == [n["n_train"] for n in sim["nodes"]]
+    assert dep["mean_test_auc"] == sim["mean_test_auc"] > 0.6  # a learnt task, not constant outputs
+    assert sim["mean_pool_test_auc"] == sim["mean_pool_test_auc"]  # the simulator has every test image
+    assert dep["mean_pool_test_auc"] != dep["mean_pool_test_auc"]  # a site has only its own: no pool figure
+
+    with pytest.raises(HSLError, match="Node 'hospital_c' has no folder here"):
+        Site(yaml.safe_dump(config), 2, tmp_path / "wrong" / "state",
+             data_config=yaml.safe_dump({"data": {"primary": {"init_args": {"root": str(tmp_path / "site0" / "images")}}}}))

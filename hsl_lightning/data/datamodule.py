@@ -149,7 +149,8 @@ class FederatedDataModule(L.LightningDataModule):
         raw = self.primary.load(self.root)
         raw, external = self._carve_external(raw)
         per_node = self._per_node_splits(raw, g)
-        size = self.image_size or int(next(iter(per_node.values()))["train"].images.shape[-1])
+        here = [splits for splits in per_node.values() if splits is not None]  # None: a node held at another site
+        size = self.image_size or int(here[0]["train"].images.shape[-1])
         self.size = size
         if external is not None:
             images = harmonize(external.images, self.in_chans, size)
@@ -159,11 +160,18 @@ class FederatedDataModule(L.LightningDataModule):
         self.sat_pool, self.sat_eval = self._load_sat(size, g)
         sat_index = self._sat_shards(len(per_node), g)
         hosted = set(range(len(per_node))) if self._hosted is None else set(self._hosted(len(per_node)))
-        self.test_pool = ImageSet.cat([ImageSet(harmonize(splits["test"].images, self.in_chans, size),
-                                                splits["test"].labels) for splits in per_node.values()])
+        self.test_pool = None if len(here) < len(per_node) else ImageSet.cat(  # needs every node's test images
+            [ImageSet(harmonize(splits["test"].images, self.in_chans, size), splits["test"].labels) for splits in here])
         nodes = []
         for i, ((name, splits), scanner) in enumerate(zip(per_node.items(), scanners)):
             node_g = torch.Generator().manual_seed(self.seed * 1000 + i)  # per node: skipping one changes no other
+            if splits is None:
+                if i in hosted:
+                    raise HSLError(f"Node '{name}' has no folder here ({self.primary.describe()}): this site's own "
+                                   f"node needs <root>/{name}/<train|val|test>/<label>/*.png.")
+                none = torch.zeros(0, dtype=torch.long)
+                nodes.append(NodeData(name, *(HostedElsewhere(name, none) for _ in SPLITS), scanner, sat_index[i]))
+                continue
             if i in hosted:
                 data = {s: ImageSet(scanner.apply(harmonize(splits[s].images, self.in_chans, size), node_g),
                                     splits[s].labels) for s in SPLITS}

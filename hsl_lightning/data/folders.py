@@ -37,16 +37,23 @@ class ImageFolders(Source):
         val_fraction: the stratified share of train held out for validation where ``val`` is absent.
         seed: the seed of that hold-out.
         allow_duplicates: accept the same image in two splits of one institution.
+        nodes: the institutions' folder names, in the federation's order (default: every folder
+            under ``root``, sorted). In a deployment every site lists them all and its ``root``
+            holds only its own folder: the others are built at their sites.
     """
 
     per_node = True
 
     def __init__(self, root: str, channels: int = 1, size: int | None = None, positive: str | None = None,
-                 val_fraction: float = 0.2, seed: int = 0, allow_duplicates: bool = False):
+                 val_fraction: float = 0.2, seed: int = 0, allow_duplicates: bool = False,
+                 nodes: list[str] | None = None):
         if channels not in (1, 3):
             raise HSLError(f"ImageFolders channels must be 1 or 3, got {channels}.")
+        if nodes is not None and (not nodes or len(set(nodes)) != len(nodes) or not all(isinstance(n, str) for n in nodes)):
+            raise HSLError(f"ImageFolders nodes must be distinct folder names, got {nodes}.")
         self.root, self.channels, self.size, self.positive = root, channels, size, positive
         self.val_fraction, self.seed, self.allow_duplicates = val_fraction, seed, allow_duplicates
+        self.nodes = None if nodes is None else list(nodes)
 
     def describe(self) -> str:
         return f"image folders under {self.root}"
@@ -98,11 +105,20 @@ class ImageFolders(Source):
         base = Path(self.root).expanduser()
         if not base.is_dir():
             raise HSLError(f"Image folder root not found: {base}. Expected {base}/<node>/<split>/<label>/*.png.")
-        nodes = sorted(p for p in base.iterdir() if p.is_dir())
+        if self.nodes is not None:  # the federation's list: folders absent here are built at other sites
+            nodes = [base / name for name in self.nodes]
+            if not any(node.is_dir() for node in nodes):
+                raise HSLError(f"{base} holds none of the node folders {self.nodes}. Expected "
+                               f"{base}/<node>/<split>/<label>/*.png for this site's own node.")
+        else:
+            nodes = sorted(p for p in base.iterdir() if p.is_dir())
         if not nodes:
             raise HSLError(f"{base} holds no node folders. Expected {base}/<node>/<split>/<label>/*.png.")
         out = {}
         for node in nodes:
+            if not node.is_dir():
+                out[node.name] = None  # another site's
+                continue
             for split in ("train", "test"):
                 if not (node / split).is_dir():
                     raise HSLError(f"Node folder {node} has no '{split}' folder (needs train/ and test/, val/ optional).")

@@ -255,7 +255,8 @@ def run(grid: Grid, context: Context) -> None:
         if cfg.get("run-dir"):
             args += ["--federation.run_dir", str(cfg["run-dir"])]
         cli = read_config(args)
-    count = len(cli.trainer.strategy.plan(int(cli.datamodule.scenario.num_nodes)))
+    listed = getattr(cli.datamodule.primary, "nodes", None)  # ImageFolders(nodes=[...]): the sites' folders
+    count = len(cli.trainer.strategy.plan(len(listed) if listed else int(cli.datamodule.scenario.num_nodes)))
     sites = _flower_sites_class()(grid, count, float(cfg.get("round-timeout-s", 3600)),
                                   float(cfg.get("wait-for-sites-s", 600)), float(cfg.get("poll-s", 0.1)))
     federation = DeployedFederation.wrap(cli.trainer, sites)
