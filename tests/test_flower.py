@@ -251,6 +251,8 @@ def test_the_supernode_check_names_a_data_folder_that_does_not_exist(tmp_path):
         check_data({"data-config": str(data)}, "hospital2")
     (tmp_path / "images").mkdir()
     check_data({"data-config": str(data)}, "hospital2")  # every named folder exists now
+    data.write_text(f"data:\n  sat:\n    init_args: {{flag: breastmnist, root: {tmp_path / 'new'}, download: true}}\n")
+    check_data({"data-config": str(data)}, "hospital2")  # a download creates its own root
 
 
 def test_a_stopped_run_stops_the_sites_worker_and_never_starts_one(tmp_path):

@@ -167,8 +167,8 @@ class FederatedDataModule(L.LightningDataModule):
             node_g = torch.Generator().manual_seed(self.seed * 1000 + i)  # per node: skipping one changes no other
             if splits is None:
                 if i in hosted:
-                    raise HSLError(f"Node '{name}' has no folder here ({self.primary.describe()}): this site's own "
-                                   f"node needs <root>/{name}/<train|val|test>/<label>/*.png.")
+                    raise HSLError(f"Node '{name}' has no folder here ({self.primary.describe()}): it needs "
+                                   f"<root>/{name}/<train|val|test>/<label>/*.png (in a deployment, at its own site).")
                 none = torch.zeros(0, dtype=torch.long)
                 nodes.append(NodeData(name, *(HostedElsewhere(name, none) for _ in SPLITS), scanner, sat_index[i]))
                 continue

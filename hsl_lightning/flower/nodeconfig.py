@@ -47,13 +47,14 @@ def load_site_config(path: str | os.PathLike | None) -> str | None:
 
 def missing_paths(text: str | None) -> list[str]:
     """The files and folders a data config names (under ``root``, ``path``, ``file`` or ``folder``
-    keys) that do not exist on this machine."""
+    keys) that do not exist on this machine (a source with ``download: true`` makes its own)."""
     missing: list[str] = []
 
     def walk(node) -> None:
         if isinstance(node, dict):
+            fetched = node.get("download") is True  # a source that downloads its files creates its root
             for key, value in node.items():
-                if key in PATH_KEYS and isinstance(value, str) and not Path(value).expanduser().exists():
+                if key in PATH_KEYS and isinstance(value, str) and not fetched and not Path(value).expanduser().exists():
                     missing.append(value)
                 walk(value)
         elif isinstance(node, list):
