@@ -235,6 +235,10 @@ def test_the_clientapp_forwards_a_message_without_importing_torch(tmp_path):
             "site_dir, setup, persistent = _site_setup(ctx)\n"
             "heavy = sorted(m for m in ('torch', 'lightning') if m in sys.modules)\n"
             "print(setup['node'], persistent, heavy)\n")
+    code += ("ctx.run_config['run-dir'] = '/runs/b'\n"
+             "assert _site_setup(ctx)[0] != site_dir  # another run of the same YAML keeps its own state\n"
+             "ctx.run_config['run-dir'] = ''\n"
+             "assert _site_setup(ctx)[0] == site_dir  # the same run (a resumed one) finds it again\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
