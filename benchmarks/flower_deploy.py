@@ -1,7 +1,10 @@
 """The same federation simulated (``hsl fit``) and deployed on Flower (a SuperLink and 3 SuperNodes
 on this machine, TLS and node authentication on), in one run; prints one line ``RESULT {json}``.
 
-    .venv/bin/python benchmarks/flower_deploy.py [--config configs/quickstart.yaml] [--rounds 4]
+    .venv/bin/python benchmarks/flower_deploy.py [--config configs/quickstart.yaml] [--rounds 4] [--own-folders]
+
+``--own-folders``: hospitals that keep their own images (the config's images, written as one PNG
+folder per hospital; the simulator reads every folder, each site only its own).
 
 Keys: ``same_as_simulation`` (deployed weights and every node's validation and test AUC equal to
 the simulator's, bit for bit), ``max_abs_weight_diff``, ``auc_sim`` / ``auc_deploy`` (mean node
@@ -87,6 +90,43 @@ def per_round(summary: dict) -> float:
     return sum(h["round_s"] for h in summary["history"]) / len(summary["history"])
 
 
+def own_folders(config: dict, work: Path) -> list[str]:
+    """Write the config's images (each node's splits, as its scanner saw them) as one PNG folder per
+    hospital, switch ``config`` to ``ImageFolders`` over all of them (for the simulator), and give
+    each site a data config whose root holds only its own folder. Returns the sites' node-config
+    additions."""
+    import numpy as np
+    from PIL import Image
+
+    from hsl_lightning.flower.site import read_config
+
+    path = work / "source.yaml"
+    path.write_text(yaml.safe_dump(config))
+    dm = read_config(["--config", str(path)]).datamodule
+    dm.setup("fit")
+    if dm.in_chans != 1:
+        raise SystemExit("--own-folders writes grey PNGs; this config's images have several channels.")
+    names, extra = [node.name for node in dm.nodes], []
+    for i, node in enumerate(dm.nodes):
+        for split in ("train", "val", "test"):
+            data = node.split(split)
+            for j, (image, label) in enumerate(zip(data.images, data.labels.tolist())):
+                folder = work / f"site{i}" / "images" / node.name / split / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.ascontiguousarray(image[0].numpy()), mode="L").save(folder / f"{j}.png")  # uint8
+        site_yaml = work / f"site{i}" / "data.yaml"
+        site_yaml.write_text(yaml.safe_dump({"data": {"primary": {"init_args": {"root": str(work / f"site{i}" / "images")}}}}))
+        extra.append(f'data-config="{site_yaml}"')
+        everything = work / "all" / node.name
+        if not everything.exists():
+            everything.parent.mkdir(parents=True, exist_ok=True)
+            everything.symlink_to(work / f"site{i}" / "images" / node.name)
+    config["data"]["primary"] = {"class_path": "hsl_lightning.ImageFolders",
+                                 "init_args": {"root": str(work / "all"), "nodes": names, "size": dm.size}}
+    config["data"].pop("scenario", None)  # the images carry their scanners already
+    return extra
+
+
 def main() -> None:
     from hsl_lightning.flower.commands import check_tls
     from hsl_lightning.flower.localhost import Localhost
@@ -95,6 +135,9 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
     parser.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
     parser.add_argument("--workdir", default=None, help="keep the deployment's files here (default: a temp folder)")
+    parser.add_argument("--own-folders", action="store_true",
+                        help="hospitals that keep their own images: the config's images written as one PNG folder "
+                             "per hospital; the simulator reads them all, each site only its own")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hsl-flower-"))
     config = yaml.safe_load(Path(args.config).read_text())
@@ -102,6 +145,7 @@ def main() -> None:
     if args.rounds:
         config["federation"]["rounds"] = args.rounds
     work.mkdir(parents=True, exist_ok=True)
+    data_configs = own_folders(config, work) if args.own_folders else [""] * 3
     run_yaml = work / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -119,7 +163,7 @@ def main() -> None:
         for site in lh.sites:
             lh.register(site)
         for i in range(len(lh.sites)):
-            lh.start_supernode(i)
+            lh.start_supernode(i, extra=data_configs[i])
         intruder = lh.start_supernode(len(lh.sites), key="intruder/intruder")
         clock = time.perf_counter()
         done = lh.submit(run_yaml, dep_dir, timeout=3600)
