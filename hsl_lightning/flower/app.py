@@ -84,7 +84,8 @@ def _site_setup(context: Context) -> tuple[Path, dict, bool]:
     if not run_yaml:
         raise HSLError(f"Site {name}: the run has no hsl-config; submit an app made by `hsl flower app`.")
     root = Path(str(config.get("site-dir") or Path.home() / ".hsl" / "sites" / str(node))).expanduser()
-    # one folder per run: the same YAML into another --run-dir is another run (a resumed run keeps both)
+    # one folder per run: the same YAML into another --run-dir is another run; a resumed run (same YAML,
+    # same run directory) finds its folder again
     run_key = hashlib.sha256(f"{run_yaml}\0{context.run_config.get('run-dir') or ''}".encode()).hexdigest()[:12]
     site_dir = root / f"run-{run_key}"
     try:
