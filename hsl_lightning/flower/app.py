@@ -150,18 +150,20 @@ class FlowerSites:
         self.node_of: dict[int, int] = {}  # hospital index -> Flower node id
         self.bytes_sent, self.bytes_received, self.exchanges = 0, 0, 0
 
-    def _exchange(self, requests: dict[int, dict]) -> dict[int, dict]:
-        """Push one message per Flower node id and wait for every reply (or the timeout)."""
+    def _exchange(self, requests: dict[int, dict], timeout_s: float | None = None) -> dict[int, dict]:
+        """Push one message per Flower node id and wait for every reply (or the timeout: ``timeout_s``,
+        default the run's round timeout)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         messages, ids = [], {}
         for node_id, payload in requests.items():
             content = encode(payload)
             self.bytes_sent += nbytes(content)
-            messages.append(Message(content, node_id, MessageType.QUERY, ttl=self.timeout_s,
+            messages.append(Message(content, node_id, MessageType.QUERY, ttl=timeout_s,
                                     group_id=str(payload.get("round", 0))))
         pushed = time.time()
         for node_id, message_id in zip(requests, self.grid.push_messages(messages)):
             ids[message_id] = node_id
-        replies, deadline = {}, time.monotonic() + self.timeout_s
+        replies, deadline = {}, time.monotonic() + timeout_s
         while len(replies) < len(ids) and time.monotonic() < deadline:
             for reply in self.grid.pull_messages([m for m in ids if ids[m] not in replies]):
                 node_id = ids.get(reply.metadata.reply_to_message_id)
@@ -178,7 +180,7 @@ class FlowerSites:
             if len(replies) < len(ids):
                 time.sleep(self.poll_s)
         for node_id in requests:
-            replies.setdefault(node_id, {"error": f"no reply within {self.timeout_s:.0f} s (disconnected?)"})
+            replies.setdefault(node_id, {"error": f"no reply within {timeout_s:.0f} s (disconnected?)"})
         self.exchanges += 1
         return replies
 
@@ -212,13 +214,11 @@ class FlowerSites:
         a site that does not answer within ``timeout_s`` keeps its worker until it idles out)."""
         if not self.node_of:
             return
-        self.timeout_s, kept = min(self.timeout_s, timeout_s), self.timeout_s
         try:
-            self._exchange({node_id: {"action": "stop"} for node_id in self.node_of.values()})
+            self._exchange({node_id: {"action": "stop"} for node_id in self.node_of.values()},
+                           min(self.timeout_s, timeout_s))
         except Exception as exc:  # noqa: BLE001 - the run's own error is the one to report
             print(f"hsl: could not tell the sites to stop their workers: {exc}", flush=True)
-        finally:
-            self.timeout_s = kept
 
     def _send(self, requests: dict[int, dict]) -> dict[int, dict]:
         by_node = {self.node_of[i]: request for i, request in requests.items() if i in self.node_of}

@@ -241,11 +241,11 @@ class DeployedFederation(Federation):
         polling). Sums per stage, and every request's stages in ``stages``. Needs the clocks a
         deployed site adds (:func:`hsl_lightning.flower.app.answer`); one machine's clock, or
         synchronised ones, for the two middle stages to be exact."""
-        clocks = [r.get("clock") for r in replies.values() if isinstance(r.get("clock"), dict)]
-        clocks = [c for c in clocks if all(isinstance(c.get(k), float) for k in ("pushed", "entered", "left", "pulled"))]
-        if not clocks:
+        timed = [r for r in replies.values() if isinstance(r.get("clock"), dict)
+                 and all(isinstance(r["clock"].get(k), float) for k in ("pushed", "entered", "left", "pulled"))]
+        if not timed:
             return
-        reply = max((r for r in replies.values() if r.get("clock") in clocks), key=lambda r: r["clock"]["pulled"])
+        reply = max(timed, key=lambda r: r["clock"]["pulled"])
         last = reply["clock"]
         spawned = last["spawned"] if isinstance(last.get("spawned"), float) else last["entered"]
         work = min(float(reply.get("busy_s", 0.0)), last["left"] - last["entered"])
