@@ -96,6 +96,11 @@ class Reporter:
                            f"(min {stats['min']:.4f}){'  * best so far' if validation.improved else ''}")
         return {**row, "dropped": dropped}
 
+    def at_once(self) -> tuple[int, int]:
+        """(institutions training at the same time, intra-op threads each) as summary.json reports
+        them: rank 0's."""
+        return self.run.at_once
+
     def finish(self, state, test: list[dict], external: list[dict], thresholds: torch.Tensor,
                start: float) -> dict | None:
         """Weight files (every rank its trainees'), then on rank 0: ``summary.json`` (``start``: the
@@ -121,7 +126,7 @@ class Reporter:
                                   "epsilon": privacy.epsilon(len(state.history))}
         summary["peak_rss_mb_per_rank"] = [round(float(p), 1) for p in peaks]
         summary["data_mb_per_rank"] = [round(float(d), 2) for d in data_mb]
-        summary["institutions_at_once"], summary["threads_per_institution"] = self.run.at_once  # rank 0's
+        summary["institutions_at_once"], summary["threads_per_institution"] = self.at_once()
         atomic_write(self.run.run_dir / "summary.json", json.dumps(summary, indent=2))
         final = {f"{n['name']}/test_auc": n["test_auc"] for n in summary["nodes"]}
         final.update({"test/mean_auc": summary["mean_test_auc"], "test/std_auc": summary["std_test_auc"],

@@ -146,6 +146,11 @@ class DeployedReporter(Reporter):
     def _data_mb(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.float64)
 
+    def at_once(self) -> tuple[int, int]:
+        """The sites' training (one institution each, the most threads any site reported), not the server's."""
+        threads = [int(info["threads"]) for info in self.federation._site_info.values() if "threads" in info]
+        return (1, max(threads)) if threads else super().at_once()
+
     def summary(self, state, test, wall):
         out = super().summary(state, test, wall)
         out["deployment"] = self.federation.deployment_summary()
@@ -200,9 +205,6 @@ class DeployedFederation(Federation):
         if len(run.plan) != self.sites.count:
             raise HSLError(f"Strategy '{self.strategy.name}' trains {len(run.plan)} model(s) for {self.sites.count} "
                            "sites; a deployment needs one per site.")
-        threads = [int(info["threads"]) for info in self._site_info.values() if "threads" in info]
-        if threads:  # summary.json describes the sites' training (one institution each), not the server
-            run.at_once = (1, max(threads))
         return DeployedReporter(self, run, state)
 
     def _keep(self, state) -> list[int]:
