@@ -188,7 +188,7 @@ def test_the_report_says_how_far_the_grid_got_and_draws_verdicts_from_complete_s
     (tune,) = [c for c in grid.tuning_cells() if c.scenario == "feature" and c.candidate == "c0"]
     directory = run_dir(grid.out, tune)
     directory.mkdir(parents=True)
-    (directory / "record.json").write_text(json.dumps({"mean_val_auc": 0.8, "nodes": []}))
+    (directory / "record.json").write_text(json.dumps({"mean_val_auc": 0.8, "nodes": [], "wall_s": 3600.0}))
     sample = [c for c in grid.rerun_cells(grid.cells()) if c.seed in (0, 1)]
     reruns = [dict(r, test_auc=r["test_auc"] + 0.001, pool_test_auc=r["pool_test_auc"] + 0.001)
               for c in sample for r in cell_rows(c, 0.7 + (gap[(c.scenario, c.seed)] if c.method == "hsl" else 0.0))]
@@ -198,6 +198,9 @@ def test_the_report_says_how_far_the_grid_got_and_draws_verdicts_from_complete_s
             "done: seed 4 (4 of 6 cells).") in report
     assert "Verdicts use the complete seeds only (0, 1, 2, 3)" in report
     assert "- Thread-count reruns: 6 of 15 cells." in report
+    # the hours the cells ran: each cell once (its nodes' rows carry the same wall time), stage by stage
+    assert ("- Compute: the finished cells' own wall times add up to 1.05 h (tuning 1.00 h, reported 0.04 h, "
+            "thread-count reruns 0.01 h).") in report
     headline = report.split("## hsl against the references: pool test AUC (headline)")[1].split("\n## ")[0]
     assert "| quantity | fedavg | 4 | 0.050 ± 0.008 |" in headline and headline.count("| better |") == 1
     assert "| feature | fedavg | 4 |" in headline and "| equivalent |" in headline

@@ -160,6 +160,24 @@ def _finished(grid: Grid, cells) -> int:
     return sum(result(grid.out, c) is not None for c in cells)
 
 
+def _compute(grid: Grid, rows: list[dict], reruns: list[dict]) -> str:
+    """The hours the finished cells ran, stage by stage (their own wall times, summed)."""
+    def stored(cells) -> float:
+        return sum(float((result(grid.out, c) or {}).get("wall_s") or 0.0) for c in cells) / 3600
+
+    def rowed(table) -> float:
+        return sum(float(r["wall_s"]) for r in {_key(r): r for r in table}.values()
+                   if not math.isnan(float(r["wall_s"]))) / 3600
+
+    parts = {"tuning": stored(grid.tuning_cells()) if grid.tune else 0.0,
+             "pilot": stored(grid.pilot_cells(every_scenario=True)) if grid.pilot else 0.0,
+             "reported": rowed(rows), "thread-count reruns": rowed(reruns)}
+    return (f"- Compute: the finished cells' own wall times add up to {sum(parts.values()):.2f} h ("
+            + ", ".join(f"{k} {v:.2f} h" for k, v in parts.items() if v or k == "reported")
+            + "). Cells that ran side by side each count in full, so the machine's time is about this sum over the "
+              "number of cells run at a time (one thread each, a rerun cell its own thread count).")
+
+
 def progress(grid: Grid, rows: list[dict], reruns: list[dict]) -> list[str]:
     """How far the grid got, stage by stage (tuning, pilot, reported cells seed by seed, reruns),
     and which seeds the verdicts use."""
@@ -196,6 +214,7 @@ def progress(grid: Grid, rows: list[dict], reruns: list[dict]) -> list[str]:
     if grid.rerun:
         sample = grid.rerun_cells(reported)
         lines.append(f"- Thread-count reruns: {len({_key(r) for r in reruns})} of {len(sample)} cells.")
+    lines.append(_compute(grid, rows, reruns))
     if not complete:
         lines += ["", "No seed is complete, so this report draws no verdict: the verdict tables below stay empty "
                   "until a whole seed has run (the figures above it, if any, are from unfinished seeds)."]
