@@ -39,12 +39,19 @@ def _scores(loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.cat(scores), torch.cat(labels), torch.cat(brightness)
 
 
-def test_the_pool_figure_agrees_with_the_node_test_auc_within_sampling_error():
-    # a large source, three scanners and unequal positive rates: the pool (every node's test images,
-    # seen through one node's scanner) must give that node's own test AUC up to sampling error
+# three scanners and unequal positive rates; and the study's combined scenario (five scanners twice as
+# strong, positive rates 0.2 to 0.45, unequal node sizes, evaluation sets sized apart from training sets)
+SCENARIOS = {"three nodes": Scenario(num_nodes=3, feature_skew=0.3, prevalence=[0.2, 0.5, 0.8]),
+             "combined": Scenario(num_nodes=5, sizes=[938, 665, 60, 60, 4279], eval_sizes=[3, 3, 1, 1, 4],
+                                  prevalence=[0.2, 0.3, 0.45, 0.35, 0.25], feature_skew=0.7)}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_the_pool_figure_agrees_with_the_node_test_auc_within_sampling_error(scenario):
+    # a large source: the pool (every node's test images, seen through one node's scanner) must give
+    # that node's own test AUC up to sampling error
     dm = FederatedDataModule(primary=SyntheticLesions(num_samples=6000, size=28, seed=3), use_sat=False,
-                             splits="pooled", scenario=Scenario(num_nodes=3, feature_skew=0.3,
-                                                                prevalence=[0.2, 0.5, 0.8]), seed=5)
+                             splits="pooled", scenario=SCENARIOS[scenario], seed=5)
     dm.setup()
     assert len(dm.test_pool) == sum(len(n.test) for n in dm.nodes)
     brightness = []
