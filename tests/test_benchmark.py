@@ -102,6 +102,8 @@ def test_verdicts_have_four_outcomes_and_tell_equivalent_from_undetermined():
     assert outcomes([better, worse, close, noisy, [0.05]]) == ["better", "worse", "equivalent", "undetermined", "n/a"]
     # a mean inside the margin is not enough: the interval must lie inside it too
     assert outcomes([[0.015, -0.01, 0.03, 0.0, 0.02]]) == ["undetermined"]
+    # a small difference shown to exist and shown to lie within the margin: the difference, marked
+    assert outcomes([[0.008, 0.009, 0.008, 0.009, 0.008, 0.009]]) == ["better (within ±0.02)"]
     assert tost_p(close) < 0.001 and tost_p(noisy) == pytest.approx(0.284, abs=0.001)  # t = -0.62, df 4
     mean, std, half = interval([0.1, 0.2, 0.3])
     assert mean == pytest.approx(0.2) and std == pytest.approx(0.1)
@@ -202,14 +204,21 @@ def test_the_report_says_how_far_the_grid_got_and_draws_verdicts_from_complete_s
     assert ("- Compute: the finished cells' own wall times add up to 1.05 h (tuning 1.00 h, reported 0.04 h, "
             "thread-count reruns 0.01 h).") in report
     headline = report.split("## hsl against the references: pool test AUC (headline)")[1].split("\n## ")[0]
-    assert "| quantity | fedavg | 4 | 0.050 ± 0.008 |" in headline and headline.count("| better |") == 1
+    # the MDD for one test and at Holm's strictest level (0.05 / 2 rows): (t quantiles) * std / sqrt(4 seeds)
+    assert "| quantity | fedavg | 4 | 0.050 ± 0.008 | 0.013 | 0.017 | 0.021 |" in headline
+    assert headline.count("| better |") == 1
     assert "| feature | fedavg | 4 |" in headline and "| equivalent |" in headline
     assert "Verdicts per dataset: quickstart: 1 better, 1 equivalent." in headline
     # the rerun moved every figure by +0.001 and changed no verdict; seed 0's cells peaked in their last round
     assert "| pool_test_auc | 6 | +0.0010 | 0.0010 | 0.0010 | 0 of 6 |" in report
     assert "(pool_test_auc, complete seeds, 6 cells swapped) that change with the rerun cells in place: none" in report
-    assert "| hsl | 14 | 14 | 100 % | 14 (100 %) | 0 | 40.0 | 40 | 3 of 14 (21 %) |" in report
-    assert "(28 of 28 cells deploy the last round by the rule 'last')" in report
+    # the figures use the complete seeds, as the verdicts: seed 4's finished cells enter no table
+    assert "| hsl | 12 | 12 | 100 % | 12 (100 %) | 0 | 40.0 | 40 | 3 of 12 (25 %) |" in report
+    assert "(24 of 24 cells deploy the last round by the rule 'last')" in report
+    assert ("Above the study's rule of at most 10 % (best validation AUC in the last round): fedavg (25 %), hsl "
+            "(25 %)") in report
+    quantity = report.split("\n## quantity\n")[1].split("\n## ")[0]
+    assert quantity.count("| 4 |\n") == 4 and "| 5 |" not in quantity  # 2 methods x 2 steps, 4 seeds each
     # with no complete seed there is no verdict at all, and the report says so
     early = markdown(grid, [r for r in rows if r["seed"] == 4])
     assert "No seed is complete, so this report draws no verdict" in early and "## hsl against" not in early

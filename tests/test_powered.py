@@ -71,6 +71,10 @@ def test_the_pilot_scores_each_rule_on_the_other_half_and_picks_the_best(tmp_pat
     table = "\n".join(pilot_section(grid))
     assert "| best_auc | 0.500 | 8 | 1.0 | 8 |" in table and "| last | 0.600 | 8 | 3.5 | 4 |" in table
     assert "| best_loss | 0.800 | 8 | 4.0 | 0 |" in table and "Chosen, and applied to every method alike: **best_loss**" in table
+    # the chosen rule against each other one, cell by cell: half B 0.8 against 0.5 everywhere; against 'last'
+    # 0.8 - 0.7 (seed 101) and 0.8 - 0.5 (seed 102)
+    assert "best_loss minus best_auc, paired by cell: +0.3000 ± 0.000 (std over 8 cells;" in table
+    assert "best_loss minus last, paired by cell: +0.2000 ± 0.107 (std over 8 cells;" in table
     settings = rule_settings(grid, {}, "best_loss")
     assert settings[("hsl", "quantity")] == {"federation.deploy_round": "best_loss"}
     # under 'last' each (method, scenario) runs the round of best mean whole-set validation AUC
@@ -125,6 +129,7 @@ def test_a_cell_kept_as_its_record_is_done_reported_and_committable(tmp_path, mo
     record = json.loads((directory / "record.json").read_text())
     summary = json.loads((directory / "summary.json").read_text())
     assert "history" not in record and record["nodes"] == summary["nodes"]
+    assert record["cpu"] and collect(grid)[0]["cpu"] == record["cpu"]  # the CPU the cell ran on, kept
     assert record["curves"]["mean_val_auc"] == [h["mean_val_auc"] for h in summary["history"]]
     assert all(n["pool_test_auc"] >= 0 for n in record["nodes"])
     before = collect(grid)

@@ -114,10 +114,13 @@ def result(out: Path, cell: Cell) -> dict | None:
     without the per-round history, kept in git so that another session can resume the grid);
     None when the cell has not finished."""
     directory = run_dir(out, cell)
-    for name in ("summary.json", "record.json"):
-        if (directory / name).is_file():
-            return json.loads((directory / name).read_text())
-    return None
+    record = directory / "record.json"
+    if (directory / "summary.json").is_file():
+        summary = json.loads((directory / "summary.json").read_text())
+        if "cpu" not in summary and record.is_file():  # the grid writes the cell's CPU into its record only
+            summary["cpu"] = json.loads(record.read_text()).get("cpu", "")
+        return summary
+    return json.loads(record.read_text()) if record.is_file() else None
 
 
 def _safe(label: str) -> str:

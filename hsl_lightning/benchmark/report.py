@@ -15,7 +15,8 @@ have it (older studies do not: their headline is the node test figure).
 A grid stopped part way: the report opens with how far it got (tuning, pilot, reported cells, and
 which seeds are complete, i.e. every reported cell of the seed finished), and the verdicts use the
 complete seeds only, so no verdict rests on a seed some of whose cells are missing; with no
-complete seed there is no verdict. The figures tables use every finished cell (with seed counts).
+complete seed there is no verdict. The figures use the complete seeds too (before any seed is
+complete, every finished cell, with seed counts), so a table and a verdict never disagree.
 The convergence table gives the share of cells whose round of best validation AUC is the last they
 ran (under ``deploy_round: last``, where every cell deploys its last round, the check that the
 fixed number was not too few).
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from hsl_lightning.benchmark.grid import Grid
 from hsl_lightning.benchmark.plots import plots
-from hsl_lightning.benchmark.results import COLUMNS, collect, complete_seeds, read_csv, write_csv
+from hsl_lightning.benchmark.results import COLUMNS, _key, collect, complete_seeds, read_csv, write_csv
 from hsl_lightning.benchmark.sections import (_finished, _fmt, coinciding, convergence, cost, dataset, edges, headline,
                                               pilot_section, progress, tuning_section, unfinished)
 from hsl_lightning.benchmark.stats import (ALPHA, MARGIN, POWER, Stats, detectable, holm, interval, outcomes, p_value,
@@ -45,24 +46,32 @@ __all__ = ["write_report", "markdown", "log_to_wandb", "plots", "COLUMNS", "coll
 def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "",
              reruns: list[dict] | None = None) -> str:
     """The report; ``reruns``: the rows of the thread-count rerun cells (see ``Grid.rerun_cells``)."""
+    done = {(r["method"], r["scenario"], r["step"], r["seed"]) for r in rows}
+    total = len(grid.cells())
+    complete = set(complete_seeds(grid, rows))
+    whole = [r for r in rows if r["seed"] in complete]  # the rows every figure and verdict uses
+    cpus = sorted({str(r["cpu"]) for r in rows if r.get("cpu")})
+    unrecorded = len({_key(r) for r in rows if not r.get("cpu")})
+    every = rows
+    rows = whole or rows  # before any seed is complete, the figures show the finished cells
     stats = Stats(rows)
     pool = Stats(rows, "pool_test_auc")
     has_pool = any(pool.nodes.values())
-    done = {(r["method"], r["scenario"], r["step"], r["seed"]) for r in rows}
-    total = len(grid.cells())
     parts = [f"# Benchmark: {grid.source.stem if grid.source else grid.out.name}", ""]
     if grid.description:
         parts += [grid.description.strip(), ""]
     if command:
         parts += [f"Command: `{command}`", ""]
     if machine:
-        parts += [f"Machine: {machine}", ""]
+        parts += [f"Report written on: {machine}", ""]
+    if every:
+        parts += ["Cells ran on: " + ("; ".join(cpus) if cpus else "not recorded")
+                  + (f" ({unrecorded} cells from before record.json kept the CPU: not recorded)" if cpus and unrecorded
+                     else "") + ".", ""]
     parts += [f"Cells finished: {len(done)} of {total}; seeds {grid.seeds}. Figures: mean over nodes, "
-              "mean ± std over seeds (sweeps averaged over their steps within each seed); a method's figure uses "
-              "the seeds for which all its cells of the scenario finished (the per-scenario tables give the count).", ""]
-    parts += progress(grid, rows, reruns or [])
-    complete = set(complete_seeds(grid, rows))
-    whole = [r for r in rows if r["seed"] in complete]  # the rows the verdicts use
+              "mean ± std over seeds (sweeps averaged over their steps within each seed), over the complete seeds "
+              "only, as the verdicts (before any seed is complete: over the finished cells).", ""]
+    parts += progress(grid, every, reruns or [])
     same = coinciding(grid, stats)
     if not rows:
         parts += ["No reported cell has finished yet, so there are no figures and no verdicts.", ""]
@@ -71,8 +80,9 @@ def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "",
                   "Every node's deployed model scored on the whole test pool of its source (every node's test "
                   "images, before any scanner) seen through the node's own scanner: the same expectation as the "
                   "node's own test AUC (same scanner, same class-conditional images; the positive rate does not "
-                  "move an AUC's expectation), from several times the images, so a lower-variance figure. The "
-                  "headline verdicts use it.", "", headline(grid, pool, same), ""]
+                  "move an AUC's expectation), from more images (every node's test images: with k nodes about k "
+                  "times a node's own when the nodes' test sets are alike in size), so a lower-variance figure. "
+                  "The headline verdicts use it.", "", headline(grid, pool, same), ""]
     if rows:
         parts += ["## Mean node test AUC", "", "Each node's deployed model on its own test set." +
                   (" The first figure, kept beside the pool figure." if has_pool else ""), "",
@@ -88,10 +98,12 @@ def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "",
                   "node's), scored with what each cell deploys; methods that deploy a model per node give the mean "
                   "over their nodes' models.", "", headline(grid, external, same), ""]
     if rows:
+        fixed = all(r.get("deploy_round") == "last" for r in rows)
         parts += ["## Mean node validation AUC", "",
-                  "At the deployed round (chosen by it under the rule best_auc, so then optimistic, alike for every "
-                  "method): the figure to choose variants and settings by, leaving the test sets out of every "
-                  "choice.", "", headline(grid, Stats(rows, "val_auc"), same), ""]
+                  ("At the deployed round (the last of each cell's fixed number of rounds, under the rule 'last')"
+                   if fixed else "At the deployed round (chosen by it under the rule best_auc, so then optimistic, "
+                   "alike for every method)") + ": the figure to choose variants and settings by, leaving the test "
+                  "sets out of every choice.", "", headline(grid, Stats(rows, "val_auc"), same), ""]
         parts += convergence(grid, rows) + cost(grid, rows)
     parts += unfinished(grid)
     parts += tuning_section(grid)
@@ -103,7 +115,7 @@ def markdown(grid: Grid, rows: list[dict], command: str = "", machine: str = "",
         if scored_external:
             parts += verdict_section(grid, Stats(whole, "external_auc"), "unseen site AUC")
         if reruns:
-            parts += rerun_section(grid, rows, reruns, "pool_test_auc" if has_pool else "test_auc", complete)
+            parts += rerun_section(grid, every, reruns, "pool_test_auc" if has_pool else "test_auc", complete)
     for scenario in grid.scenarios:
         if scenario not in stats.steps:
             continue

@@ -15,7 +15,7 @@ from hsl_lightning.benchmark.tuning import replay
 #: the columns of results.csv, in order
 COLUMNS = ["method", "strategy", "scenario", "step", "step_index", "seed", "node", "n_train", "n_val", "n_test",
            "val_auc", "test_auc", "best_round", "rounds", "rounds_run", "external_auc", "wall_s", "bytes_per_round",
-           "pool_test_auc", "n_pool_test", "deploy_round", "val_best_round"]
+           "pool_test_auc", "n_pool_test", "deploy_round", "val_best_round", "cpu"]
 
 
 def collect(grid: Grid, cells=None) -> list[dict]:
@@ -38,7 +38,7 @@ def collect(grid: Grid, cells=None) -> list[dict]:
                          "pool_test_auc": node.get("pool_test_auc", math.nan),
                          "n_pool_test": node.get("n_pool_test", math.nan),
                          "deploy_round": summary.get("deploy_round", "best_auc"),
-                         "val_best_round": _val_best_round(summary)})
+                         "val_best_round": _val_best_round(summary), "cpu": summary.get("cpu", "")})
     return rows
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import platform
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -34,9 +35,24 @@ from hsl_lightning.errors import HSLError, hsl_message
 CURVES = ("mean_val_auc", "mean_val_auc_a", "mean_val_auc_b", "sum_val_loss", "sum_val_loss_a")
 
 
-def write_record(directory: Path) -> None:
-    """``record.json`` from a finished cell's ``summary.json`` (see the module's docstring)."""
+def cpu_name() -> str:
+    """This machine's CPU model (``/proc/cpuinfo``; the platform's processor name elsewhere): rounding,
+    and so a cell's figures, differ between CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_record(directory: Path, cpu: str | None = None) -> None:
+    """``record.json`` from a finished cell's ``summary.json`` (see the module's docstring); ``cpu``:
+    the CPU the cell ran on, given by the grid right after the cell, on the machine that ran it."""
     summary = json.loads((directory / "summary.json").read_text())
+    if cpu:
+        summary["cpu"] = cpu
     history = summary.pop("history", [])
     summary["curves"] = {k: [h.get(k) for h in history] for k in CURVES}
     tmp = directory / "record.json.tmp"
@@ -161,7 +177,7 @@ def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int, accele
                     counts["ran"] += 1
                     summary = run_dir(grid.out, cell) / "summary.json"
                     if result["ok"] and summary.is_file():
-                        write_record(summary.parent)
+                        write_record(summary.parent, cpu_name())
                     elif result["ok"]:
                         result = {"ok": False, "error": f"hsl fit ended without writing {summary}"}
                     if not result["ok"]:

@@ -68,6 +68,10 @@ def headline(grid: Grid, stats: Stats, same: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+#: the convergence rule: at most this share of a method's cells may end on a still rising curve
+RULE_SHARE = 0.10
+
+
 def convergence(grid: Grid, rows: list[dict]) -> list[str]:
     """Per method: how many cells deployed the last round of their budget (not shown converged)."""
     if rows and not all(r.get("rounds") not in (None, "") for r in rows):
@@ -92,7 +96,7 @@ def convergence(grid: Grid, rows: list[dict]) -> list[str]:
              "every cell deploys its last round by design, so this column is the convergence check there.", "",
              "| method | cells | deployed the last round | share | ran the whole budget | best round 1 | mean rounds run "
              "| budget (rounds) | best validation AUC in the last round |", "|---|---|---|---|---|---|---|---|---|"]
-    worst = 0.0
+    worst, over = 0.0, []
     for method in grid.methods:
         mine = [v for k, v in cells.items() if k[0] == method]
         if not mine:
@@ -104,12 +108,18 @@ def convergence(grid: Grid, rows: list[dict]) -> list[str]:
         whole = sum(run >= budget for _, budget, run in mine)
         known = [(peaks[k], cells[k][2]) for k in cells if k[0] == method and not math.isnan(peaks[k])]
         rising = sum(peak == run for peak, run in known)
+        share = rising / len(known) if fixed and known else last / len(mine)
+        if share > RULE_SHARE:
+            over.append(f"{method} ({100 * share:.0f} %)")
         lines.append(f"| {method} | {len(mine)} | {last} | {100 * last / len(mine):.0f} % | "
                      f"{whole} ({100 * whole / len(mine):.0f} %) | {first} | "
                      f"{np.mean([run for _, _, run in mine]):.1f} | {', '.join(map(str, budgets))} | "
                      + (f"{rising} of {len(known)} ({100 * rising / len(known):.0f} %)" if known else "-") + " |")
     lines += ["", f"Largest share of any method deploying the last round: {100 * worst:.0f} %"
               + (f" ({len(fixed)} of {len(cells)} cells deploy the last round by the rule 'last')." if fixed else ".")]
+    check = "best validation AUC in the last round" if fixed else "deployed the last round"
+    lines += ["", f"Above the study's rule of at most {100 * RULE_SHARE:.0f} % ({check}): "
+              + (", ".join(over) + ": their figures may be short of convergence." if over else "none.")]
     return lines + [""]
 
 
@@ -166,8 +176,8 @@ def _compute(grid: Grid, rows: list[dict], reruns: list[dict]) -> str:
         return sum(float((result(grid.out, c) or {}).get("wall_s") or 0.0) for c in cells) / 3600
 
     def rowed(table) -> float:
-        return sum(float(r["wall_s"]) for r in {_key(r): r for r in table}.values()
-                   if not math.isnan(float(r["wall_s"]))) / 3600
+        return sum(_nan(r.get("wall_s")) for r in {_key(r): r for r in table}.values()
+                   if not math.isnan(_nan(r.get("wall_s")))) / 3600
 
     parts = {"tuning": stored(grid.tuning_cells()) if grid.tune else 0.0,
              "pilot": stored(grid.pilot_cells(every_scenario=True)) if grid.pilot else 0.0,
@@ -290,11 +300,24 @@ def pilot_section(grid: Grid) -> list[str]:
                      f"{record['scored_cells'].get(rule, 0)} | {f'{np.mean(picked):.1f}' if picked else '-'} | "
                      f"{sum(r == 1 for r in picked)} |")
     lines += ["", f"Chosen, and applied to every method alike: **{record['chosen']}**."]
+    chosen, cells = record["chosen"], record.get("cells", [])
+    for rule in record["rules"]:
+        pairs = [c[chosen]["val_auc_b"] - c[rule]["val_auc_b"] for c in cells if chosen in c and rule in c
+                 and not math.isnan(_nan(c[chosen]["val_auc_b"])) and not math.isnan(_nan(c[rule]["val_auc_b"]))]
+        if rule == chosen or len(pairs) < 2:
+            continue
+        mean, std = float(np.mean(pairs)), float(np.std(pairs, ddof=1))
+        lines.append(f"{chosen} minus {rule}, paired by cell: {mean:+.4f} ± {std:.3f} (std over {len(pairs)} cells; "
+                     f"95 % interval of the mean ± {1.96 * std / math.sqrt(len(pairs)):.4f}).")
     if record.get("rounds_under_last"):
         rounds, budget = record["rounds_under_last"], grid.settings.get("federation.rounds")
         capped = [k for k, v in rounds.items() if v == budget]
+        single = [k for k, v in rounds.items() if v == 1]
         lines += ["Rounds per method and scenario under 'last' (best mean validation AUC over the pilot seeds): "
                   + ", ".join(f"{k} {v}" for k, v in rounds.items()) + "."
                   + (f" {len(capped)} of {len(rounds)} at the whole budget of {budget} rounds ({', '.join(capped)}): "
-                     "their curve had not peaked within it." if capped else "")]
+                     "their curve had not peaked within it." if capped else "")
+                  + (f" {len(single)} of {len(rounds)} train for a single round ({', '.join(single)}): their "
+                     "validation curve over the pilot seeds was best at round 1, so their cells deploy a model "
+                     "trained for one round; read their figures as that." if single else "")]
     return lines + [""]

@@ -102,13 +102,14 @@ def detectable(std: float, n: int, power: float = POWER, alpha: float = ALPHA) -
     return float((scipy_stats.t.ppf(1 - alpha / 2, df) + scipy_stats.t.ppf(power, df)) * std / math.sqrt(n))
 
 
-def seeds_needed(std: float, target: float, limit: int = 1000) -> int | None:
-    """The fewest seeds whose minimum detectable difference is at most ``target`` (None past ``limit``)."""
+def seeds_needed(std: float, target: float, limit: int = 1000, alpha: float = ALPHA) -> int | None:
+    """The fewest seeds whose minimum detectable difference (at level ``alpha``) is at most ``target``
+    (None past ``limit``)."""
     if math.isnan(std):
         return None
     if std == 0:
         return 2
-    return next((n for n in range(2, limit + 1) if detectable(std, n) <= target), None)
+    return next((n for n in range(2, limit + 1) if detectable(std, n, alpha=alpha) <= target), None)
 
 
 def tost_p(diffs: list[float], margin: float = MARGIN) -> float:
@@ -128,15 +129,16 @@ def tost_p(diffs: list[float], margin: float = MARGIN) -> float:
 def outcomes(diffs: list[list[float]], margin: float = MARGIN) -> list[str]:
     """One of "better", "worse", "equivalent", "undetermined" (or "n/a" under 2 seeds) per row of a
     table of paired differences: the difference test and the equivalence test are each corrected by
-    Holm over the table's rows."""
+    Holm over the table's rows. When both reject (a difference shown, and shown to lie within the
+    margin) the verdict is the difference, marked "(within ±margin)"."""
     different = holm([p_value(d) for d in diffs])
     equivalent = holm([tost_p(d, margin) for d in diffs])
     out = []
     for d, (_, diff), (_, eq) in zip(diffs, different, equivalent):
         if len(d) < 2:
             out.append("n/a")
-        elif diff:
-            out.append("better" if np.mean(d) > 0 else "worse")
+        elif diff:  # a difference shown; also inside the margin when both tests reject
+            out.append(("better" if np.mean(d) > 0 else "worse") + (f" (within ±{margin})" if eq else ""))
         else:
             out.append("equivalent" if eq else "undetermined")
     return out

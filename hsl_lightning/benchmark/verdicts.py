@@ -53,27 +53,38 @@ def verdict_section(grid: Grid, stats: Stats, what: str = "mean node test AUC", 
     me, against = grid.compare["method"], grid.compare.get("against", [])
     rows = comparisons(grid, stats)
     words = outcomes([d for _, _, d in rows])
+    family = sum(len(d) >= 2 for _, _, d in rows)  # the rows Holm corrects over
+    strict = ALPHA / max(1, family)  # Holm's first, strictest step (Bonferroni's level)
     title = f"## {me} against the references: {what}" + (" (headline)" if headline else "")
     lines = [title, "",
              f"Per-seed difference of the scenario's {what} ({me} minus reference, paired by seed), mean ± std over "
-             f"seeds and 95 % t-interval half-width; the minimum detectable difference (MDD: found with "
-             f"{POWER:.0%} power by a two-sided paired t-test at alpha {ALPHA}, with these seeds and this spread); "
-             f"the p-values of the paired t-test of no difference and of equivalence within {MARGIN} AUC (TOST); "
-             "and the verdict, both tests corrected by Holm over every row of this table: better or worse (a "
-             f"difference), equivalent (within ±{MARGIN}), or undetermined (the seeds cannot tell either).", "",
-             "| scenario | reference | seeds | difference | ± 95 % | MDD | p (difference) | p (equivalence) | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"seeds and 95 % t-interval half-width; the p-values of the paired t-test of no difference and of "
+             f"equivalence within {MARGIN} AUC (TOST: two one-sided tests, each at the level, i.e. a 90 % interval "
+             f"inside ±{MARGIN}); and the verdict, each test corrected by Holm over the {family} rows of this table "
+             "(every scenario and reference in it; the difference tests and the equivalence tests are corrected "
+             "apart): better or worse (a difference shown; marked 'within ±"
+             f"{MARGIN}' when equivalence is shown too), equivalent (within ±{MARGIN}), or undetermined (the seeds "
+             "cannot tell either). The minimum detectable difference (MDD: the true difference a two-sided paired "
+             f"t-test finds with {POWER:.0%} power, with these seeds and this spread) is given at alpha {ALPHA} for "
+             f"one test, and corrected: at alpha {ALPHA}/{family}, the level of Holm's first and strictest step, "
+             "so a difference that large is found with that power even there; Holm's later steps test at looser "
+             "levels, so the two MDDs bracket what the table can detect.", "",
+             "| scenario | reference | seeds | difference | ± 95 % | MDD (one test) | MDD (corrected) | p (difference) "
+             "| p (equivalence) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     matrix = {}
     for (scenario, ref, diffs), word in zip(rows, words):
         mean, std, half = interval(diffs)
-        mdd = detectable(std, len(diffs))
+        mdd, mdd_c = detectable(std, len(diffs)), detectable(std, len(diffs), alpha=strict)
         p, q = p_value(diffs), tost_p(diffs)
         lines.append(f"| {scenario} | {ref} | {len(diffs)} | {_fmt(mean, std)} | {_fmt(half)} | {_fmt(mdd)} | "
-                     f"{'-' if math.isnan(p) else f'{p:.3g}'} | {'-' if math.isnan(q) else f'{q:.3g}'} | {word} |")
-        matrix[(ref, scenario)] = "-" if math.isnan(mean) else f"{mean:+.3f} {word} (MDD {_fmt(mdd)})"
+                     f"{_fmt(mdd_c)} | {'-' if math.isnan(p) else f'{p:.3g}'} | "
+                     f"{'-' if math.isnan(q) else f'{q:.3g}'} | {word} |")
+        matrix[(ref, scenario)] = ("-" if math.isnan(mean) else
+                                   f"{mean:+.3f} {word} (MDD {_fmt(mdd)}, corrected {_fmt(mdd_c)})")
     scenarios = [s for s in grid.scenarios if any(r[0] == s for r in rows)]
     lines += ["", f"In short ({me} minus reference, mean over seeds, the verdict, and the minimum detectable "
-              "difference):", "", "| reference | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+              "difference for one test and corrected):", "", "| reference | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
     lines += [f"| {ref} | " + " | ".join(matrix.get((ref, s), "not run") for s in scenarios) + " |" for ref in against]
     by_data = defaultdict(lambda: defaultdict(int))
     for (scenario, _, _), word in zip(rows, words):
@@ -81,15 +92,20 @@ def verdict_section(grid: Grid, stats: Stats, what: str = "mean node test AUC", 
     lines += ["", "Verdicts per dataset: " + "; ".join(
         f"{name}: " + ", ".join(f"{n} {w}" for w, n in sorted(counts.items())) for name, counts in by_data.items())
         + ".", ""]
-    lines += ["Seeds the spread observed here would need for a minimum detectable difference of 0.02 and 0.03 "
-              "(a planning figure: the spread itself is estimated from these seeds):", "",
-              "| scenario | reference | std of the difference | seeds run | MDD | seeds for 0.02 | seeds for 0.03 |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["Seeds the spread observed here would need for a minimum detectable difference of 0.02 and 0.03, for "
+              f"one test and corrected (alpha {ALPHA}/{family}; a planning figure: the spread itself is estimated "
+              "from these seeds; '-': more than 1000):", "",
+              "| scenario | reference | std of the difference | seeds run | MDD (one test) | seeds for 0.02 | "
+              "seeds for 0.03 | MDD (corrected) | seeds for 0.02 (corrected) | seeds for 0.03 (corrected) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, ref, diffs in rows:
         _, std, _ = interval(diffs)
         need = [seeds_needed(std, t) for t in (0.02, 0.03)]
+        need_c = [seeds_needed(std, t, alpha=strict) for t in (0.02, 0.03)]
         lines.append(f"| {scenario} | {ref} | {_fmt(std)} | {len(diffs)} | {_fmt(detectable(std, len(diffs)))} | "
-                     + " | ".join("-" if n is None else str(n) for n in need) + " |")
+                     + " | ".join("-" if n is None else str(n) for n in need)
+                     + f" | {_fmt(detectable(std, len(diffs), alpha=strict))} | "
+                     + " | ".join("-" if n is None else str(n) for n in need_c) + " |")
     # the best other distributed method: neither a bound (local, central) nor a variant of the method itself
     distributed = [m for m in grid.methods if stats.strategy.get(m) not in NOT_DISTRIBUTED
                    and stats.strategy.get(m) != stats.strategy.get(me) and m != me]
@@ -103,10 +119,11 @@ def verdict_section(grid: Grid, stats: Stats, what: str = "mean node test AUC", 
         best = max(others, key=others.get) if others else None
         central = [m for m in grid.methods if stats.strategy.get(m) == "central" and grid.runs(m, scenario)]
         gap = x["mean"] - stats.summary(central[0], scenario)["mean"] if central else math.nan
-        above = best is not None and x["mean"] > others[best]
+        ahead = x["mean"] - others[best] if best is not None else math.nan
         lines.append(f"- {scenario}: {me} {_fmt(x['mean'])}; best other distributed method "
-                     f"{best or '-'} {_fmt(others.get(best, math.nan))} ({'above' if above else 'not above'}); "
+                     f"{best or '-'} {_fmt(others.get(best, math.nan))} ({me} minus it {_fmt(ahead)}); "
                      f"{me} minus central {_fmt(gap)}.")
+    lines += ["", "These gaps are means over seeds, not tested; the verdicts above are the tests."]
     return lines + [""]
 
 
