@@ -198,7 +198,7 @@ def test_the_report_says_how_far_the_grid_got_and_draws_verdicts_from_complete_s
     assert "- Tuning (seeds [100], not reported): 1 of 4 cells (quickstart 1 of 4); settings not chosen yet" in report
     assert ("Reported cells: 28 of 30. Seeds complete (every reported cell finished): 4 of 5 (0, 1, 2, 3); part "
             "done: seed 4 (4 of 6 cells).") in report
-    assert "Verdicts use the complete seeds only (0, 1, 2, 3)" in report
+    assert "Figures and verdicts use the complete seeds only (0, 1, 2, 3)" in report
     assert "- Thread-count reruns: 6 of 15 cells." in report
     # the hours the cells ran: each cell once (its nodes' rows carry the same wall time), stage by stage
     assert ("- Compute: the finished cells' own wall times add up to 1.05 h (tuning 1.00 h, reported 0.04 h, "

@@ -229,10 +229,10 @@ def progress(grid: Grid, rows: list[dict], reruns: list[dict]) -> list[str]:
         lines += ["", "No seed is complete, so this report draws no verdict: the verdict tables below stay empty "
                   "until a whole seed has run (the figures above it, if any, are from unfinished seeds)."]
     elif started or len(complete) < len({r["seed"] for r in rows}):
-        lines += ["", f"Verdicts use the complete seeds only ({', '.join(map(str, complete))}); the cells of the "
-                  "seeds that are part done enter the figures (each figure gives its seed count) but no verdict."]
+        lines += ["", f"Figures and verdicts use the complete seeds only ({', '.join(map(str, complete))}); the "
+                  "finished cells of the seeds that are part done are kept for the next report but enter neither."]
     else:
-        lines += ["", f"Verdicts use the complete seeds ({', '.join(map(str, complete))})."]
+        lines += ["", f"Figures and verdicts use the complete seeds ({', '.join(map(str, complete))})."]
     return lines + [""]
 
 
