@@ -217,6 +217,9 @@ def test_the_report_says_how_far_the_grid_got_and_draws_verdicts_from_complete_s
     assert "(24 of 24 cells deploy the last round by the rule 'last')" in report
     assert ("Above the study's rule of at most 10 % (best validation AUC in the last round): fedavg (25 %), hsl "
             "(25 %)") in report
+    # cost per scenario: every cell ran 5 s and sent 1 MB a round
+    assert "| method | feature | quantity | MB sent per node per round |" in report
+    assert "| hsl | 5 | 5 | 1.00 |" in report
     quantity = report.split("\n## quantity\n")[1].split("\n## ")[0]
     assert quantity.count("| 4 |\n") == 4 and "| 5 |" not in quantity  # 2 methods x 2 steps, 4 seeds each
     # with no complete seed there is no verdict at all, and the report says so

@@ -124,20 +124,27 @@ def convergence(grid: Grid, rows: list[dict]) -> list[str]:
 
 
 def cost(grid: Grid, rows: list[dict]) -> list[str]:
-    """Per method: a cell's mean wall time and what a node sends per round."""
+    """Per method: a cell's mean wall time in each scenario (methods run different scenario mixes,
+    so one mean over all of them would not compare) and what a node sends per round."""
     cells = {}
     for r in rows:
-        cells[(r["method"], r["scenario"], r["step"], r["seed"])] = (float(r.get("wall_s", math.nan)),
-                                                                     float(r.get("bytes_per_round", math.nan)))
-    lines = ["## Cost", "", "Wall time per cell on the machine above (cells ran side by side, so compare within this "
-             "table only) and what each node sends per round.", "",
-             "| method | mean wall time per cell (s) | MB sent per node per round |", "|---|---|---|"]
+        cells[(r["method"], r["scenario"], r["step"], r["seed"])] = (_nan(r.get("wall_s")),
+                                                                     _nan(r.get("bytes_per_round")))
+    scenarios = [s for s in grid.scenarios if any(k[1] == s for k in cells)]
+    lines = ["## Cost", "", "Mean wall time per cell (s) in each scenario, on the machines the cells ran on (cells ran "
+             "side by side, so compare within this table only), and what each node sends per round.", "",
+             "| method | " + " | ".join(scenarios) + " | MB sent per node per round |",
+             "|---|" + "---|" * (len(scenarios) + 1)]
     for method in grid.methods:
-        mine = [v for k, v in cells.items() if k[0] == method]
-        if mine:
-            wall, sent = _nanfree(w for w, _ in mine), _nanfree(b for _, b in mine)
-            lines.append(f"| {method} | {f'{np.mean(wall):.0f}' if wall else '-'} | "
-                         f"{f'{np.mean(sent) / 1e6:.2f}' if sent else '-'} |")
+        mine = {k: v for k, v in cells.items() if k[0] == method}
+        if not mine:
+            continue
+        walls = []
+        for scenario in scenarios:
+            wall = _nanfree(w for k, (w, _) in mine.items() if k[1] == scenario)
+            walls.append(f"{np.mean(wall):.0f}" if wall else "-")
+        sent = _nanfree(b for _, b in mine.values())
+        lines.append(f"| {method} | " + " | ".join(walls) + f" | {f'{np.mean(sent) / 1e6:.2f}' if sent else '-'} |")
     return lines + [""]
 
 
