@@ -3,11 +3,13 @@
 The per-seed difference of scenario means between the compared method and each reference (paired
 by seed), with a 95 % t-interval over seeds, and one of four outcomes, each test corrected by Holm
 over every row of its table (family-wise error 5 %): "better" or "worse" (the paired t-test of no
-difference rejects), "equivalent" (within :data:`~hsl_lightning.benchmark.stats.MARGIN` AUC: both
-one-sided tests of TOST reject a difference of at least the margin), or "undetermined" (neither:
+difference rejects; marked "within ±margin" when equivalence is shown as well), "equivalent"
+(within :data:`~hsl_lightning.benchmark.stats.MARGIN` AUC: both one-sided tests of TOST reject a
+difference of at least the margin), or "undetermined" (neither:
 the seeds cannot tell); "n/a" with fewer than two seeds. Each row also gives the minimum detectable
-difference: the true difference the paired t-test finds with 80 % power at alpha 0.05 (two-sided,
-uncorrected) with the seeds run and the spread observed.
+difference: the true difference the paired t-test finds with 80 % power (two-sided) with the seeds
+run and the spread observed, at alpha 0.05 for one test and at alpha 0.05 / rows (Holm's strictest
+step).
 
 The thread-count rerun section gives how far each rerun cell's figures moved and which headline
 verdicts (complete seeds) change with the rerun cells swapped in.
