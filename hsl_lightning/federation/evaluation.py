@@ -139,7 +139,7 @@ def evaluate_trainees(run, trainees: dict, merged: torch.Tensor, split: str) -> 
     ``merged``: the federation's merged state), one dict per node, the same on every rank.
     ``split`` ``external``: every node's deployed model on the external site. ``test`` also gives
     ``pool_auc``, the AUC on the node's view of the whole test pool, when the data module has one
-    (``pool_loader``): the same expectation as the node's test AUC from several times the images."""
+    (``pool_loader``): the same expectation as the node's test AUC from more images (every node's)."""
     pool = split == "test" and hasattr(run.dm, "pool_loader") and getattr(run.dm, "test_pool", None) is not None
 
     def node_metrics(module, i):

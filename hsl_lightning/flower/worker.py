@@ -7,8 +7,9 @@ ClientApp forwards each request to one worker process per site and run, which ke
 the first request (in its own session, so it outlives the ClientApp process that started it) and
 talks to it over a Unix socket that only holders of the site's key (``worker.key``, mode 0600, in
 the site's directory) can use. The worker stops after the run's last request, when the server
-stops a failed run (``{"action": "stop"}``), or after ``IDLE_S`` seconds without a request. What it keeps in memory is also on disk (the site's round
-files), so a worker that dies costs a rebuild, not the run.
+stops a failed run (``{"action": "stop"}``), or after ``IDLE_S`` seconds without a request. What
+it keeps in memory is also on disk (the site's round files), so a worker that dies costs a
+rebuild, not the run.
 """
 
 from __future__ import annotations
