@@ -12,7 +12,7 @@ from hsl_lightning import HSLError
 from hsl_lightning.benchmark import Grid
 from hsl_lightning.benchmark.grid import run_dir
 from hsl_lightning.benchmark.report import collect, pilot_section
-from hsl_lightning.benchmark.runner import CURVES, cell_args, done, write_record
+from hsl_lightning.benchmark.runner import CURVES, cell_args, done, run_grid, write_record
 from hsl_lightning.benchmark.tuning import choose_rule, replay, rule_settings
 from hsl_lightning.cli import main
 
@@ -172,3 +172,30 @@ def test_a_grid_with_a_pilot_runs_end_to_end(tmp_path, capsys, monkeypatch):
     for c in loaded.pilot_cells():
         s = json.loads((run_dir(out, c) / "summary.json").read_text())
         assert s["deploy_round"] == "last" and s["rounds_run"] == 2 and s["patience"] is None
+
+
+def test_a_resumed_grid_counts_every_cell_once(tmp_path, monkeypatch):
+    """Under 'last' the scenarios outside pilot.scenarios get pilot cells too, after the rule is chosen:
+    they enter the total then, and the piloted scenarios' cells are not counted a second time."""
+    monkeypatch.chdir(REPO)
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["scenarios"]["feature"] = {"config": "configs/scenarios/feature.yaml"}
+    raw.update(out=str(tmp_path / "out"), rerun={"threads": 2, "every": 2},
+               pilot={"seeds": [101, 102], "rules": ["last", "best_auc"], "scenarios": ["quantity"]})
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    grid = Grid.load(path)
+    extra = grid.pilot_cells(every_scenario=True)
+    assert len(extra) > len(grid.pilot_cells()) > 0
+    for cell in extra:  # the rules tie here, and a tie keeps the rule listed first: last
+        write_curves(grid, cell, mean_val_auc_a=[0.9, 0.6, 0.6], mean_val_auc_b=[0.5, 0.6, 0.8],
+                     mean_val_auc=[0.6, 0.6, 0.7])
+    assert choose_rule(grid, {}) == "last"
+    chosen = rule_settings(grid, {}, "last")
+    reported = grid.ordered(grid.cells(chosen))
+    for cell in reported:
+        run_dir(grid.out, cell).mkdir(parents=True, exist_ok=True)
+        (run_dir(grid.out, cell) / "record.json").write_text(json.dumps({"nodes": []}))
+    counts = run_grid(grid, progress=False)
+    assert counts["ran"] == counts["failed"] == 0
+    assert counts["already_done"] == counts["cells"] == len(extra) + len(reported)
