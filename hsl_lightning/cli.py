@@ -20,11 +20,19 @@ from __future__ import annotations
 import os
 import sys
 
-from hsl_lightning.config import HSLCLI
 from hsl_lightning.errors import HSLError, hsl_message, suggest
-from hsl_lightning.federation import STRATEGIES
 
 __all__ = ["HSLCLI", "main"]
+
+
+def __getattr__(name: str):
+    # torch and Lightning load only for the subcommands that train or score: ``hsl flower keys`` and
+    # ``hsl flower supernode`` (run by a hospital's IT staff) start in a second, not ten
+    if name == "HSLCLI":
+        from hsl_lightning.config import HSLCLI
+
+        return HSLCLI
+    raise AttributeError(f"module 'hsl_lightning.cli' has no attribute {name!r}")
 
 
 SUBCOMMANDS = {
@@ -51,6 +59,8 @@ def strategies(argv: list[str]) -> None:
     """``hsl strategies``: every registered strategy, one line each."""
     import argparse
 
+    from hsl_lightning.federation import STRATEGIES
+
     argparse.ArgumentParser(prog="hsl strategies", description=SUBCOMMANDS["strategies"]).parse_args(argv)
     width = max(len(n) for n in STRATEGIES)
     for name, cls in STRATEGIES.items():
@@ -61,6 +71,8 @@ def _run_data(run: str, argv: list[str]):
     """The data module of a run's ``config.yaml``, with further ``--config`` files and ``--data.*``
     overrides applied on top (the model and federation sections stay the run's)."""
     from pathlib import Path
+
+    from hsl_lightning.config import HSLCLI
 
     config = Path(run) / "config.yaml"
     if not config.is_file():
@@ -261,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         if args[0] != "fit" and not args[0].startswith("-"):
             raise HSLError(f"Unknown subcommand '{args[0]}'.{suggest(args[0], SUBCOMMANDS)} Subcommands: "
                            f"{', '.join(SUBCOMMANDS)} (hsl --help).")
+        from hsl_lightning.config import HSLCLI
+
         cli = HSLCLI(args=argv)  # None: LightningCLI reads sys.argv itself
         _next_steps(cli)
     except KeyboardInterrupt:

@@ -245,6 +245,20 @@ def test_the_clientapp_forwards_a_message_without_importing_torch(tmp_path):
     assert done.stdout.strip() == "1 True []"
 
 
+def test_hsl_flower_commands_start_without_torch(tmp_path):
+    """A hospital's IT staff run ``hsl flower keys`` and ``hsl flower supernode``: the ``hsl`` command
+    must not load torch or Lightning for them (that took 10 s per command on a 2-core machine)."""
+    code = ("import sys\nfrom hsl_lightning.cli import main\n"
+            f"main(['flower', 'keys', '--out', {str(tmp_path / 'keys')!r}, '--sites', 'hospital1'])\n"
+            "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))\n"
+            "from hsl_lightning.cli import HSLCLI\n"
+            "print(HSLCLI.__name__, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-2:] == ["[]", "HSLCLI True"]
+    assert (tmp_path / "keys" / "hospital1").is_file()
+
+
 def test_the_supernode_check_names_a_data_folder_that_does_not_exist(tmp_path):
     from hsl_lightning.flower.commands import check_data
 
