@@ -12,6 +12,7 @@ from hsl_lightning import HSLError
 from hsl_lightning.benchmark import Grid
 from hsl_lightning.benchmark.grid import run_dir
 from hsl_lightning.benchmark.report import collect, pilot_section
+from hsl_lightning.benchmark.sections import progress
 from hsl_lightning.benchmark.runner import CURVES, cell_args, done, run_grid, write_record
 from hsl_lightning.benchmark.tuning import choose_rule, replay, rule_settings
 from hsl_lightning.cli import main
@@ -199,3 +200,8 @@ def test_a_resumed_grid_counts_every_cell_once(tmp_path, monkeypatch):
     counts = run_grid(grid, progress=False)
     assert counts["ran"] == counts["failed"] == 0
     assert counts["already_done"] == counts["cells"] == len(extra) + len(reported)
+    # and the report's progress says what the pilot ran: its own cells and the other scenarios'
+    more = len(extra) - len(grid.pilot_cells())
+    line = next(x for x in progress(grid, [], []) if x.startswith("- Pilot"))
+    assert f"{len(grid.pilot_cells())} of {len(grid.pilot_cells())} cells; rule chosen: last" in line
+    assert f"under 'last', {more} of {more} more cells set the other scenarios' numbers of rounds." in line

@@ -219,10 +219,14 @@ def progress(grid: Grid, rows: list[dict], reruns: list[dict]) -> list[str]:
     if grid.pilot:
         pilot = grid.pilot_cells()
         chosen = (_stored(grid, "pilot.json") or {}).get("chosen")
+        piloted = set(grid.pilot_scenarios())
+        others = [c for c in grid.pilot_cells(every_scenario=True) if c.scenario not in piloted]
         lines.append(f"- Pilot of the deployed-round rules (seeds {grid.pilot.get('seeds')}, not reported): "
                      f"{_finished(grid, pilot)} of {len(pilot)} cells; "
-                     + (f"rule chosen: {chosen} (below)." if chosen else
-                        "no rule chosen yet: the reported cells wait for it."))
+                     + (f"rule chosen: {chosen} (below)" if chosen else
+                        "no rule chosen yet: the reported cells wait for it")
+                     + (f"; under 'last', {_finished(grid, others)} of {len(others)} more cells set the other "
+                        "scenarios' numbers of rounds." if chosen == "last" and others else "."))
     started = [s for s in grid.seeds if 0 < per_seed[s] < size[s]]
     lines.append(f"- Reported cells: {len(done)} of {len(reported)}. Seeds complete (every reported cell finished): "
                  + (f"{len(complete)} of {len(grid.seeds)} ({', '.join(map(str, complete))})" if complete else
