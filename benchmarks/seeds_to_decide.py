@@ -3,20 +3,30 @@
 A planning figure for the powered study (issue 24), whose "Done when" asks for at most one
 "undetermined" verdict per dataset among HSL against FedAvg, FedProx and MOON. For each of those
 comparisons it takes the paired per-seed difference of the headline figure (pool test AUC) over
-the complete seeds of ``results.csv`` and treats its mean and spread as if they were the truth:
+the seeds where both cells ran, and treats its mean and spread as if they were the truth:
 
 - seeds to show the difference: a paired t-test with 80 % power at that mean;
 - seeds to show equivalence within the margin (TOST, each one-sided test at the level): possible
-  only when the mean lies inside the margin, with 80 % power at that mean;
+  only when the mean lies inside the margin; approximated as one test at twice the level against
+  the distance to the nearer margin, 80 % power at that mean (slightly optimistic near zero);
 - seeds to decide: the fewer of the two.
 
 Both at alpha 0.05 for one test and at 0.05 / family (the family of the report's corrected table;
-Holm's strictest step). Per dataset, every verdict but one decided needs the second-largest of its
-comparisons' seeds; the cost is what those seeds cost for the compared methods alone (mean wall
-time per cell in ``results.csv``, one thread per cell), scenario by scenario.
+Holm's strictest step). Per dataset, "every verdict but one decided" leaves open the comparison
+that needs the most seeds (which minimises seeds, not hours) and needs the largest count of the
+rest. Each remaining comparison then has 80 % power on its own; all of them together less.
 
-The spread and the mean are estimated from the seeds run, so this is an order of magnitude, not
-a promise.
+What the seeds cost (mean wall time per cell in ``results.csv``, one thread per cell), three ways:
+- each scenario stops at its own count, only the compared methods run (the least, but the grid
+  has one seed list for every scenario, and the report counts a seed only when all its cells ran);
+- the same count for every scenario of the dataset, only the compared methods;
+- the grid as it stands: every cell of every scenario and method, both datasets, up to the larger
+  dataset's count (thread-count reruns not included).
+
+The spread is estimated from the seeds run (n - 1 degrees of freedom), and the seeds needed grow
+with its square, so the printed range (the spread's 95 % interval) is what the counts could be.
+Adding seeds until verdicts are decided is optional stopping: an extension should fix its number of
+seeds in advance from a figure like this one.
 
     .venv/bin/python benchmarks/seeds_to_decide.py      # the powered study's results.csv
 
@@ -32,6 +42,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from scipy import stats as scipy_stats
+
 from hsl_lightning.benchmark.stats import seeds_needed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +56,8 @@ def dataset(scenario: str) -> str:
 
 def cells(path: Path, metric: str) -> tuple[dict, dict]:
     """Per (method, scenario, seed): the mean over nodes of ``metric``, and the cell's wall time."""
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run the grid's report first (hsl benchmark --report-only).")
     by_cell, wall, steps = defaultdict(list), {}, defaultdict(set)
     with path.open() as f:
         for row in csv.DictReader(f):
@@ -70,61 +84,82 @@ def main() -> None:
 
     figure, wall = cells(args.results, args.metric)
     pairs = {(m, s) for m, s, _ in figure}
-    seeds = sorted({seed for _, _, seed in figure})
-    complete = [seed for seed in seeds if all((m, s, seed) in figure for m, s in pairs)]
     scenarios = sorted({s for m, s in pairs if m == args.method})
     levels = {"one test": 0.05, "corrected": 0.05 / args.family}
+    never = args.limit + 1  # past the limit
 
     rows = []
     for scenario in scenarios:
         for ref in args.against:
-            if (ref, scenario) not in pairs:
+            seeds = sorted(k for m, s, k in figure if (m, s) == (args.method, scenario)
+                           and (ref, scenario, k) in figure)
+            if len(seeds) < 3:
                 continue
-            diffs = [figure[(args.method, scenario, k)] - figure[(ref, scenario, k)] for k in complete]
+            diffs = [figure[(args.method, scenario, k)] - figure[(ref, scenario, k)] for k in seeds]
             mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
             row = {"scenario": scenario, "reference": ref, "seeds": len(diffs), "difference": mean, "std": std}
             for name, alpha in levels.items():
                 show = seeds_needed(std, abs(mean), limit=args.limit, alpha=alpha) if mean else None
                 inside = args.margin - abs(mean)
-                # TOST: two one-sided tests at alpha each = a two-sided test at 2 alpha against the distance to the margin
                 equivalent = seeds_needed(std, inside, limit=args.limit, alpha=2 * alpha) if inside > 0 else None
                 decide = min((n for n in (show, equivalent) if n is not None), default=None)
                 row[name] = {"show_difference": show, "show_equivalence": equivalent, "decide": decide}
             rows.append(row)
+    if not rows:
+        raise SystemExit(f"{args.results}: no comparison of {args.method} against {args.against} has 3 paired seeds yet.")
 
-    cost = {s: sum(statistics.fmean(wall[(m, s, k)] for k in complete) for m in [args.method, *args.against]
-                   if (m, s) in pairs) for s in scenarios}
+    def mean_wall(method: str, scenario: str) -> float:
+        return statistics.fmean(w for (m, s, _), w in wall.items() if (m, s) == (method, scenario))
+
+    compared = {s: sum(mean_wall(m, s) for m in [args.method, *args.against] if (m, s) in pairs) for s in scenarios}
+    every_cell = sum(mean_wall(m, s) for m, s in pairs)  # a whole seed of the grid, every method and scenario
+    run = {s: max(r["seeds"] for r in rows if r["scenario"] == s) for s in scenarios}
+    df = min(r["seeds"] for r in rows) - 1
+    spread = (df / scipy_stats.chi2.ppf(0.975, df), df / scipy_stats.chi2.ppf(0.025, df))  # seeds scale with std^2
+
     summary = {}
     for name in levels:
         per_dataset = {}
         for data in sorted({dataset(s) for s in scenarios}):
             mine = [r for r in rows if dataset(r["scenario"]) == data]
-            need = sorted((r[name]["decide"] or args.limit + 1) for r in mine)
-            allowed_one = need[-2] if len(need) > 1 else need[0]  # every verdict but one decided
-            # each scenario runs until its own comparisons, bar the one left open, are decided
-            worst = max(mine, key=lambda r: r[name]["decide"] or args.limit + 1)
-            seconds = 0.0
-            for s in sorted({r["scenario"] for r in mine}):
-                own = [(r[name]["decide"] or args.limit + 1) for r in mine if r["scenario"] == s and r is not worst]
-                more = max(0, max(own, default=0) - len(complete))
-                seconds += more * cost[s]
-            per_dataset[data] = {"seeds_for_all_but_one": allowed_one, "left_open": f"{worst['scenario']} vs "
-                                 f"{worst['reference']}", "extra_cell_hours": round(seconds / 3600, 1)}
-        summary[name] = per_dataset
+            open_ = max(mine, key=lambda r: r[name]["decide"] or never)
+            rest = [r for r in mine if r is not open_]
+            target = max((r[name]["decide"] or never for r in rest), default=0)
+            own = {s: max([r[name]["decide"] or never for r in rest if r["scenario"] == s], default=0)
+                   for s in {r["scenario"] for r in mine}}
+            per_dataset[data] = {
+                "seeds_for_all_but_one": target, "left_open": f"{open_['scenario']} vs {open_['reference']}",
+                "cell_hours_per_scenario_compared_only": sum(max(0, n - run[s]) * compared[s] for s, n in own.items()) / 3600,
+                "cell_hours_same_seeds_compared_only": sum(max(0, target - run[s]) * compared[s] for s in own) / 3600,
+            }
+        target = max(d["seeds_for_all_but_one"] for d in per_dataset.values())
+        summary[name] = {"datasets": per_dataset, "seeds_whole_grid": target,
+                         "cell_hours_whole_grid": max(0, target - min(run.values())) * every_cell / 3600}
 
-    print(f"{args.metric}, {args.method} minus reference, {len(complete)} complete seeds ({complete[0]}..{complete[-1]})")
-    print("| scenario | reference | difference | std | seeds to decide (one test) | seeds to decide (corrected) |")
-    print("|---|---|---|---|---|---|")
+    def count(n: int | None) -> str:
+        return f">{args.limit}" if n is None or n > args.limit else str(n)
+
+    print(f"{args.metric}, {args.method} minus reference, paired seeds per comparison")
+    print("| scenario | reference | seeds | difference | std | seeds to decide (one test) | seeds to decide (corrected) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        cells_ = [str(r[n]["decide"]) if r[n]["decide"] is not None else f">{args.limit}" for n in levels]
-        print(f"| {r['scenario']} | {r['reference']} | {r['difference']:+.3f} | {r['std']:.3f} | {cells_[0]} | {cells_[1]} |")
-    print("seconds per seed (these methods, one cell each):", {s: round(c) for s, c in cost.items()})
-    for name, per_dataset in summary.items():
-        for data, s in per_dataset.items():
-            print(f"{name}: {data}: {s['seeds_for_all_but_one']} seeds for all verdicts but one "
-                  f"({s['left_open']} left open): about {s['extra_cell_hours']} more cell-hours")
-    print("RESULT " + json.dumps({"metric": args.metric, "complete_seeds": complete, "rows": rows,
-                                  "seconds_per_seed": cost, "summary": summary}))
+        print(f"| {r['scenario']} | {r['reference']} | {r['seeds']} | {r['difference']:+.3f} | {r['std']:.3f} | "
+              f"{count(r['one test']['decide'])} | {count(r['corrected']['decide'])} |")
+    print("cell-seconds per seed, compared methods:", {s: round(c) for s, c in compared.items()},
+          f"every cell of the grid: {round(every_cell)}")
+    print(f"the spread's 95 % interval ({df} degrees of freedom) puts every seed count at {spread[0]:.2f} to "
+          f"{spread[1]:.2f} times the figure")
+    for name, entry in summary.items():
+        for data, d in entry["datasets"].items():
+            print(f"{name}: {data}: {count(d['seeds_for_all_but_one'])} seeds for every verdict but one "
+                  f"({d['left_open']} left open); more cell-hours: "
+                  f"{d['cell_hours_per_scenario_compared_only']:.1f} (each scenario its own seeds, compared methods), "
+                  f"{d['cell_hours_same_seeds_compared_only']:.1f} (same seeds in every scenario, compared methods)")
+        print(f"{name}: the whole grid to {count(entry['seeds_whole_grid'])} seeds: "
+              f"{entry['cell_hours_whole_grid']:.1f} more cell-hours")
+    print("RESULT " + json.dumps({"metric": args.metric, "rows": rows, "seconds_per_seed_compared": compared,
+                                  "seconds_per_seed_whole_grid": every_cell, "seed_count_factor_95": spread,
+                                  "summary": summary}))
 
 
 if __name__ == "__main__":

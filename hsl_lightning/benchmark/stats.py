@@ -109,7 +109,16 @@ def seeds_needed(std: float, target: float, limit: int = 1000, alpha: float = AL
         return None
     if std == 0:
         return 2
-    return next((n for n in range(2, limit + 1) if detectable(std, n, alpha=alpha) <= target), None)
+    if detectable(std, limit, alpha=alpha) > target:
+        return None
+    low, high = 2, limit  # the MDD falls as seeds are added: the first n at or below target, by bisection
+    while low < high:
+        middle = (low + high) // 2
+        if detectable(std, middle, alpha=alpha) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def tost_p(diffs: list[float], margin: float = MARGIN) -> float:
