@@ -177,18 +177,18 @@ def _finished(grid: Grid, cells) -> int:
     return sum(result(grid.out, c) is not None for c in cells)
 
 
-def _compute(grid: Grid, rows: list[dict], reruns: list[dict]) -> str:
-    """The hours the finished cells ran, stage by stage (their own wall times, summed)."""
-    def stored(cells) -> float:
-        return sum(float((result(grid.out, c) or {}).get("wall_s") or 0.0) for c in cells) / 3600
+def _compute(tuning: list[dict | None], pilot: list[dict | None], rows: list[dict], reruns: list[dict]) -> str:
+    """The hours the finished cells ran, stage by stage (their own wall times, summed); ``tuning`` and
+    ``pilot``: those stages' results (None for a cell not finished)."""
+    def stored(results) -> float:
+        return sum(float((r or {}).get("wall_s") or 0.0) for r in results) / 3600
 
     def rowed(table) -> float:
         return sum(_nan(r.get("wall_s")) for r in {_key(r): r for r in table}.values()
                    if not math.isnan(_nan(r.get("wall_s")))) / 3600
 
-    parts = {"tuning": stored(grid.tuning_cells()) if grid.tune else 0.0,
-             "pilot": stored(grid.pilot_cells(every_scenario=True)) if grid.pilot else 0.0,
-             "reported": rowed(rows), "thread-count reruns": rowed(reruns)}
+    parts = {"tuning": stored(tuning), "pilot": stored(pilot), "reported": rowed(rows),
+             "thread-count reruns": rowed(reruns)}
     return (f"- Compute: the finished cells' own wall times add up to {sum(parts.values()):.2f} h ("
             + ", ".join(f"{k} {v:.2f} h" for k, v in parts.items() if v or k == "reported")
             + "). Cells that ran side by side each count in full, so the machine's time is about this sum over the "
@@ -205,11 +205,14 @@ def progress(grid: Grid, rows: list[dict], reruns: list[dict]) -> list[str]:
                 for seed in grid.seeds}
     size = {seed: sum(c.seed == seed for c in reported) for seed in grid.seeds}
     lines = ["## How far the grid got", ""]
+    # each tuning and pilot cell's result, read once (the counts and the compute line both use them)
+    tuned = {c.key: result(grid.out, c) for c in grid.tuning_cells()} if grid.tune else {}
+    pilot_results = {c.key: result(grid.out, c) for c in grid.pilot_cells(every_scenario=True)} if grid.pilot else {}
     if grid.tune:
         tuning = grid.tuning_cells()
         by_data = defaultdict(lambda: [0, 0])
         for c in tuning:
-            by_data[dataset(grid, c.scenario)][0] += result(grid.out, c) is not None
+            by_data[dataset(grid, c.scenario)][0] += tuned[c.key] is not None
             by_data[dataset(grid, c.scenario)][1] += 1
         finished = sum(v[0] for v in by_data.values())
         lines.append(f"- Tuning (seeds {grid.tune.get('seeds')}, not reported): {finished} of {len(tuning)} cells ("
@@ -221,11 +224,14 @@ def progress(grid: Grid, rows: list[dict], reruns: list[dict]) -> list[str]:
         chosen = (_stored(grid, "pilot.json") or {}).get("chosen")
         piloted = set(grid.pilot_scenarios())
         others = [c for c in grid.pilot_cells(every_scenario=True) if c.scenario not in piloted]
+        def finished(cells) -> int:
+            return sum(pilot_results[c.key] is not None for c in cells)
+
         lines.append(f"- Pilot of the deployed-round rules (seeds {grid.pilot.get('seeds')}, not reported): "
-                     f"{_finished(grid, pilot)} of {len(pilot)} cells; "
+                     f"{finished(pilot)} of {len(pilot)} cells; "
                      + (f"rule chosen: {chosen} (below)" if chosen else
                         "no rule chosen yet: the reported cells wait for it")
-                     + (f"; under 'last', {_finished(grid, others)} of {len(others)} more cells set the other "
+                     + (f"; under 'last', {finished(others)} of {len(others)} more cells set the other "
                         "scenarios' numbers of rounds." if chosen == "last" and others else "."))
     started = [s for s in grid.seeds if 0 < per_seed[s] < size[s]]
     lines.append(f"- Reported cells: {len(done)} of {len(reported)}. Seeds complete (every reported cell finished): "
@@ -235,7 +241,7 @@ def progress(grid: Grid, rows: list[dict], reruns: list[dict]) -> list[str]:
     if grid.rerun:
         sample = grid.rerun_cells(reported)
         lines.append(f"- Thread-count reruns: {len({_key(r) for r in reruns})} of {len(sample)} cells.")
-    lines.append(_compute(grid, rows, reruns))
+    lines.append(_compute(list(tuned.values()), list(pilot_results.values()), rows, reruns))
     if not complete:
         lines += ["", "No seed is complete, so this report draws no verdict: the verdict tables below stay empty "
                   "until a whole seed has run (the figures above it, if any, are from unfinished seeds)."]
