@@ -162,23 +162,14 @@ def predict(argv: list[str]) -> None:
         sys.exit(1)
 
 
-def _cpu_model() -> str | None:
-    """The CPU's model name (Linux), for the report's machine line."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        return None
-
-
 def benchmark(argv: list[str]) -> None:
     """``hsl benchmark``: run a grid of methods x scenarios x seeds, then write its report."""
     import argparse
-    import platform
 
     import torch
 
     from hsl_lightning.benchmark import Grid, run_grid, write_report
+    from hsl_lightning.benchmark.runner import cpu_name
 
     parser = argparse.ArgumentParser(prog="hsl benchmark", description=(
         "Run every cell (method x scenario x sweep step x seed) of a grid that is not done yet, "
@@ -200,7 +191,7 @@ def benchmark(argv: list[str]) -> None:
         result = run_grid(grid, workers=args.workers, threads=args.threads, accelerator=accelerator)
         print(f"hsl benchmark: {result['ran']} cell(s) run ({result['failed']} failed), "
               f"{result['already_done']} already done, of {result['cells']}; {result['wall_s']} s.")
-    machine = (f"{_cpu_model() or platform.machine() + ' CPU'}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
                f"{', GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else ', no GPU'}")
     written = write_report(grid, command="hsl benchmark " + " ".join(argv), machine=machine, wandb_mode=args.wandb)
     print(f"hsl benchmark: {written['rows']} result rows -> {written['csv']}, {written['report']}, "
