@@ -36,83 +36,69 @@ Prints a table and one line ``RESULT {json}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from scipy import stats as scipy_stats
 
-from hsl_lightning.benchmark.stats import seeds_needed
+from hsl_lightning.benchmark import Grid
+from hsl_lightning.benchmark.results import _key, read_csv
+from hsl_lightning.benchmark.sections import dataset
+from hsl_lightning.benchmark.stats import ALPHA, MARGIN, Stats, interval, seeds_needed
+from hsl_lightning.benchmark.verdicts import comparisons
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = {"pneumonia_": "pneumonia_breast"}  # scenario prefix -> dataset; the rest are breast_pneumonia
-
-
-def dataset(scenario: str) -> str:
-    return next((name for prefix, name in DATASETS.items() if scenario.startswith(prefix)), "breast_pneumonia")
-
-
-def cells(path: Path, metric: str) -> tuple[dict, dict]:
-    """Per (method, scenario, seed): the mean over nodes of ``metric``, and the cell's wall time."""
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: run the grid's report first (hsl benchmark --report-only).")
-    by_cell, wall, steps = defaultdict(list), {}, defaultdict(set)
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            steps[row["scenario"]].add(row["step"])
-            key = (row["method"], row["scenario"], int(row["seed"]))
-            by_cell[key].append(float(row[metric]))
-            wall[key] = float(row["wall_s"])
-    swept = sorted(s for s, v in steps.items() if len(v) > 1)
-    if swept:
-        raise SystemExit(f"{path}: scenarios {swept} have several sweep steps; this script takes one step per scenario.")
-    return {k: statistics.fmean(v) for k, v in by_cell.items()}, wall
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/heterogeneity_powered/results.csv")
+    p.add_argument("--config", type=Path, default=ROOT / "configs/benchmarks/heterogeneity_powered.yaml",
+                   help="the grid (run from the repository root, as its paths are)")
+    p.add_argument("--results", type=Path, help="its results.csv (default: the grid's out folder)")
     p.add_argument("--metric", default="pool_test_auc")
-    p.add_argument("--method", default="hsl")
     p.add_argument("--against", nargs="+", default=["fedavg", "fedprox", "moon"])
-    p.add_argument("--margin", type=float, default=0.02)
-    p.add_argument("--family", type=int, default=30, help="rows of the corrected table (the report's)")
     p.add_argument("--limit", type=int, default=10000, help="report seeds above this as '>limit'")
     args = p.parse_args()
 
-    figure, wall = cells(args.results, args.metric)
-    pairs = {(m, s) for m, s, _ in figure}
-    scenarios = sorted({s for m, s in pairs if m == args.method})
-    levels = {"one test": 0.05, "corrected": 0.05 / args.family}
+    grid = Grid.load(args.config)
+    path = args.results or grid.out / "results.csv"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run the grid's report first (hsl benchmark --report-only).")
+    table = read_csv(path)
+    # the report's comparisons, paired by seed, and its family of corrected rows
+    compared = comparisons(grid, Stats(table, args.metric))
+    family = sum(len(d) >= 2 for _, _, d in compared)
+    me = grid.compare["method"]
+    levels = {"one test": ALPHA, "corrected": ALPHA / family}
     never = args.limit + 1  # past the limit
 
     rows = []
-    for scenario in scenarios:
-        for ref in args.against:
-            seeds = sorted(k for m, s, k in figure if (m, s) == (args.method, scenario)
-                           and (ref, scenario, k) in figure)
-            if len(seeds) < 3:
-                continue
-            diffs = [figure[(args.method, scenario, k)] - figure[(ref, scenario, k)] for k in seeds]
-            mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
-            row = {"scenario": scenario, "reference": ref, "seeds": len(diffs), "difference": mean, "std": std}
-            for name, alpha in levels.items():
-                show = seeds_needed(std, abs(mean), limit=args.limit, alpha=alpha) if mean else None
-                inside = args.margin - abs(mean)
-                equivalent = seeds_needed(std, inside, limit=args.limit, alpha=2 * alpha) if inside > 0 else None
-                decide = min((n for n in (show, equivalent) if n is not None), default=None)
-                row[name] = {"show_difference": show, "show_equivalence": equivalent, "decide": decide}
-            rows.append(row)
+    for scenario, ref, diffs in compared:
+        if ref not in args.against or len(diffs) < 3:
+            continue
+        mean, std, _ = interval(diffs)
+        row = {"scenario": scenario, "reference": ref, "seeds": len(diffs), "difference": mean, "std": std}
+        for name, alpha in levels.items():
+            show = seeds_needed(std, abs(mean), limit=args.limit, alpha=alpha) if mean else None
+            inside = MARGIN - abs(mean)
+            equivalent = seeds_needed(std, inside, limit=args.limit, alpha=2 * alpha) if inside > 0 else None
+            decide = min((n for n in (show, equivalent) if n is not None), default=None)
+            row[name] = {"show_difference": show, "show_equivalence": equivalent, "decide": decide}
+        rows.append(row)
     if not rows:
-        raise SystemExit(f"{args.results}: no comparison of {args.method} against {args.against} has 3 paired seeds yet.")
+        raise SystemExit(f"{path}: no comparison of {me} against {args.against} has 3 paired seeds yet.")
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
 
-    def mean_wall(method: str, scenario: str) -> float:
-        return statistics.fmean(w for (m, s, _), w in wall.items() if (m, s) == (method, scenario))
+    cells = {_key(r): r["wall_s"] for r in table}  # one wall time per cell
+    walls, seeds_of = defaultdict(float), defaultdict(set)
+    for (m, s, _, seed), w in cells.items():
+        walls[(m, s)] += w
+        seeds_of[(m, s)].add(seed)
+    per_seed = {k: walls[k] / len(seeds_of[k]) for k in walls}  # a seed's cells of (method, scenario), sweeps included
 
-    compared = {s: sum(mean_wall(m, s) for m in [args.method, *args.against] if (m, s) in pairs) for s in scenarios}
-    every_cell = sum(mean_wall(m, s) for m, s in pairs)  # a whole seed of the grid, every method and scenario
+    compared = {s: sum(per_seed.get((m, s), 0.0) for m in [me, *args.against]) for s in scenarios}
+    every_cell = sum(per_seed.values())  # a whole seed of the grid, every method and scenario
     run = {s: max(r["seeds"] for r in rows if r["scenario"] == s) for s in scenarios}
     df = min(r["seeds"] for r in rows) - 1
     spread = (df / scipy_stats.chi2.ppf(0.975, df), df / scipy_stats.chi2.ppf(0.025, df))  # seeds scale with std^2
@@ -120,8 +106,8 @@ def main() -> None:
     summary = {}
     for name in levels:
         per_dataset = {}
-        for data in sorted({dataset(s) for s in scenarios}):
-            mine = [r for r in rows if dataset(r["scenario"]) == data]
+        for data in sorted({dataset(grid, s) for s in scenarios}):
+            mine = [r for r in rows if dataset(grid, r["scenario"]) == data]
             open_ = max(mine, key=lambda r: r[name]["decide"] or never)
             rest = [r for r in mine if r is not open_]
             target = max((r[name]["decide"] or never for r in rest), default=0)
@@ -139,7 +125,7 @@ def main() -> None:
     def count(n: int | None) -> str:
         return f">{args.limit}" if n is None or n > args.limit else str(n)
 
-    print(f"{args.metric}, {args.method} minus reference, paired seeds per comparison")
+    print(f"{args.metric}, {me} minus reference, paired seeds per comparison; corrected: alpha {ALPHA}/{family}")
     print("| scenario | reference | seeds | difference | std | seeds to decide (one test) | seeds to decide (corrected) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
