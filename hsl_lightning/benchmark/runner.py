@@ -151,7 +151,7 @@ def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int, accele
             write_record(directory)
     counts["already_done"] += len(jobs) - len(todo)
     bar.update(len(jobs) - len(todo))
-    failures = grid.out / "failures.jsonl"
+    failures, cpu = grid.out / "failures.jsonl", cpu_name()  # every cell of this pool runs on this machine
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
     try:
@@ -181,7 +181,7 @@ def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int, accele
                     counts["ran"] += 1
                     summary = run_dir(grid.out, cell) / "summary.json"
                     if result["ok"] and summary.is_file():
-                        write_record(summary.parent, cpu_name())
+                        write_record(summary.parent, cpu)
                     elif result["ok"]:
                         result = {"ok": False, "error": f"hsl fit ended without writing {summary}"}
                     if not result["ok"]:
