@@ -22,6 +22,7 @@ seeded from (seed, round, institution), never from the rank.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import time
@@ -57,6 +58,30 @@ def _launched_externally() -> bool:
 
     return TorchElasticEnvironment.detect() or SLURMEnvironment.detect() or (
         "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+_LEAVING_REGISTERED = False
+
+
+def leave_process_group_at_exit() -> None:
+    """Destroy this process's process group when the interpreter exits, before it is torn down.
+
+    A torchrun or srun rank that exits with its Gloo process group alive can abort during
+    interpreter finalisation ("terminate called without an active exception", SIGABRT; the
+    group's C++ threads outlive Python), and torchrun then reports the whole run as failed even
+    though it finished. Called after a successful run only: destroying a group whose peers are
+    still inside a collective (a run that failed on one rank) could hang the exit instead. At exit,
+    not at once, so a script may call ``fit`` again under the same launch and reuse the group.
+    """
+    global _LEAVING_REGISTERED
+    if not _LEAVING_REGISTERED:
+        atexit.register(_destroy_process_group)
+        _LEAVING_REGISTERED = True
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @dataclass
@@ -230,6 +255,8 @@ class Federation:
         fabric = Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
                         precision=self.precision, strategy=fabric_strategy)
         self.summary = fabric.launch(self._run, model, datamodule, run_dir, ckpt_path)
+        if fabric_strategy == "ddp":
+            leave_process_group_at_exit()
         self.last_run_dir = run_dir
         return self.summary
 
