@@ -57,7 +57,7 @@ def test_a_finished_rank_leaves_its_process_group_before_the_interpreter_exits(t
         "import atexit, torch.distributed as dist\n"
         f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
         "atexit.register(lambda: print('group alive at exit:', dist.is_initialized()))\n"
-        "from hsl_lightning.federation.federation import leave_process_group_at_exit\n"
+        "from hsl_lightning.federation.launch import leave_process_group_at_exit\n"
         "leave_process_group_at_exit()\n"
         "leave_process_group_at_exit()\n"  # a second fit in the same process registers nothing more
         "print('group alive before exit:', dist.is_initialized())\n")

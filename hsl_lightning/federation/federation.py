@@ -22,7 +22,6 @@ seeded from (seed, round, institution), never from the rank.
 
 from __future__ import annotations
 
-import atexit
 import math
 import os
 import time
@@ -38,6 +37,7 @@ from hsl_lightning.federation.concurrent import Concurrent, Workers
 from hsl_lightning.federation.evaluation import (evaluate_trainees, external_result, gather, threshold_counts,
                                                  validate_trainees)
 from hsl_lightning.federation.fused_training import FusedRounds
+from hsl_lightning.federation.launch import fabric_strategy, leave_process_group_at_exit
 from hsl_lightning.federation.loggers import WandbMode
 from hsl_lightning.federation.message import RoundMessage
 from hsl_lightning.federation.privacy import DifferentialPrivacy, PrivateMean, check_supported
@@ -50,38 +50,6 @@ from hsl_lightning.federation.training import OneByOne, Outcome, seed_of
 from hsl_lightning.metrics import summarize
 
 __all__ = ["Federation", "format_table"]
-
-
-def _launched_externally() -> bool:
-    """Whether this process is one rank of a torchrun (torchelastic) or SLURM ``srun`` launch."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    return TorchElasticEnvironment.detect() or SLURMEnvironment.detect() or (
-        "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
-
-
-_LEAVING_REGISTERED = False
-
-
-def leave_process_group_at_exit() -> None:
-    """Destroy this process's process group when the interpreter exits, before it is torn down.
-
-    A torchrun or srun rank that exits with its Gloo process group alive can abort during
-    interpreter finalisation ("terminate called without an active exception", SIGABRT; the
-    group's C++ threads outlive Python), and torchrun then reports the whole run as failed even
-    though it finished. Called after a successful run only: destroying a group whose peers are
-    still inside a collective (a run that failed on one rank) could hang the exit instead. At exit,
-    not at once, so a script may call ``fit`` again under the same launch and reuse the group.
-    """
-    global _LEAVING_REGISTERED
-    if not _LEAVING_REGISTERED:
-        atexit.register(_destroy_process_group)
-        _LEAVING_REGISTERED = True
-
-
-def _destroy_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 @dataclass
@@ -246,16 +214,11 @@ class Federation:
                            "the run to continue.")
         run_dir = Path(self.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{self.strategy.name}")
         world = int(self.devices) * int(self.num_nodes)
-        if world == 1:
-            fabric_strategy = "auto"
-        elif _launched_externally():
-            fabric_strategy = "ddp"  # every rank was started by torchrun or srun: join, don't spawn
-        else:
-            fabric_strategy = "ddp_spawn"
+        strategy = fabric_strategy(world)  # ddp: every rank was started by torchrun or srun: join, don't spawn
         fabric = Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
-                        precision=self.precision, strategy=fabric_strategy)
+                        precision=self.precision, strategy=strategy)
         self.summary = fabric.launch(self._run, model, datamodule, run_dir, ckpt_path)
-        if fabric_strategy == "ddp":
+        if strategy == "ddp":
             leave_process_group_at_exit()
         self.last_run_dir = run_dir
         return self.summary

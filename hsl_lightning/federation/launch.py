@@ -1,0 +1,49 @@
+"""How a run's processes start and end: spawn the ranks here, or join those that torchrun or srun
+started; and, for the latter, leave the process group before the interpreter exits."""
+
+from __future__ import annotations
+
+import atexit
+import os
+
+import torch
+
+
+def launched_externally() -> bool:
+    """Whether this process is one rank of a torchrun (torchelastic) or SLURM ``srun`` launch."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return TorchElasticEnvironment.detect() or SLURMEnvironment.detect() or (
+        "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def fabric_strategy(world: int) -> str:
+    """Fabric's strategy for ``world`` ranks: one process; join the ranks a launcher started; or spawn them."""
+    if world == 1:
+        return "auto"
+    return "ddp" if launched_externally() else "ddp_spawn"
+
+
+_LEAVING_REGISTERED = False
+
+
+def leave_process_group_at_exit() -> None:
+    """Destroy this process's process group when the interpreter exits, before it is torn down.
+
+    A torchrun or srun rank that exits with its Gloo process group alive can abort during
+    interpreter finalisation ("terminate called without an active exception", SIGABRT; the
+    group's C++ threads outlive Python), and torchrun then reports the whole run as failed even
+    though it finished. Called after a successful run only: destroying a group whose peers are
+    still inside a collective (a run that failed on one rank) could hang the exit instead. At exit,
+    not at once, so a script may call ``fit`` again under the same launch and reuse the group.
+    Spawned ranks need none of this: they end with ``os._exit``, before any finalisation.
+    """
+    global _LEAVING_REGISTERED
+    if not _LEAVING_REGISTERED:
+        atexit.register(_destroy_process_group)
+        _LEAVING_REGISTERED = True
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
