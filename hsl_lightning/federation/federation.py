@@ -218,8 +218,6 @@ class Federation:
         fabric = Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
                         precision=self.precision, strategy=strategy)
         self.summary = fabric.launch(self._run, model, datamodule, run_dir, ckpt_path)
-        if strategy == "ddp":
-            leave_process_group_at_exit()
         self.last_run_dir = run_dir
         return self.summary
 
@@ -228,10 +226,13 @@ class Federation:
         start = time.perf_counter()
         run = self._setup(fabric, module, dm, run_dir)
         try:
-            return self._rounds(run, module, ckpt_path, start)
+            summary = self._rounds(run, module, ckpt_path, start)
         finally:
             if run.workers is not None:
                 run.workers.close()
+        if fabric.world_size > 1:  # in the rank's own process, spawned or started by torchrun/srun
+            leave_process_group_at_exit()
+        return summary
 
     def _rounds(self, run: RankRun, module, ckpt_path: str | None, start: float) -> dict | None:
         fabric, run_dir = run.fabric, run.run_dir

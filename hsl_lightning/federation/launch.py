@@ -1,5 +1,5 @@
 """How a run's processes start and end: spawn the ranks here, or join those that torchrun or srun
-started; and, for the latter, leave the process group before the interpreter exits."""
+started; and leave the process group before the interpreter exits."""
 
 from __future__ import annotations
 
@@ -30,13 +30,13 @@ _LEAVING_REGISTERED = False
 def leave_process_group_at_exit() -> None:
     """Destroy this process's process group when the interpreter exits, before it is torn down.
 
-    A torchrun or srun rank that exits with its Gloo process group alive can abort during
-    interpreter finalisation ("terminate called without an active exception", SIGABRT; the
-    group's C++ threads outlive Python), and torchrun then reports the whole run as failed even
-    though it finished. Called after a successful run only: destroying a group whose peers are
-    still inside a collective (a run that failed on one rank) could hang the exit instead. At exit,
-    not at once, so a script may call ``fit`` again under the same launch and reuse the group.
-    Spawned ranks need none of this: they end with ``os._exit``, before any finalisation.
+    A rank that exits with its Gloo process group alive can abort during interpreter finalisation
+    ("terminate called without an active exception", SIGABRT; the group's C++ threads outlive
+    Python), and torchrun, or the parent of spawned ranks, then reports the whole run as failed
+    even though it finished. Each rank calls this in its own process (spawned ranks finalise too)
+    after a successful run only: destroying a group whose peers are still inside a collective (a
+    run that failed on one rank) could hang the exit instead. At exit, not at once, so a script may
+    call ``fit`` again under the same launch and reuse the group.
     """
     global _LEAVING_REGISTERED
     if not _LEAVING_REGISTERED:
