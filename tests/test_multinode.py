@@ -51,7 +51,7 @@ def test_two_torchrun_launches_finish_one_run_together(tmp_path):
 
 
 def test_a_finished_rank_leaves_its_process_group_before_the_interpreter_exits(tmp_path):
-    # a torchrun rank that exits with its Gloo group alive can abort in interpreter finalisation
+    # a rank (torchrun's or spawned) that exits with its Gloo group alive can abort in interpreter finalisation
     # (SIGABRT, seen once in CI); after a successful fit each rank destroys it in an exit handler
     script = (
         "import atexit, torch.distributed as dist\n"
