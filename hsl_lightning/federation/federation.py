@@ -214,7 +214,7 @@ class Federation:
                            "the run to continue.")
         run_dir = Path(self.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{self.strategy.name}")
         world = int(self.devices) * int(self.num_nodes)
-        launch_strategy = fabric_strategy(world)  # ddp: torchrun or srun started every rank: join, don't spawn
+        launch_strategy = fabric_strategy(world)  # one process; join the ranks torchrun/srun started; or spawn
         fabric = Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
                         precision=self.precision, strategy=launch_strategy)
         self.summary = fabric.launch(self._run, model, datamodule, run_dir, ckpt_path)

@@ -33,10 +33,12 @@ def leave_process_group_at_exit() -> None:
     A rank that exits with its Gloo process group alive can abort during interpreter finalisation
     ("terminate called without an active exception", SIGABRT; the group's C++ threads outlive
     Python), and torchrun, or the parent of spawned ranks, then reports the whole run as failed
-    even though it finished. Each rank calls this in its own process (spawned ranks finalise too)
-    after a successful run only: destroying a group whose peers are still inside a collective (a
-    run that failed on one rank) could hang the exit instead. At exit, not at once, so a script may
-    call ``fit`` again under the same launch and reuse the group.
+    even though it finished. Each rank calls this in its own process (spawned ranks finalise too),
+    once its first run has finished: a run that failed ends in error either way, and its exit
+    should not depend on what a failed collective left behind. At exit, not at once, so a script
+    may call ``fit`` again under the same launch and reuse the group. Destroying the group stops
+    its threads only while nothing else holds it (a DDP wrapper, a subgroup): this package makes
+    no such reference.
     """
     global _LEAVING_REGISTERED
     if not _LEAVING_REGISTERED:
