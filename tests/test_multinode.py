@@ -48,4 +48,3 @@ def test_two_torchrun_launches_finish_one_run_together(tmp_path):
     one_summary = json.loads((one / "summary.json").read_text())
     for a, b in zip(one_summary["nodes"], two_summary["nodes"]):
         assert a["test_auc"] == pytest.approx(b["test_auc"], abs=1e-4), (a, b)
-
