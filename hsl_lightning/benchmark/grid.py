@@ -374,6 +374,12 @@ class Grid:
                     for c in self._seed_cells(seed, chosen, "pilot") if c.scenario in scenarios]
         return out
 
+    def pilot_cells_elsewhere(self, chosen: dict | None = None) -> list[Cell]:
+        """The pilot cells of the scenarios outside ``pilot.scenarios``: they run only when the rule
+        chosen is ``last``, whose curves then set those scenarios' numbers of rounds."""
+        piloted = set(self.pilot_scenarios())
+        return [c for c in self.pilot_cells(chosen, every_scenario=True) if c.scenario not in piloted]
+
     def rerun_cells(self, cells: list[Cell]) -> list[Cell]:
         """The thread-count rerun of ``cells`` (reported cells): per seed, one cell in ``every``,
         starting at an offset that moves with the seed, so the sample covers methods and scenarios."""

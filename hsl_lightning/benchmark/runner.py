@@ -126,8 +126,7 @@ def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress:
             _run_cells(grid, grid.pilot_cells(chosen), workers, threads, accelerator, bar, counts)
             rule = choose_rule(grid, chosen)
             if rule == "last":  # the other scenarios' curves set their number of rounds
-                piloted = set(grid.pilot_scenarios())
-                others = [c for c in grid.pilot_cells(chosen, every_scenario=True) if c.scenario not in piloted]
+                others = grid.pilot_cells_elsewhere(chosen)
                 total += len(others)  # known only now: they run only when the rule chosen is 'last'
                 bar.total = total
                 bar.refresh()

@@ -222,8 +222,7 @@ def progress(grid: Grid, rows: list[dict], reruns: list[dict]) -> list[str]:
     if grid.pilot:
         pilot = grid.pilot_cells()
         chosen = (_stored(grid, "pilot.json") or {}).get("chosen")
-        piloted = set(grid.pilot_scenarios())
-        others = [c for c in grid.pilot_cells(every_scenario=True) if c.scenario not in piloted]
+        others = grid.pilot_cells_elsewhere()
         def finished(cells) -> int:
             return sum(pilot_results[c.key] is not None for c in cells)
 
