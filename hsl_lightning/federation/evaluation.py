@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from hsl_lightning.inference.checkpoints import GRID, counts
 from hsl_lightning.federation.randomness import adopt
-from hsl_lightning.metrics import NodeMetrics, summarize
+from hsl_lightning.metrics import GRID, NodeMetrics, counts, predictions, summarize
 
 METRICS = ("auc", "acc", "sensitivity", "specificity")
 #: what validation adds per node: the summed loss (for ``deploy_round: best_loss``) and the AUC and
@@ -19,31 +17,18 @@ METRICS = ("auc", "acc", "sensitivity", "specificity")
 VAL_EXTRAS = ("loss", "n", "auc_a", "auc_b", "loss_a")
 
 
-@torch.no_grad()
-def predictions(module, loader, fabric=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``module``'s logits over an evaluation ``loader`` and the targets, on the CPU, in eval mode
-    (``fabric``: the device and autocast of a run; None for a module on the CPU, as ``hsl test``)."""
-    module.eval()
-    logits, targets = [], []
-    for i, batch in enumerate(adopt(loader)):
-        if fabric is not None:
-            batch = fabric.to_device(batch)
-        with fabric.autocast() if fabric is not None else contextlib.nullcontext():
-            out = module.validation_step(batch, i)
-        logits.append(out["logits"].float().cpu())
-        targets.append(out["target"].cpu())
-    if not logits:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(targets)
-
-
 def evaluate(fabric, module, dm, node: int, split: str) -> dict:
     """``module``'s metrics on one node's ``split`` (``val``, ``test``, ``external``: the data
     module's external site, its images tagged as this node's, or ``pool``: the test pool of every
     node seen through this node's scanner, :meth:`FederatedDataModule.pool_loader`)."""
     loader = (dm.external_loader(node) if split == "external" else dm.pool_loader(node) if split == "pool"
               else dm.eval_loader(node, split))
-    return _metrics(*predictions(module, loader, fabric))
+    return _metrics(*predictions(module, adopt(loader), fabric))
+
+
+def unscored(keys: tuple[str, ...]) -> dict:
+    """The metrics of a node nobody could score (a site that left a deployment): NaN for every key."""
+    return {k: math.nan for k in keys}
 
 
 def _metrics(logits: torch.Tensor, target: torch.Tensor) -> dict:
@@ -78,7 +63,7 @@ def validate_trainees(run, trainees: dict, merged: torch.Tensor) -> list[dict]:
     """Every node's validation metrics with the model it deploys (:func:`validation_metrics`),
     one dict per node, the same on every rank."""
     def node_metrics(module, i):
-        return validation_metrics(*predictions(module, run.dm.eval_loader(i, "val"), run.fabric))
+        return validation_metrics(*predictions(module, adopt(run.dm.eval_loader(i, "val")), run.fabric))
 
     return per_node(run, trainees, merged, METRICS + VAL_EXTRAS, node_metrics)
 
@@ -100,12 +85,12 @@ def per_node(run, trainees: dict, merged: torch.Tensor, keys: tuple[str, ...], f
 
 def threshold_counts(run, trainees: dict, merged: torch.Tensor) -> torch.Tensor:
     """Per node, with the model it deploys, its validation images at or above every probability cut
-    (:func:`hsl_lightning.inference.checkpoints.counts`), the same on every rank: rows add up, so a
+    (:func:`hsl_lightning.metrics.counts`), the same on every rank: rows add up, so a
     threshold can pool any nodes."""
     rows = torch.zeros(len(run.owner), 2 * len(GRID) + 2, dtype=torch.float64)
 
     def node_counts(module, i):
-        logits, target = predictions(module, run.dm.eval_loader(i, "val"), run.fabric)
+        logits, target = predictions(module, adopt(run.dm.eval_loader(i, "val")), run.fabric)
         return counts(torch.sigmoid(logits), target)
 
     for i, row in each_node(run, trainees, merged, node_counts):

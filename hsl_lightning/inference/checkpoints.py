@@ -9,8 +9,8 @@ deployment needs besides the weights:
 
 - ``class_path``: the module's class, for :func:`load`;
 - ``threshold``: the probability cut chosen on the run's validation data (Youden's J: the cut that
-  maximises sensitivity + specificity - 1; for ``model.ckpt`` over all nodes' validation images
-  pooled, for a node's checkpoint over its own);
+  maximises sensitivity + specificity - 1, :func:`hsl_lightning.metrics.youden`; for ``model.ckpt``
+  over all nodes' validation images pooled, for a node's checkpoint over its own);
 - ``image_size``, ``in_chans``: how training prepared images (``hsl predict`` does the same);
 - ``node``, ``round``, ``strategy``, ``seed``: where it came from;
 - ``sat_reference``: the fixed SAT batch of an HSLModule that infers with ``sat_inference:
@@ -27,9 +27,6 @@ import lightning
 import torch
 
 from hsl_lightning.errors import HSLError
-
-#: probability cuts tried when choosing the threshold (resolution 0.001)
-GRID = torch.linspace(0, 1, 1001, dtype=torch.float64)
 
 
 def write(path: Path, module: torch.nn.Module, info: dict) -> None:
@@ -95,24 +92,3 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn
         module.set_sat_reference(meta["sat_reference"].to(device))
     return module.eval(), meta
 
-
-def counts(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Positives and negatives at or above each cut of :data:`GRID`, then the class totals: one row
-    (2 * len(GRID) + 2,) that adds up over nodes, so thresholds can pool nodes hosted on any rank."""
-    probs, target = probs.double().cpu(), target.long().cpu()
-    above = probs[:, None] >= GRID[None, :]
-    pos, neg = target == 1, target == 0
-    return torch.cat([above[pos].sum(0).double(), above[neg].sum(0).double(),
-                      torch.tensor([pos.sum(), neg.sum()], dtype=torch.float64)])
-
-
-def youden(row: torch.Tensor) -> float:
-    """The cut of best sensitivity + specificity - 1 for one :func:`counts` row (summed rows pool
-    nodes); among equally good cuts the middle one; 0.5 when a class is missing."""
-    k = len(GRID)
-    pos_above, neg_above, (n_pos, n_neg) = row[:k], row[k: 2 * k], row[2 * k:].tolist()
-    if n_pos == 0 or n_neg == 0:
-        return 0.5
-    j = pos_above / n_pos - neg_above / n_neg
-    best = torch.nonzero(j >= j.max() - 1e-12).flatten()
-    return float(GRID[best[len(best) // 2]])

@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 
 from hsl_lightning.inference import checkpoints
 from hsl_lightning.errors import HSLError
-from hsl_lightning.federation.evaluation import predictions
-from hsl_lightning.metrics import NodeMetrics, summarize
+from hsl_lightning.metrics import NodeMetrics, predictions, summarize
 
 
 def _sites(dm, split: str) -> list[tuple[str, object, dict | None]]:
