@@ -57,6 +57,9 @@ class HSLCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand is not None else self.config
         dumped = parser.dump(config, skip_none=False, skip_link_targets=False)
         federation.run_config = yaml.safe_load(dumped)
+        section = federation.run_config.get("federation") or {}
+        section.pop("num_nodes", None)  # the deprecated name of machines: saved under the new name
+        section["machines"] = federation.machines
         # how to start, not what was run: a rerun of the saved config starts afresh
         federation.run_config.pop("ckpt_path", None)
         return federation

@@ -33,7 +33,7 @@ def test_two_torchrun_launches_finish_one_run_together(tmp_path):
     for node_rank in (1, 0):
         cmd = [str(TORCHRUN), "--nnodes", "2", "--node_rank", str(node_rank), "--nproc_per_node", "1",
                "--master_addr", "127.0.0.1", "--master_port", port, "-m", "hsl_lightning", "fit", *SETTINGS,
-               "--federation.num_nodes", "2", "--federation.devices", "1", "--federation.run_dir", str(run_dir)]
+               "--federation.machines", "2", "--federation.devices", "1", "--federation.run_dir", str(run_dir)]
         machines.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
     outputs = [m.communicate(timeout=400)[0] for m in machines]

@@ -86,7 +86,7 @@ def load_rank(folder: Path, rank: int, world_size: int, device) -> dict:
                        "needs the run directory it wrote (or a shared one).") from exc
     if info["world_size"] != world_size:
         raise HSLError(f"Checkpoint {folder} was written by {info['world_size']} rank(s); resume it with the same "
-                       f"devices x num_nodes (now {world_size}).")
+                       f"devices x machines (now {world_size}).")
     file = folder / f"rank-{rank}.pt"
     try:
         payload = torch.load(file, map_location=device, weights_only=True)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import warnings
 
 import torch
+
+from hsl_lightning.errors import HSLError
 
 
 def launched_externally() -> bool:
@@ -22,6 +25,21 @@ def fabric_strategy(world: int) -> str:
     if world == 1:
         return "auto"
     return "ddp" if launched_externally() else "ddp_spawn"
+
+
+def machines_of(machines: int, num_nodes: int | None) -> int:
+    """The machines a run's ranks span, from ``federation.machines`` and its deprecated name
+    ``federation.num_nodes`` (Lightning Fabric's word, easily taken for the hospitals of
+    ``data.scenario.num_nodes``): the old name warns, and the two must agree unless ``machines`` is
+    left at its default, 1."""
+    if num_nodes is None:
+        return machines
+    if machines not in (1, num_nodes):
+        raise HSLError(f"federation.machines is {machines} but federation.num_nodes, its deprecated name, is "
+                       f"{num_nodes}: set only federation.machines.")
+    warnings.warn("federation.num_nodes is deprecated: it counts machines, not hospitals; use federation.machines",
+                  FutureWarning, stacklevel=3)
+    return num_nodes
 
 
 _LEAVING_REGISTERED = False
