@@ -8,7 +8,8 @@ any key can be overridden on the command line, e.g. ``--model.init_args.backbone
 ``hsl test --run RUN_DIR`` scores a finished run's deployed model(s) on any data configuration;
 ``hsl predict --run RUN_DIR --images PATH...`` writes a probability per image; ``hsl strategies``
 lists the strategies; ``hsl benchmark --config GRID`` runs a benchmark grid; ``hsl embed RUN_DIR
-...`` draws and measures how homogeneous trained runs make the nodes. ``hsl --help`` lists them.
+...`` draws and measures how homogeneous trained runs make the nodes; ``hsl compare RUN_A RUN_B`` checks two runs
+(a deployment against its simulation) for equal weights and AUCs. ``hsl --help`` lists them.
 
 The command sits on top of the package: nothing imports it. The configuration parser it runs is
 :class:`hsl_lightning.config.HSLCLI`; the one-paragraph error messages come from
@@ -42,6 +43,7 @@ SUBCOMMANDS = {
     "strategies": "list the federated strategies and what each does",
     "benchmark": "run a grid of methods x scenarios x seeds and write its report (hsl benchmark --config GRID)",
     "embed": "measure and draw how alike trained runs make the nodes (hsl embed RUN_DIR ...)",
+    "compare": "check two runs (a deployment against its simulation) for equal weights and AUCs (hsl compare A B)",
     "flower": "train across real sites on Flower: keys, app, supernode (hsl flower keys --help)",
 }
 
@@ -50,7 +52,7 @@ def print_help() -> None:
     """Print the ``hsl`` subcommands, one line each."""
     width = max(map(len, SUBCOMMANDS))
     print("usage: hsl SUBCOMMAND [options]    (hsl SUBCOMMAND --help for its options)\n\n"
-          "HeteroSync Learning on simulated or real institutions.\n\nsubcommands:")
+          "HeteroSync Learning on simulated or real hospitals.\n\nsubcommands:")
     for name, text in SUBCOMMANDS.items():
         print(f"  {name:<{width}}  {text}")
 
@@ -226,6 +228,31 @@ def embed(argv: list[str]) -> None:
     print(f"hsl embed: figure {args.out}, numbers {Path(args.out).with_suffix('.json')}")
 
 
+def compare(argv: list[str]) -> None:
+    """``hsl compare``: two runs' deployed weights and AUCs side by side; exit status 1 when they differ."""
+    import argparse
+    import json
+
+    from hsl_lightning.inference.compare import compare_runs, format_comparison, parse_weights
+
+    parser = argparse.ArgumentParser(prog="hsl compare", description=(
+        "Compare two finished runs (hsl fit or a deployment): per model, the largest absolute weight difference "
+        "per tensor group and over all; per node, both runs' val and test AUCs and their difference; then one "
+        "verdict line. Exit status 0 when identical (every tensor equal bit for bit, every AUC and the best round "
+        "equal), 1 when they differ, 2 for an error (a missing run, summary.json or checkpoint, other tensors)."))
+    parser.add_argument("run_a", metavar="RUN_A", help="a run directory, e.g. the simulation's (runs/sim)")
+    parser.add_argument("run_b", metavar="RUN_B", help="the run to check against it, e.g. the deployment's")
+    parser.add_argument("--weights", action="append", metavar="NAME=PATH",
+                        help="node NAME's checkpoint of RUN_B is PATH (a site-held one copied elsewhere); repeatable")
+    parser.add_argument("--weights-a", action="append", metavar="NAME=PATH", help="the same for RUN_A")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead (for scripts)")
+    args = parser.parse_args(argv)
+    result = compare_runs(args.run_a, args.run_b, parse_weights(args.weights_a), parse_weights(args.weights))
+    print(json.dumps(result, indent=2) if args.json else format_comparison(result))
+    if not result["identical"]:
+        sys.exit(1)
+
+
 def _next_steps(cli) -> None:
     """After ``hsl fit``: where the run went and what to try next."""
     run = getattr(cli.trainer, "last_run_dir", None)
@@ -256,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         print_help()
         return
     commands = {"strategies": strategies, "benchmark": benchmark, "embed": embed, "test": test, "predict": predict,
-                "flower": flower}
+                "flower": flower, "compare": compare}
     try:
         if args[0] in commands:
             commands[args[0]](args[1:])

@@ -1,1 +1,2 @@
-"""Using what a run trained: its checkpoints, scoring on any data (``hsl test``), predictions (``hsl predict``)."""
+"""Using what a run trained: its checkpoints, scoring on any data (``hsl test``), predictions (``hsl predict``),
+two runs compared (``hsl compare``)."""
