@@ -2,8 +2,10 @@
 
 - ``hsl flower keys``: the CA, the SuperLink's certificate and the sites' node keys;
 - ``hsl flower app``: a Flower app folder that runs an ``hsl fit`` config (``flwr run`` submits it);
-- ``hsl flower supernode``: checks a site's certificate, key, connection and data, each failure
-  one message naming the site, then starts ``flower-supernode`` with the same options.
+- ``hsl flower supernode``: checks a site's certificate, key, connection, data and that the
+  SuperLink has registered its key, each failure
+  one message naming the site, then starts ``flower-supernode`` with the same options;
+- ``hsl flower stop-workers``: stops a site's worker processes now, by their pid files.
 """
 
 from __future__ import annotations
@@ -59,6 +61,103 @@ def check_key(path: Path, site: str) -> None:
                        "ECDSA key (ssh-keygen -t ecdsa -b 384).")
 
 
+def key_fingerprint(public_key) -> str:
+    """``SHA256:...`` of an EC public key, as ``ssh-keygen -lf KEY.pub`` prints it."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    blob = base64.b64decode(public_key.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+# A registered key is told from an unregistered one by the SuperNode's own first call, ActivateNode,
+# sent with an out-of-range heartbeat interval. Found in flwr 1.42.0 (paths inside site-packages/flwr):
+# - supernode/fleet_http_connection.py:221-231: a SuperNode given a key only calls ActivateNode
+#   (RegisterNode is for key-less, self-registering SuperNodes); the request carries the public key,
+#   signed as supernode/node_auth_http_interceptor.py:49-61 does (flwr-public-key, flwr-timestamp,
+#   flwr-signature over the timestamp only).
+# - superlink/routers/fleet/node_auth.py:69-73: for ActivateNode the SuperLink checks only that the
+#   signature is valid and the key matches the request's (401 otherwise); every other Fleet call
+#   (node_auth.py:75-81) also needs the node id the key was registered under, which a site does not
+#   know, so they answer 401 whether or not the key is registered. RegisterNode answers 2001 to all
+#   when --enable-supernode-auth is on (servicer/fleet/fleet_handlers.py:85-88).
+# - servicer/fleet/fleet_handlers.py:101-129 activate_node: looks the key up first (110-112: unknown
+#   key -> ApiError 2004, HTTP 412), THEN validates the heartbeat interval (113, bounds 10..1800 s,
+#   common/constant.py:48-49, fleet_handlers.py:486-492: out of range -> ApiError 2003, HTTP 400),
+#   and only then activates the node (114). Interval 0 therefore answers 2003 for a registered key
+#   and 2004 for an unregistered one, having only read the state: get_node_id_by_public_key is a
+#   SELECT (server/superlink/linkstate/sql_linkstate.py:925-938). The node stays "registered", never
+#   "online", and the ServerApp only sees online nodes (sql_linkstate.py:839-843). Error codes and
+#   HTTP statuses: supercore/error/catalog.py:335-344, JSON {"code", "detail"}: supercore/error/http.py:60-78.
+#   The SuperLink logs one ERROR line per probe ([/v1/fleet/activate-node][ApiError:2003] ...).
+# - A fresh random key is probed too: it must answer 2004, else the SuperLink does not look the key
+#   up before validating (another Flower version) and the answer says nothing.
+# - `flwr supernode list` shows node ids, owner and status, not public keys (cli/supernode/ls.py:
+#   225-233): a coordinator compares the fingerprint printed here with `ssh-keygen -lf KEY.pub`.
+def _activate_probe(address: str, ca: Path, private_key, timeout: float) -> tuple[int | None, int]:
+    """(ApiError code, HTTP status) of an ActivateNode call with heartbeat interval 0 (never activates)."""
+    import httpx
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest  # pylint: disable=E0611
+    from flwr.supercore.error import FlowerError
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    public_key = private_key.public_key()
+    request = ActivateNodeRequest(public_key=public_key_to_bytes(public_key), heartbeat_interval=0.0)
+    with FleetHttpClient(f"https://{address}", interceptors=[NodeAuthHttpInterceptor(private_key, public_key)],
+                         verify=str(ca), timeout=timeout) as client:
+        try:
+            client.ActivateNode(request)
+        except httpx.HTTPStatusError as exc:
+            error = FlowerError.from_json(exc.response.text)
+            return (error.code if error else None), exc.response.status_code
+    return None, 200
+
+
+def check_registered(address: str, ca: Path, key_path: Path, site: str, timeout: float = 10.0) -> bool:
+    """Ask the SuperLink whether it has registered this site's node key, without activating the node
+    (see the comment above for how, in flwr 1.42). True: registered; an unregistered key, a refused
+    signature or an unreachable Fleet API is one message naming the site; False: this SuperLink's
+    answer cannot tell (printed as a note)."""
+    import httpx
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    key = load_ssh_private_key(key_path.read_bytes(), password=None)
+    fingerprint = key_fingerprint(key.public_key())
+    pub = key_path.with_name(key_path.name + ".pub")
+    try:
+        code, http_status = _activate_probe(address, ca, key, timeout)
+        control = _activate_probe(address, ca, ec.generate_private_key(ec.SECP384R1()), timeout)[0] \
+            if code == 2003 else None
+    except ImportError as exc:
+        print(f"hsl: site {site}: cannot check whether the SuperLink has registered the node key: flwr is not "
+              f"installed here ({exc}).", flush=True)
+        return False
+    except httpx.HTTPError as exc:
+        raise HSLError(f"Site {site}: the SuperLink at {address} accepts TLS but its Fleet API did not answer "
+                       f"({type(exc).__name__}: {exc}).") from exc
+    if code == 2004:
+        raise HSLError(f"Site {site}: the SuperLink at {address} has not registered this site's node key "
+                       f"{key_path} (public key {fingerprint}); Flower would refuse the SuperNode (Failed to "
+                       f"activate SuperNode). Ask the coordinator to register it: `flwr supernode register {pub} "
+                       f"<superlink-connection> --name {site}` (`ssh-keygen -lf {pub}` shows the same fingerprint).")
+    if http_status == 401:
+        raise HSLError(f"Site {site}: the SuperLink at {address} refused the node key's signature (HTTP 401): "
+                       "this machine's clock differs from the SuperLink's (Flower allows 5 s ahead, 300 s behind), or "
+                       "a proxy in between drops the flwr-public-key, flwr-timestamp and flwr-signature headers.")
+    if code == 2003 and control == 2004:
+        return True
+    print(f"hsl: site {site}: cannot tell whether the SuperLink has registered the node key {key_path} (public key "
+          f"{fingerprint}): its Fleet API answered HTTP {http_status} (code {code}"
+          f"{'' if control is None else f'; code {control} for a random key'}), not what Flower 1.42 answers. "
+          "Ask the coordinator to check `flwr supernode list`.", flush=True)
+    return False
+
+
 def check_data(node_config: dict, site: str) -> None:
     """A ``data-config`` named in the node config must exist, parse as YAML, and name only files and
     folders that exist here."""
@@ -75,7 +174,8 @@ def check_data(node_config: dict, site: str) -> None:
 def supernode(argv: list[str]) -> None:
     """``hsl flower supernode``: check the site's certificate, key, data and connection, then start it."""
     parser = argparse.ArgumentParser(prog="hsl flower supernode", description=(
-        "Check this site's CA certificate, node key, connection to the SuperLink and data config, then start "
+        "Check this site's CA certificate, node key (and that the SuperLink has registered it), connection to "
+        "the SuperLink and data config, then start "
         "flower-supernode with the same options (any further options are passed on)."))
     parser.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")
     parser.add_argument("--root-certificates", required=True, help="the consortium's CA certificate (ca.crt)")
@@ -93,8 +193,12 @@ def supernode(argv: list[str]) -> None:
     check_key(Path(args.auth_supernode_private_key), site)
     check_data(node_config, site)
     check_tls(args.superlink, ca, site)
-    print(f"hsl: site {site}: CA certificate, node key, data config and TLS connection to {args.superlink} are fine.",
-          flush=True)
+    if check_registered(args.superlink, ca, Path(args.auth_supernode_private_key), site):
+        print(f"hsl: site {site}: CA certificate, node key, data config and TLS connection to {args.superlink} are "
+              "fine, and the SuperLink has registered the node key.", flush=True)
+    else:
+        print(f"hsl: site {site}: CA certificate, node key format, data config and TLS connection to "
+              f"{args.superlink} are fine; the node key's registration is not verified.", flush=True)
     if args.check_only:
         return
     exe = shutil.which("flower-supernode")
@@ -143,7 +247,25 @@ def app(argv: list[str]) -> None:
     print(f"hsl: wrote {out}/pyproject.toml; submit it with: flwr run {out} <superlink-connection> --stream")
 
 
-COMMANDS = {"keys": keys, "app": app, "supernode": supernode}
+def stop_workers(argv: list[str]) -> None:
+    """``hsl flower stop-workers``: stop a site's workers (by their pid files, never by name)."""
+    from hsl_lightning.flower.worker import stop_workers as stop
+
+    parser = argparse.ArgumentParser(prog="hsl flower stop-workers", description=(
+        "Stop this site's worker processes (each keeps a run's data and model between rounds) now: every "
+        "run folder's worker.pid whose process is that folder's worker gets SIGTERM; stale pid files are removed."))
+    parser.add_argument("--site-dir", required=True, help="the site's directory (its node config's site-dir)")
+    parser.add_argument("--timeout-s", type=float, default=30.0,
+                        help="how long a worker may take to exit before it is killed")
+    args = parser.parse_args(argv)
+    pids = stop(args.site_dir, args.timeout_s)
+    for pid in pids:
+        print(f"hsl: stopped the worker with pid {pid}", flush=True)
+    if not pids:
+        print(f"hsl: no worker of {args.site_dir} was running", flush=True)
+
+
+COMMANDS = {"keys": keys, "app": app, "supernode": supernode, "stop-workers": stop_workers}
 
 
 def main(argv: list[str]) -> None:
