@@ -17,7 +17,8 @@ import yaml
 
 from hsl_lightning.config import HSLCLI
 from hsl_lightning.errors import HSLError
-from hsl_lightning.flower.server import DeployedFederation, LocalSites
+from hsl_lightning.flower import protocol
+from hsl_lightning.flower.server import LocalSites, SitePhases
 from hsl_lightning.flower.site import Site
 
 TINY = {
@@ -57,7 +58,8 @@ def deploy(config: dict, run_dir: Path, sites, ckpt_path=None) -> dict:
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = HSLCLI(args=["--config", str(path), "--federation.run_dir", str(run_dir)], run=False)
-    return DeployedFederation.wrap(cli.trainer, LocalSites(sites)).fit(cli.model, ckpt_path=ckpt_path)
+    transport = sites if isinstance(sites, LocalSites) else LocalSites(sites)
+    return SitePhases(cli.trainer, transport).fit(cli.model, ckpt_path=ckpt_path)
 
 
 def deployed_weights(run_dir: Path, summary: dict) -> dict:
@@ -110,32 +112,73 @@ def test_dp_fedavg_runs_in_deployment_with_its_epsilon(tmp_path):
 
 
 class FailingSite(Site):
-    """A site whose training fails in round 2 (``fail_round``) or whose answer never comes (``vanish``)."""
+    """Site 1's training fails in round 2 (``vanish`` false) or its answer to that request never comes."""
 
-    fail_round, vanish = 1, False
+    vanish = False
 
     def handle(self, request):
-        if request["action"] == "round" and request["round"] == self.fail_round and request["train"] and self.node == 1:
+        if isinstance(request, protocol.Round) and request.completed == 1 and request.train and self.node == 1:
             if self.vanish:
-                raise HSLError(f"site {self.node}: no reply within 3600 s (disconnected?)")
-            raise HSLError(f"Site {self.name}: local training failed in round {self.fail_round + 1}: out of memory")
+                raise HSLError("stopped answering: no reply within 300 s")
+            raise HSLError(f"Site {self.name}: local training failed in round 2: out of memory")
         return super().handle(request)
+
+
+def failing_sites(config, root, vanish=False):
+    sites = sites_for(config, root, FailingSite)
+    for site in sites:
+        site.vanish = vanish
+    return sites
 
 
 def test_a_failing_site_stops_the_run_naming_it_or_drops_out_with_min_nodes(tmp_path):
     config = config_for("fedavg", rounds=3)
-    with pytest.raises(HSLError, match=r"site1.*round 2.*min_nodes"):
-        deploy(config, tmp_path / "a", sites_for(config, tmp_path / "sa", FailingSite))
-    FailingSite.vanish = True
-    try:
-        config = config_for("fedavg", rounds=3, min_nodes=2)
-        dep = deploy(config, tmp_path / "b", sites_for(config, tmp_path / "sb", FailingSite))
-    finally:
-        FailingSite.vanish = False
-    assert list(dep["deployment"]["failed"]) == ["1"] and "disconnected" in dep["deployment"]["failed"]["1"]
+    transport = LocalSites(failing_sites(config, tmp_path / "sa"))
+    with pytest.raises(HSLError, match=r"site 1 \(site1\) failed in round 2: local training failed in round 2: out "
+                                       r"of memory\. Set federation.min_nodes"):
+        deploy(config, tmp_path / "a", transport)
+    # every site is told why the run stopped, in the coordinator's words, the failed one too
+    stops = [(i, m.reason) for i, m in transport.sent if isinstance(m, protocol.Stop)]
+    assert [i for i, _ in stops] == [0, 1, 2] and all("site 1 (site1) failed in round 2" in r for _, r in stops)
+
+    config = config_for("fedavg", rounds=3, min_nodes=2)
+    transport = LocalSites(failing_sites(config, tmp_path / "sb", vanish=True))
+    dep = deploy(config, tmp_path / "b", transport)
+    assert list(dep["deployment"]["failed"]) == ["1"] and "stopped answering" in dep["deployment"]["failed"]["1"]
     assert [h["nodes_dropped"] for h in dep["history"]] == [0, 1, 1]
     assert dep["nodes"][1]["test_auc"] != dep["nodes"][1]["test_auc"]  # NaN: the site never answered again
+    assert "stopped answering" in dep["nodes"][1]["failed"]  # its row stays, with the reason
     assert dep["nodes"][0]["test_auc"] == dep["nodes"][0]["test_auc"]
+    # the dropped site was told at once, and asked nothing after
+    told = [k for k, (i, m) in enumerate(transport.sent) if i == 1 and isinstance(m, protocol.Stop)]
+    assert len(told) == 1 and "left the run in round 2" in transport.sent[told[0]][1].reason
+    assert not any(i == 1 for i, m in transport.sent[told[0] + 1:])
+
+
+class BrokenSite(Site):
+    """A site whose data turns out unreadable when it builds it (the Hello)."""
+
+    def hello(self, request=None):
+        raise HSLError(f"Site {self.name} failed building its data: images/7.png is truncated")
+
+
+def test_a_site_that_fails_at_start_keeps_its_row_with_the_reason(tmp_path, capsys):
+    config = config_for("fedavg", rounds=2, min_nodes=2)
+    sites = sites_for(config, tmp_path / "s")
+    sites[2] = BrokenSite(yaml.safe_dump(config), 2, tmp_path / "s" / "site2")
+    dep = deploy(config, tmp_path / "dep", sites)
+    assert [n["name"] for n in dep["nodes"]] == ["node0", "node1", "node2"]
+    row = dep["nodes"][2]
+    assert row["test_auc"] != row["test_auc"] and "images/7.png is truncated" in row["failed"]
+    table = capsys.readouterr().out
+    assert "node2" in table and "failed: " in table and "truncated" in table
+    # without min_nodes the run stops, and the broken site's operator is told why
+    config = config_for("fedavg", rounds=2)
+    sites[2] = BrokenSite(yaml.safe_dump(config), 2, tmp_path / "t" / "site2")
+    transport = LocalSites(sites)
+    with pytest.raises(HSLError, match=r"site 2 failed in round 1: .*truncated"):
+        deploy(config, tmp_path / "dep2", transport)
+    assert any(i == 2 and isinstance(m, protocol.Stop) and "truncated" in m.reason for i, m in transport.sent)
 
 
 def test_a_site_with_missing_data_fails_with_a_message_naming_it(tmp_path):
@@ -164,10 +207,10 @@ class CrashingSites(LocalSites):
         super().__init__(sites)
         self.at = at
 
-    def _send(self, requests):
-        if any(r.get("round") == self.at for r in requests.values()):
+    def exchange(self, requests, timeout_s):
+        if any(getattr(r, "completed", None) == self.at for r in requests.values()):
             raise Crash
-        return super()._send(requests)
+        return super().exchange(requests, timeout_s)
 
 
 def test_a_restarted_server_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
@@ -177,7 +220,7 @@ def test_a_restarted_server_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
     path.write_text(yaml.safe_dump(config))
     cli = HSLCLI(args=["--config", str(path), "--federation.run_dir", str(tmp_path / "cut")], run=False)
     with pytest.raises(Crash):
-        DeployedFederation.wrap(cli.trainer, CrashingSites(sites_for(config, tmp_path / "s2"), at=2)).fit(cli.model)
+        SitePhases(cli.trainer, CrashingSites(sites_for(config, tmp_path / "s2"), at=2)).fit(cli.model)
     # the server comes back (and so do the sites, as fresh processes reading their own directories)
     resumed = deploy(config, tmp_path / "cut", sites_for(config, tmp_path / "s2"), ckpt_path="last")
     assert_same(whole, tmp_path / "whole", resumed, tmp_path / "cut")
@@ -199,15 +242,16 @@ def test_a_deployed_round_trip_is_split_into_flowers_stages_and_the_sites_work()
     assert started is not None and started <= time.time()
     assert abs(started - psutil.Process().create_time()) < 0.05
 
-    deployed = DeployedFederation.__new__(DeployedFederation)
-    deployed._timing = {}
+    deployed = SitePhases.__new__(SitePhases)
+    deployed.timing = {}
     slow = {"pushed": 100.0, "spawned": 101.5, "entered": 103.0, "left": 110.0, "pulled": 110.75}
     fast = {"pushed": 100.0, "spawned": 100.2, "entered": 100.9, "left": 104.0, "pulled": 104.5}
-    deployed._time_stages({0: {"clock": fast, "busy_s": 3.0}, 1: {"clock": slow, "busy_s": 6.0}, 2: {"error": "x"}})
+    deployed._time_stages({0: protocol.Stopped(True, clock=fast, busy_s=3.0),
+                           1: protocol.Stopped(True, clock=slow, busy_s=6.0), 2: protocol.Failure("x")})
     stages = {"deliver": 1.5, "clientapp_start": 1.5, "handover": 1.0, "site_work": 6.0, "return": 0.75}
-    assert deployed._timing == {"timed_requests": 1, **{f"{k}_s": v for k, v in stages.items()}, "stages": [stages]}
-    deployed._time_stages({0: {"node": 0}})  # the simulator's in-process sites carry no clock
-    assert deployed._timing["timed_requests"] == 1
+    assert deployed.timing == {"timed_requests": 1, **{f"{k}_s": v for k, v in stages.items()}, "stages": [stages]}
+    deployed._time_stages({0: protocol.Stopped(True)})  # the in-process sites carry no clock
+    assert deployed.timing["timed_requests"] == 1
 
 
 def test_the_superlink_certificate_always_names_this_machine(tmp_path):
@@ -286,12 +330,13 @@ def test_a_stopped_run_stops_the_sites_worker_and_never_starts_one(tmp_path):
         while not Path(worker.address_of(site_dir)).exists():
             assert process.poll() is None and time.monotonic() < deadline, "the worker did not start"
             time.sleep(0.05)
-        assert worker.call(site_dir, {}, {"action": "stop"}) == {"stopped": True}
+        reply = worker.call(site_dir, {}, protocol.encode(protocol.Stop(2, "the run failed")))
+        assert protocol.decode(*reply) == protocol.Stopped(True)
         assert process.wait(30) == 0
     finally:
         if process.poll() is None:
             process.kill()
-    assert worker.call(site_dir, {}, {"action": "stop"}) == {"stopped": False}
+    assert protocol.decode(*worker.call(site_dir, {}, protocol.encode(protocol.Stop(2, "x")))) == protocol.Stopped(False)
     assert not Path(worker.address_of(site_dir)).exists()
 
 

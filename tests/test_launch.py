@@ -33,7 +33,7 @@ def test_a_rank_registers_the_handler_after_a_successful_multi_rank_run_only(mon
     calls = []
     monkeypatch.setattr(federation_module, "leave_process_group_at_exit", lambda: calls.append(1))
     fed = Federation()
-    monkeypatch.setattr(fed, "_setup", lambda *args: SimpleNamespace(workers=None))
+    monkeypatch.setattr(fed, "setup_rank", lambda *args: SimpleNamespace(workers=None))
 
     def rounds(*args):
         if fails:

@@ -1,6 +1,8 @@
 """Privacy audit: what crosses an institution's boundary at synchronisation is model or strategy
 state (weighted and summed) and counters, never anything computed from a batch directly."""
 
+import json
+
 import pytest
 import torch
 
@@ -99,6 +101,7 @@ def test_the_message_parts_are_named_views_of_one_vector():
 def test_a_flower_reply_is_exactly_its_part_of_the_simulators_message(tmp_path, monkeypatch):
     """A deployed site's reply to round 1, as the Flower message carries it, holds its part of the
     round's message and aggregates only; the sites' parts add up to the simulator's message bit for bit."""
+    from hsl_lightning.flower import protocol
     from hsl_lightning.flower.app import decode, encode
     from hsl_lightning.flower.site import compact, expand_message
     from test_flower import config_for, simulate, sites_for
@@ -113,13 +116,14 @@ def test_a_flower_reply_is_exactly_its_part_of_the_simulators_message(tmp_path, 
     merged = run.packer.pack(run.module.state_dict())  # round 1 starts from the template, the same at every site
     total = torch.zeros(run.layout.size, dtype=torch.float64)
     for site in sites:
-        reply = decode(encode(site.handle({"action": "round", "round": 0, "merged": compact(merged),
-                                           "validate": False, "train": True, "keep": []})))
-        arrays = {k for k, v in reply.items() if hasattr(v, "shape")}
-        assert arrays == {"state", "tail"}
-        assert len(reply["state"]) == run.packer.numel and len(reply["tail"]) == run.layout.size - run.packer.numel
-        assert set(reply) - arrays <= {"node", "weight", "loss", "train_s"}
-        assert all(isinstance(reply[k], (int, float)) for k in set(reply) - arrays)
-        assert reply["weight"] == site.run.weight(site.node)  # the strategy's weight of its image count
+        request = decode(encode(protocol.Round(0, compact(merged), validate=False, train=True)))
+        reply = decode(encode(site.handle(request)))
+        header, arrays = protocol.encode(reply)
+        assert set(arrays) == {"state", "tail"}
+        assert len(reply.state) == run.packer.numel and len(reply.tail) == run.layout.size - run.packer.numel
+        fields = {k for k, v in json.loads(header).items() if v is not None}
+        assert fields <= {"kind", "version", "node", "completed", "weight", "loss", "train_s", "busy_s"}
+        assert reply.val is None and reply.vector is None  # no per-image output, no validation asked
+        assert reply.weight == site.run.weight(site.node)  # the strategy's weight of its image count
         expand_message(reply, total, run.packer.numel)
     assert torch.equal(total, sent[0])

@@ -1,18 +1,20 @@
-"""The Federation: simulated institutions trained round by round on Fabric ranks.
+"""The Federation: institutions trained round by round, simulated on Fabric ranks or deployed at sites.
 
-The round loop (:meth:`Federation._run`), each phase with the module that holds it::
+The round loop (:meth:`Federation.run_rounds`), each phase with the module that holds it; the four
+that depend on where the trainees are (marked *) come from a :class:`~.phases.RoundPhases`: the
+simulator's :class:`~.phases.RankPhases`, or a deployment's sites (:mod:`hsl_lightning.flower.server`)::
 
     set up the rank: data, plan of trainees, packing          rank.py (RankRun), sync.py (StatePacker)
     start fresh, or from a checkpoint                          state.py (RankState), checkpoint.py
     for round in rounds:
-        train this rank's trainees: one by one, at the same    training.py (OneByOne), concurrent.py,
+      * train this rank's trainees: one by one, at the same    training.py (OneByOne), concurrent.py,
           time in threads, or fused                            fused_training.py
         add each contribution to the round's message           message.py (RoundMessage), merge.py
         one all-reduce of the message over ranks               message.py, sync.py
         merge: mean, personal or server-side (the strategy's)  merge.py
-        validate every node's deployed model; keep the best    evaluation.py, state.py (BestRound)
+      * validate every node's deployed model; keep the best   evaluation.py, state.py (BestRound)
         record the round's row; checkpoint                     reporting.py (Reporter), checkpoint.py
-    test every node with the round of best mean validation AUC; weights, summary.json, table
+    * test every node with the deployed round; weights, summary.json, table
 
 Institutions are not processes: W ranks host N institutions (institution t lives on rank
 t % W), so the same configuration runs on one CPU process, several processes or several GPUs,
@@ -33,20 +35,18 @@ from lightning.fabric import Fabric
 
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation import checkpoint
-from hsl_lightning.federation.concurrent import Concurrent, Workers
-from hsl_lightning.federation.evaluation import (evaluate_trainees, external_result, gather, threshold_counts,
-                                                 validate_trainees)
-from hsl_lightning.federation.fused_training import FusedRounds
-from hsl_lightning.federation.launch import fabric_strategy, leave_process_group_at_exit
+from hsl_lightning.federation.concurrent import Workers
+from hsl_lightning.federation.launch import fabric_strategy, leave_process_group_at_exit, machines_of
 from hsl_lightning.federation.loggers import WandbMode
 from hsl_lightning.federation.message import RoundMessage
+from hsl_lightning.federation.phases import RankPhases, RoundPhases
 from hsl_lightning.federation.privacy import DifferentialPrivacy, PrivateMean, check_supported
 from hsl_lightning.federation.rank import RankRun
-from hsl_lightning.federation.reporting import Reporter, format_table
+from hsl_lightning.federation.reporting import format_table
 from hsl_lightning.federation.state import DeployRound, RankState, check_deploy_round, clone_state, round_score
 from hsl_lightning.federation.strategies import STRATEGIES, Contribution, Strategy, get_strategy
 from hsl_lightning.federation.sync import StatePacker
-from hsl_lightning.federation.training import OneByOne, Outcome, seed_of
+from hsl_lightning.federation.training import Outcome, seed_of
 from hsl_lightning.metrics import summarize
 
 __all__ = ["Federation", "format_table"]
@@ -72,8 +72,9 @@ class Federation:
         contribute: ``best`` (epoch of best local validation AUC within the round) or ``last``;
             default: the strategy's (``best`` for hsl, ``last`` otherwise).
         accelerator: as for Lightning Fabric (``cpu``, ``gpu``, ``auto``).
-        devices: ranks per machine, as for Fabric; ``devices`` x ``num_nodes`` ranks host the institutions.
-        num_nodes: machines, as for Lightning Fabric (not institutions: those are the scenario's nodes).
+        devices: ranks per machine, as for Fabric; ``devices`` x ``machines`` ranks host the nodes.
+        machines: computers the ranks run on (Lightning Fabric's ``num_nodes``; not hospitals: those
+            are the nodes of ``data.scenario.num_nodes``).
         precision: as for Lightning Fabric (``32-true``, ``bf16-mixed``, ...).
         run_dir: where the run writes summary.json, config.yaml, metrics and weights
             (default ``runs/<time>-<strategy>``).
@@ -138,6 +139,8 @@ class Federation:
             in place (SGD without dampening, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad);
             if capture fails, a warning says why and the group trains without a graph. Results
             equal the eager fused path up to float rounding.
+        num_nodes: the old, deprecated name of ``machines`` (it warns; given beside a ``machines``
+            other than 1 and its own value, an error).
     """
 
     def __init__(
@@ -149,7 +152,7 @@ class Federation:
         contribute: Contribution | None = None,
         accelerator: str = "cpu",
         devices: int = 1,
-        num_nodes: int = 1,
+        machines: int = 1,
         precision: str = "32-true",
         run_dir: str | None = None,
         wandb: WandbMode = "auto",
@@ -167,14 +170,16 @@ class Federation:
         concurrent_institutions: int | None = None,
         fuse_institutions: bool = False,
         cuda_graphs: bool = False,
+        num_nodes: int | None = None,
     ):
+        machines = machines_of(machines, num_nodes)
         if rounds < 1 or local_epochs < 1:
             raise HSLError(f"rounds and local_epochs must be at least 1, got {rounds} and {local_epochs}.")
         self.strategy: Strategy = get_strategy(strategy, strategy_options)
         self.rounds, self.local_epochs = rounds, local_epochs
         self.contribute = contribute or self.strategy.default_contribution
         self._check_misuse(precision)
-        self.accelerator, self.devices, self.num_nodes, self.precision = accelerator, devices, num_nodes, precision
+        self.accelerator, self.devices, self.machines, self.precision = accelerator, devices, machines, precision
         self.run_dir = run_dir
         self.wandb, self.wandb_project = wandb, wandb_project
         self.progress, self.checkpoint, self.seed, self.threads = progress, checkpoint, seed, threads
@@ -209,87 +214,77 @@ class Federation:
                 or a ``checkpoints/round-NNNN`` folder. Model, data, strategy and seed must be those of
                 the checkpointed run; ``rounds`` may be larger.
         """
-        if ckpt_path == "last" and self.run_dir is None:
-            raise HSLError("ckpt_path 'last' continues a run directory: set federation.run_dir to the directory of "
-                           "the run to continue.")
-        run_dir = Path(self.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{self.strategy.name}")
-        world = int(self.devices) * int(self.num_nodes)
+        run_dir = self.run_dir_for(ckpt_path)
+        world = int(self.devices) * int(self.machines)
         launch_strategy = fabric_strategy(world)  # one process; join the ranks torchrun/srun started; or spawn
-        fabric = Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
+        fabric = Fabric(accelerator=self.accelerator, devices=self.devices, num_nodes=self.machines,
                         precision=self.precision, strategy=launch_strategy)
         self.summary = fabric.launch(self._run, model, datamodule, run_dir, ckpt_path)
         self.last_run_dir = run_dir
         return self.summary
 
+    def run_dir_for(self, ckpt_path: str | None) -> Path:
+        """Where this fit writes: ``federation.run_dir``, or ``runs/<time>-<strategy>``; continuing
+        (``ckpt_path: last``) needs the directory named."""
+        if ckpt_path == "last" and self.run_dir is None:
+            raise HSLError("ckpt_path 'last' continues a run directory: set federation.run_dir to the directory of "
+                           "the run to continue.")
+        return Path(self.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{self.strategy.name}")
+
     # ------------------------------------------------------------------ one rank: the round loop
     def _run(self, fabric: Fabric, module, dm, run_dir: Path, ckpt_path: str | None = None) -> dict | None:
-        start = time.perf_counter()
-        run = self._setup(fabric, module, dm, run_dir)
-        try:
-            summary = self._rounds(run, module, ckpt_path, start)
-        finally:
-            if run.workers is not None:
-                run.workers.close()
+        summary = self.run_rounds(fabric, module, dm, run_dir, ckpt_path, RankPhases(self))
         if fabric.world_size > 1:  # in the rank's own process, spawned or started by torchrun/srun
             leave_process_group_at_exit()
         return summary
 
-    def _rounds(self, run: RankRun, module, ckpt_path: str | None, start: float) -> dict | None:
-        fabric, run_dir = run.fabric, run.run_dir
-        if self.fuse_institutions:
-            trainer = FusedRounds(self, run)
-        elif run.workers is not None:
-            trainer = Concurrent(self, run, run.workers)
-        else:
-            trainer = OneByOne(self, run)
+    def run_rounds(self, fabric: Fabric, module, dm, run_dir: Path, ckpt_path: str | None,
+                   phases: RoundPhases) -> dict | None:
+        """The round loop on this process, its trainees reached through ``phases`` (the simulator's
+        :class:`~hsl_lightning.federation.phases.RankPhases`, or a deployment's sites). Returns the
+        summary (None on ranks other than 0)."""
+        start = time.perf_counter()
+        run = self.setup_rank(fabric, module, dm, run_dir, phases.trains_here)
+        try:
+            return self._rounds(run, module, ckpt_path, start, phases)
+        finally:
+            phases.close()
+            if run.workers is not None:
+                run.workers.close()
+
+    def _rounds(self, run: RankRun, module, ckpt_path: str | None, start: float, phases: RoundPhases) -> dict | None:
         state = self._start_state(run, ckpt_path)
-        report = self._reporter(run, state)
+        report = phases.start(self, run, state)
         for r in range(state.rounds_done, self.rounds):
             if self._patience_spent(state, r):
                 break
             clock = time.perf_counter()
-            merge = self._merge_of(run, state, r)
-            total, losses = self._train_and_sum(run, state, trainer, merge, report, r)
+            merge = self.merge_of(run, state, r)
+            total, losses = phases.train_and_sum(run, state, merge, report, r)
             self._check_quorum(int(total.finished.sum()), len(run.plan), r)
             merge.apply(total, state)
             self.strategy.after_round(total.extras if run.layout.extras else None, len(run.plan))
-            norms = self._update_norms(run, merge) if self.privacy is not None else None
+            norms = phases.update_norms(run, merge) if self.privacy is not None else None
             del merge
-            validation = self._validate(run, state, r)
-            losses = gather(fabric, losses.unsqueeze(1), run.owner)[:, 0]
+            validation = self._judge(state, phases.validate(run, state, r), r) if self.validates(r) else None
+            losses = phases.losses(run, losses)
             state.history.append(report.round(r, total, validation, losses, time.perf_counter() - clock, norms))
             if self.checkpoint:
-                checkpoint.save_round(fabric, run_dir, r + 1, state.portable(run.packer, r, run.fingerprint,
-                                                                             self.strategy.state_dict()))
-        trainer.close()
+                checkpoint.save_round(run.fabric, run.run_dir, r + 1, state.portable(run.packer, r, run.fingerprint,
+                                                                                     self.strategy.state_dict()))
+        phases.close()  # before scoring: fused training's stacked models are not needed past training
         report.bar.close()
-        return self._finish(run, module, state, report, start)
-
-    # ------------------------------------------------------------------ its phases
-    def _reporter(self, run: RankRun, state: RankState) -> Reporter:
-        return Reporter(self, run, state)
-
-    def _train_and_sum(self, run: RankRun, state: RankState, trainer, merge, report, r: int):
-        """Round r's training here, added to the message and summed over ranks: (total, node losses)."""
-        message = RoundMessage(run.layout, run.fabric.device)
-        losses = torch.full((len(run.names),), math.nan, dtype=torch.float64)
-        for t, outcome in trainer.train_round(r, state, report.bar):
-            self._contribute(run, state, message, merge, t, outcome, losses, r)
-            report.bar.update(1)
-        message.traffic.fill_(self.strategy.traffic(run.module))
-        return message.all_reduce(run.fabric), losses
-
-    def _finish(self, run: RankRun, module, state: RankState, report: Reporter, start: float) -> dict | None:
-        """Deploy the chosen round: each node's test scores, the external site, weights, summary."""
-        test = evaluate_trainees(run, state.best.trainees, state.best.merged, "test")
-        external = external_result(run, state.best.trainees, state.best.merged)
-        thresholds = threshold_counts(run, state.best.trainees, state.best.merged)
-        if run.fabric.world_size == 1:  # leave the user's module holding the deployed model of the first trainee
-            state.best.trainees[run.mine[0]].load_deployed(module, run.packer, state.best.merged)
+        test, external, thresholds = phases.finish(run, module, state, report)
         return report.finish(state, test, external, thresholds, start)
 
-    def _setup(self, fabric: Fabric, module, dm, run_dir: Path) -> RankRun:
-        """The rank's threads, data, plan of trainees and packing of the shared state."""
+    # ------------------------------------------------------------------ what the phases share
+    def validates(self, r: int) -> bool:
+        """Whether round r (0-based) is validated: every ``val_every_n_rounds``-th and the last."""
+        return (r + 1) % self.val_every_n_rounds == 0 or r == self.rounds - 1
+
+    def setup_rank(self, fabric: Fabric, module, dm, run_dir: Path, trains_here: bool = True) -> RankRun:
+        """The rank's threads, data, plan of trainees and packing of the shared state (``trains_here``
+        false: a coordinator that trains nothing, so no worker threads)."""
         if self.threads:
             torch.set_num_threads(self.threads)
         elif fabric.world_size > 1 and fabric.device.type == "cpu":
@@ -319,34 +314,29 @@ class Federation:
             model=type(module).__name__, state={k: list(v.shape) for k, v in entries.items()}, data=report)
         run = RankRun(fabric, module, dm, self.strategy, run_dir, dm.node_names, plan, packer, local_keys, report,
                       fingerprint)
-        k = self._institutions_at_once(run)
-        run.at_once = (k, max(1, torch.get_num_threads() // k))
-        if k > 1:
+        run.at_once = self.threads_each(len(run.mine), run.device.type) if trains_here else (1, torch.get_num_threads())
+        if run.at_once[0] > 1:
             run.workers = Workers(module, *run.at_once)
         return run
 
-    def _institutions_at_once(self, run: RankRun) -> int:
-        """How many of the rank's trainees train at the same time (see ``concurrent_institutions``)."""
-        hosted = len(run.mine)
+    def threads_each(self, hosted: int, device_type: str = "cpu") -> tuple[int, int]:
+        """(trainees training at the same time, intra-op threads each) on a rank that hosts ``hosted``
+        trainees with ``federation.threads`` (default: torch's) threads; see ``concurrent_institutions``.
+        A deployed site asks it for a rank hosting every trainee, so it trains with the simulator's arithmetic."""
+        threads = self.threads or torch.get_num_threads()
         if self.concurrent_institutions is not None:
-            return max(1, min(self.concurrent_institutions, hosted))
-        if run.device.type != "cpu" or self.fuse_institutions or not self.strategy.concurrent():
-            return 1
-        return max(1, min(hosted, torch.get_num_threads()))
+            k = max(1, min(self.concurrent_institutions, hosted))
+        elif device_type != "cpu" or self.fuse_institutions or not self.strategy.concurrent():
+            k = 1
+        else:
+            k = max(1, min(hosted, threads))
+        return k, max(1, threads // k)
 
-    def _merge_of(self, run: RankRun, state: RankState, r: int):
+    def merge_of(self, run: RankRun, state: RankState, r: int):
         """Round r's merge: the strategy's, or DP-FedAvg's clipped and noised mean."""
         if self.privacy is None:
             return self.strategy.merge_kind(run, received=state.merged)
         return PrivateMean(run, state.merged, self.privacy, seed_of(self.seed, r, 104729))
-
-    @staticmethod
-    def _update_norms(run: RankRun, merge: PrivateMean) -> torch.Tensor:
-        """Every node's update norm before DP clipping this round (its trainee's), on every rank."""
-        norms = torch.full((len(run.names),), math.nan, dtype=torch.float64)
-        for t, norm in merge.norms.items():
-            norms[list(run.plan[t])] = norm
-        return gather(run.fabric, norms.unsqueeze(1), run.owner)[:, 0]
 
     def _start_state(self, run: RankRun, ckpt_path: str | None) -> RankState:
         """Round 0's state (every trainee holds the module's weights), or the state after the
@@ -361,12 +351,12 @@ class Federation:
         self.strategy.load_state_dict(saved["strategy"])
         return RankState.restore(saved, run.packer, run.device)
 
-    def _contribute(self, run: RankRun, state: RankState, message: RoundMessage, merge, t: int,
-                    outcome: Outcome | Exception, losses: torch.Tensor, r: int) -> None:
+    def add_contribution(self, run: RankRun, state: RankState, message: RoundMessage, merge, t: int,
+                   outcome: Outcome | Exception, losses: torch.Tensor, r: int) -> None:
         """Add trainee t's outcome of round r to the message and keep what stays with it; or report
         its failure (which stops the run unless ``min_nodes`` lets it drop out of the round)."""
         if isinstance(outcome, Exception):
-            self._node_failed(outcome, run.label(t), r)
+            self.failed(f"node {run.label(t)}", outcome, r)
             merge.dropped(t)
             return
         weight = 1.0 if self.privacy is not None else run.weight(t)  # DP: every node weighs 1
@@ -378,13 +368,6 @@ class Federation:
             trainee.personal = outcome.personal
         for i in run.plan[t]:
             losses[i] = outcome.loss
-
-    def _validate(self, run: RankRun, state: RankState, r: int) -> Validation | None:
-        """Every node's validation metrics after round r, if it is validated; keeps the best round."""
-        if (r + 1) % self.val_every_n_rounds and r != self.rounds - 1:
-            return None
-        metrics = validate_trainees(run, state.trainees, state.merged)
-        return self._judge(state, metrics, r)
 
     def _judge(self, state: RankState, metrics: list[dict], r: int) -> Validation:
         """Round r's validation summary and score; the best round so far is recorded to deploy."""
@@ -463,15 +446,18 @@ class Federation:
                            f"({', '.join(hooks) or 'a personal model'}). It works with: {', '.join(able)}; or set "
                            "federation.fuse_institutions to false.")
 
-    def _node_failed(self, exc: Exception, node: str, r: int) -> None:
-        """Stop the run (no ``min_nodes``) or report the node as dropped from round ``r``."""
-        cause = str(exc) if isinstance(exc, HSLError) else f"{type(exc).__name__}: {exc}"
+    def failed(self, who: str, cause: Exception | str, r: int) -> None:
+        """``who`` (``node NAME`` in the simulator, ``site ...`` in a deployment) failed in round r
+        (0-based): stop the run with a message naming it and the round, or, with ``min_nodes``, print
+        that the round goes on without it (the caller leaves it out of the round)."""
+        exc = cause if isinstance(cause, Exception) else None
+        text = str(cause) if exc is None or isinstance(exc, HSLError) else f"{type(exc).__name__}: {exc}"
         if self.min_nodes is None:
-            if isinstance(exc, HSLError) and f"node {node}, round {r + 1}" in cause:
+            if isinstance(exc, HSLError) and f"{who}, round {r + 1}" in text:
                 raise exc  # already names the node and the round
-            raise HSLError(f"Local training of node {node} failed in round {r + 1}: {cause}. Set federation.min_nodes "
-                           "to drop failing nodes from a round instead of stopping.") from exc
-        print(f"hsl: node {node} dropped from round {r + 1} (min_nodes {self.min_nodes}): {cause}")
+            raise HSLError(f"{who} failed in round {r + 1}: {text}. Set federation.min_nodes to drop failing nodes "
+                           "from a round instead of stopping.") from exc
+        print(f"hsl: {who} dropped from round {r + 1} (min_nodes {self.min_nodes}): {text}", flush=True)
 
     def _check_quorum(self, finished: int, trainees: int, r: int) -> None:
         if finished == 0 or (self.min_nodes is not None and finished < min(self.min_nodes, trainees)):
@@ -482,7 +468,7 @@ class Federation:
         """The federation's settings, for the logs."""
         return {"strategy": self.strategy.name, "strategy_options": self.strategy.options(), "rounds": self.rounds,
                 "local_epochs": self.local_epochs, "contribute": self.contribute, "accelerator": self.accelerator,
-                "devices": self.devices, "num_nodes": self.num_nodes, "precision": self.precision, "seed": self.seed,
+                "devices": self.devices, "machines": self.machines, "precision": self.precision, "seed": self.seed,
                 "checkpoint": self.checkpoint, "save_weights": self.save_weights, "min_nodes": self.min_nodes,
                 "val_every_n_rounds": self.val_every_n_rounds, "patience": self.patience,
                 "deploy_round": self.deploy_round,

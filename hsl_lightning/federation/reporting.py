@@ -22,7 +22,7 @@ from hsl_lightning.data.base import ImageSet
 from hsl_lightning.inference import checkpoints
 from hsl_lightning.federation.evaluation import METRICS
 from hsl_lightning.federation.loggers import make_loggers
-from hsl_lightning.metrics import summarize
+from hsl_lightning.metrics import summarize, youden
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -106,8 +106,8 @@ class Reporter:
         """Weight files (every rank its trainees'), then on rank 0: ``summary.json`` (``start``: the
         run's ``time.perf_counter()`` when it began), the final metrics, W&B's run closed, the table
         printed. Returns the summary (None on other ranks)."""
-        node_thresholds = [checkpoints.youden(row) for row in thresholds]
-        pooled = checkpoints.youden(thresholds.sum(0)) if self.one_model else None
+        node_thresholds = [youden(row) for row in thresholds]
+        pooled = youden(thresholds.sum(0)) if self.one_model else None
         if self.federation.save_weights:
             self.write_checkpoints(state.best, node_thresholds, pooled)
         peaks = self._peak_rss()
@@ -241,7 +241,7 @@ def format_table(summary: dict) -> str:
     lines = [f"{'node':<14}{'n_train':>8}{'n_val':>7}{'n_test':>7}{'val AUC':>9}{'test AUC':>10}"]
     for n in summary["nodes"]:
         lines.append(f"{n['name']:<14}{n['n_train']:>8}{n['n_val']:>7}{n['n_test']:>7}"
-                     f"{n['val_auc']:>9.4f}{n['test_auc']:>10.4f}")
+                     f"{n['val_auc']:>9.4f}{n['test_auc']:>10.4f}" + (f"  failed: {n['failed']}" if n.get("failed") else ""))
     for site in summary.get("external", []):
         lines.append(f"{site['name']:<14}{'-':>8}{'-':>7}{site['n']:>7}{'-':>9}{site['auc']:>10.4f}  (never trained)")
     stopped = (f" (early stop after {summary['rounds_run']} of {summary['rounds']} rounds)"

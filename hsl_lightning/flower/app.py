@@ -1,6 +1,6 @@
 """The Flower ServerApp and ClientApp of a deployed federation (flwr >= 1.42, deployment engine).
 
-``server`` (``hsl_lightning.flower.app:server``) runs :class:`~.server.DeployedFederation` on the
+``server`` (``hsl_lightning.flower.app:server``) runs :class:`~.server.SitePhases` on the
 SuperLink's machine; its sites are SuperNodes, addressed through Flower's Grid. ``client``
 (``hsl_lightning.flower.app:client``) runs at every SuperNode and forwards each request to the
 site's worker (:mod:`~.worker`), which answers it with :class:`~.site.Site`.
@@ -21,8 +21,13 @@ is and where its data and state are:
 ``persistent`` (default true)
     false answers every message in the ClientApp process itself (no worker): slower, simpler.
 
-Every message carries one request of the protocol of :class:`~.server.Sites`: arrays in an
-``ArrayRecord`` (``arrays``), everything else as JSON in a ``ConfigRecord`` (``config``).
+Every message carries one :mod:`~.protocol` message in the protocol's one encoding: its arrays
+in an ``ArrayRecord`` (``arrays``), its JSON header in a ``ConfigRecord`` (``config``).
+:class:`FlowerSites` is the coordinator's transport (:class:`~.transport.Sites`) over Flower.
+
+The run config's reply timeouts (:class:`~.transport.Timeouts`): ``start-timeout-s`` (1800: the
+sites' first request and first round), ``timeout-factor`` (5) x the slowest site's last round, at
+least ``timeout-floor-s`` (300); ``round-timeout-s`` (0: off) a fixed limit instead.
 """
 
 from __future__ import annotations
@@ -39,30 +44,25 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from hsl_lightning.errors import HSLError
+from hsl_lightning.flower import protocol
+from hsl_lightning.flower.transport import Sites, Timeouts
 
 server = ServerApp()
 client = ClientApp()
 
 
 # ---------------------------------------------------------------------- the protocol on Flower records
-def encode(payload: dict) -> RecordDict:
-    """A request or reply as Flower records: arrays (torch or numpy) apart, the rest as JSON."""
-    arrays, rest = {}, {}
-    for key, value in payload.items():
-        if hasattr(value, "detach"):
-            value = value.detach().cpu().numpy()
-        if isinstance(value, np.ndarray):
-            arrays[key] = Array(np.ascontiguousarray(value))
-        else:
-            rest[key] = value
-    return RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord({"json": json.dumps(rest)})})
+def encode(message) -> RecordDict:
+    """A :mod:`~hsl_lightning.flower.protocol` message as Flower records: its encoding's arrays in an
+    ``ArrayRecord``, its JSON header in a ``ConfigRecord``."""
+    header, arrays = protocol.encode(message)
+    return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                       "config": ConfigRecord({"json": header})})
 
 
-def decode(content: RecordDict) -> dict:
-    """The request or reply that :func:`encode` put into Flower records."""
-    payload = json.loads(content["config"]["json"])
-    payload.update({key: array.numpy() for key, array in content["arrays"].items()})
-    return payload
+def decode(content: RecordDict):
+    """The message that :func:`encode` put into Flower records."""
+    return protocol.decode(content["config"]["json"], {k: a.numpy() for k, a in content["arrays"].items()})
 
 
 def nbytes(content: RecordDict) -> int:
@@ -112,79 +112,102 @@ def _process_started() -> float | None:
         return None
 
 
+def _answer(request, context: Context):
+    """The site's reply to ``request``: from its worker (started on the run's first request), or in
+    this process (``persistent=false``)."""
+    site_dir, setup, persistent = _site_setup(context)
+    if isinstance(request, protocol.Stop):
+        # the site's operator sees why the run ended, in the SuperNode's output as in the worker's log
+        print(f"hsl: site {setup['name']}: the coordinator stopped the run: {request.reason}", flush=True)
+        if not persistent:
+            return protocol.Stopped(False)  # nothing outlives this process
+    if not persistent:
+        from hsl_lightning.flower.site import Site, answer
+
+        site = _IN_PROCESS.get("site")
+        if site is None or getattr(site, "setup_key", None) != setup:
+            site = Site(setup["config"], setup["node"], setup["site_dir"], setup.get("data_config"), setup.get("name"))
+            site.setup_key = setup
+            _IN_PROCESS["site"] = site
+        return answer(site, request)
+    from hsl_lightning.flower import worker
+
+    return protocol.decode(*worker.call(site_dir, setup, protocol.encode(request)))
+
+
 @client.query()
 def answer(msg: Message, context: Context) -> Message:
-    """Answer one request of the server, from the site's worker (or in this process)."""
+    """Answer one request of the coordinator, from the site's worker (or in this process)."""
     entered = time.time()
-    request = decode(msg.content)
+    completed = None
     try:
-        site_dir, setup, persistent = _site_setup(context)
-        if not persistent and request.get("action") == "stop":
-            reply = {"stopped": False}  # nothing outlives this process
-        elif persistent:
-            from hsl_lightning.flower import worker
-
-            reply = worker.call(site_dir, setup, request)
-        else:
-            from hsl_lightning.flower import worker
-
-            site, reply = worker.handle(_IN_PROCESS.get("site"), setup, request)
-            _IN_PROCESS["site"] = site
+        request = decode(msg.content)
+        completed = getattr(request, "completed", None)
+        reply = _answer(request, context)
     except (HSLError, RuntimeError, OSError) as exc:
-        reply = {"error": str(exc)}
-    reply.setdefault("node", context.node_config.get("node-index"))
+        reply = protocol.Failure(str(exc), completed=completed)
+    if getattr(reply, "node", None) is None and context.node_config.get("node-index") is not None:
+        reply.node = int(context.node_config["node-index"])
+    if isinstance(reply, protocol.Failure):
+        print(f"hsl: {reply.error}", flush=True)  # the site's operator sees what the coordinator is told
     # when Flower started this ClientApp process, when it handed over the message, and when the answer
-    # was ready: the server splits a round trip into Flower's delivery, the process start, the site's
+    # was ready: the coordinator splits a round trip into Flower's delivery, the process start, the site's
     # work and the way back (timestamps only; nothing about the data)
-    reply["clock"] = {"spawned": _process_started(), "entered": entered, "left": time.time()}
+    reply.clock = {"spawned": _process_started(), "entered": entered, "left": time.time()}
     return Message(content=encode(reply), reply_to=msg)
 
 
 # ---------------------------------------------------------------------- the server (the SuperLink's)
-class FlowerSites:
+class FlowerSites(Sites):
     """The sites as SuperNodes: requests pushed through the Grid, replies pulled every ``poll_s``
     and put in hospital order (Flower's node ids are random; each site says its index)."""
 
-    def __init__(self, grid: Grid, count: int, timeout_s: float, wait_s: float, poll_s: float = 0.1):
-        self.grid, self.count, self.timeout_s, self.wait_s, self.poll_s = grid, count, timeout_s, wait_s, poll_s
+    def __init__(self, grid: Grid, count: int, wait_s: float, poll_s: float = 0.1):
+        self.grid, self.count, self.wait_s, self.poll_s = grid, count, wait_s, poll_s
         self.node_of: dict[int, int] = {}  # hospital index -> Flower node id
         self.bytes_sent, self.bytes_received, self.exchanges = 0, 0, 0
 
-    def _exchange(self, requests: dict[int, dict], timeout_s: float | None = None) -> dict[int, dict]:
-        """Push one message per Flower node id and wait for every reply (or the timeout: ``timeout_s``,
-        default the run's round timeout)."""
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        messages, ids = [], {}
-        for node_id, payload in requests.items():
+    def _push(self, requests: dict[int, object], timeout_s: float) -> dict[str, int]:
+        messages = []
+        for payload in requests.values():
             content = encode(payload)
             self.bytes_sent += nbytes(content)
-            messages.append(Message(content, node_id, MessageType.QUERY, ttl=timeout_s,
-                                    group_id=str(payload.get("round", 0))))
-        pushed = time.time()
-        for node_id, message_id in zip(requests, self.grid.push_messages(messages)):
-            ids[message_id] = node_id
-        replies, deadline = {}, time.monotonic() + timeout_s
+            # Flower's own expiry comes after ours, so that a silent site is reported as such, not as an expired message
+            messages.append((content, str(getattr(payload, "completed", 0))))
+        out = {}
+        built = [Message(content, node_id, MessageType.QUERY, ttl=timeout_s + 600, group_id=group)
+                 for node_id, (content, group) in zip(requests, messages)]
+        for node_id, message_id in zip(requests, self.grid.push_messages(built)):
+            out[message_id] = node_id
+        return out
+
+    def _pull(self, ids: dict[str, int], timeout_s: float) -> dict[int, object]:
+        replies, pushed, deadline = {}, time.time(), time.monotonic() + timeout_s
         while len(replies) < len(ids) and time.monotonic() < deadline:
             for reply in self.grid.pull_messages([m for m in ids if ids[m] not in replies]):
                 node_id = ids.get(reply.metadata.reply_to_message_id)
                 if node_id is None:
                     continue
                 if reply.has_error():
-                    replies[node_id] = {"error": f"Flower error {reply.error.code}: {reply.error.reason}"}
-                else:
-                    self.bytes_received += nbytes(reply.content)
-                    replies[node_id] = decode(reply.content)
-                    clock = replies[node_id].get("clock")
-                    if isinstance(clock, dict):
-                        clock.update(pushed=pushed, pulled=time.time())
+                    replies[node_id] = protocol.Failure(f"Flower error {reply.error.code}: {reply.error.reason}")
+                    continue
+                self.bytes_received += nbytes(reply.content)
+                replies[node_id] = decode(reply.content)
+                if isinstance(replies[node_id].clock, dict):
+                    replies[node_id].clock.update(pushed=pushed, pulled=time.time())
             if len(replies) < len(ids):
                 time.sleep(self.poll_s)
+        return replies
+
+    def _by_node(self, requests: dict[int, object], timeout_s: float) -> dict[int, object]:
+        """One request per Flower node id; every reply (or a Failure saying the site stopped answering)."""
+        replies = self._pull(self._push(requests, timeout_s), timeout_s) if requests else {}
         for node_id in requests:
-            replies.setdefault(node_id, {"error": f"no reply within {timeout_s:.0f} s (disconnected?)"})
+            replies.setdefault(node_id, protocol.Failure(f"stopped answering: no reply within {timeout_s:.0f} s"))
         self.exchanges += 1
         return replies
 
-    def hello(self) -> dict[int, dict]:
+    def connect(self, hello, timeout_s: float) -> dict[int, object]:
         """Wait for the sites to connect, ask each which hospital it is, and map the answers."""
         deadline = time.monotonic() + self.wait_s
         nodes = set(self.grid.get_node_ids())
@@ -192,12 +215,13 @@ class FlowerSites:
             time.sleep(0.5)
             nodes = set(self.grid.get_node_ids())
         print(f"hsl: {len(nodes)} of {self.count} site(s) connected", flush=True)
-        answers = self._exchange({node_id: {"action": "hello"} for node_id in nodes})
+        answers = self._by_node({node_id: hello for node_id in nodes}, timeout_s)
         out = {}
         for node_id, reply in answers.items():
-            index = reply.get("node")
+            index = reply.node
             if index is None or not 0 <= int(index) < self.count:
-                print(f"hsl: a SuperNode (Flower node {node_id}) gave no valid node-index: {reply.get('error', reply)}")
+                print(f"hsl: a SuperNode (Flower node {node_id}) gave no valid node-index: "
+                      f"{getattr(reply, 'error', reply)}", flush=True)
                 continue
             index = int(index)
             if index in self.node_of:
@@ -205,37 +229,29 @@ class FlowerSites:
             self.node_of[index] = node_id
             out[index] = reply
         for i in range(self.count):
-            out.setdefault(i, {"error": f"site {i}: no SuperNode with node-index {i} connected within "
-                                        f"{self.wait_s:.0f} s"})
+            out.setdefault(i, protocol.Failure(f"no SuperNode with node-index {i} connected within "
+                                               f"{self.wait_s:.0f} s", node=i))
         return out
 
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """Tell every connected site that the run has stopped, so its worker exits now (best effort:
-        a site that does not answer within ``timeout_s`` keeps its worker until it idles out)."""
-        if not self.node_of:
-            return
-        try:
-            self._exchange({node_id: {"action": "stop"} for node_id in self.node_of.values()},
-                           min(self.timeout_s, timeout_s))
-        except Exception as exc:  # noqa: BLE001 - the run's own error is the one to report
-            print(f"hsl: could not tell the sites to stop their workers: {exc}", flush=True)
-
-    def _send(self, requests: dict[int, dict]) -> dict[int, dict]:
+    def exchange(self, requests: dict[int, object], timeout_s: float) -> dict[int, object]:
         by_node = {self.node_of[i]: request for i, request in requests.items() if i in self.node_of}
-        answers = self._exchange(by_node)
+        answers = self._by_node(by_node, timeout_s)
         out = {i: answers[self.node_of[i]] for i in requests if i in self.node_of}
         for i in requests:
-            out.setdefault(i, {"error": f"site {i} is not connected"})
+            out.setdefault(i, protocol.Failure(f"site {i} is not connected", node=i))
         return out
 
 
-def _flower_sites_class():
-    from hsl_lightning.flower.server import Sites
+def timeouts_of(cfg) -> Timeouts:
+    """The run config's reply timeouts (see :class:`~hsl_lightning.flower.server.Timeouts`)."""
+    def number(key, default):
+        try:
+            return float(cfg.get(key, default))
+        except (TypeError, ValueError) as exc:
+            raise HSLError(f"Run config {key} must be a number of seconds, got {cfg.get(key)!r}.") from exc
 
-    class _FlowerSites(FlowerSites, Sites):
-        """FlowerSites with the protocol's request builders."""
-
-    return _FlowerSites
+    return Timeouts(start_s=number("start-timeout-s", 1800), factor=number("timeout-factor", 5),
+                    floor_s=number("timeout-floor-s", 300), fixed_s=number("round-timeout-s", 0) or None)
 
 
 @server.main()
@@ -243,7 +259,7 @@ def run(grid: Grid, context: Context) -> None:
     """The ServerApp: build the run from its hsl-config and run the deployed federation."""
     import tempfile
 
-    from hsl_lightning.flower.server import DeployedFederation
+    from hsl_lightning.flower.server import SitePhases
     from hsl_lightning.flower.site import read_config
 
     cfg = context.run_config
@@ -259,21 +275,15 @@ def run(grid: Grid, context: Context) -> None:
         cli = read_config(args)
     listed = getattr(cli.datamodule.primary, "nodes", None)  # ImageFolders(nodes=[...]): the sites' folders
     count = len(cli.trainer.strategy.plan(len(listed) if listed else int(cli.datamodule.scenario.num_nodes)))
-    sites = _flower_sites_class()(grid, count, float(cfg.get("round-timeout-s", 3600)),
-                                  float(cfg.get("wait-for-sites-s", 600)), float(cfg.get("poll-s", 0.1)))
-    federation = DeployedFederation.wrap(cli.trainer, sites)
-    ckpt = str(cfg.get("ckpt-path") or "") or None
-    try:
-        summary = federation.fit(cli.model, ckpt_path=ckpt)
-    except BaseException:
-        sites.stop()  # the sites' workers would otherwise hold their data and model for IDLE_S
-        raise
+    sites = FlowerSites(grid, count, float(cfg.get("wait-for-sites-s", 600)), float(cfg.get("poll-s", 0.1)))
+    phases = SitePhases(cli.trainer, sites, timeouts_of(cfg), names=list(listed) if listed else None)
+    summary = phases.fit(cli.model, ckpt_path=str(cfg.get("ckpt-path") or "") or None)  # tells the sites if it fails
+    run_dir = Path(cli.trainer.last_run_dir)
     traffic = {"bytes_sent": sites.bytes_sent, "bytes_received": sites.bytes_received, "exchanges": sites.exchanges}
-    out = Path(federation.last_run_dir) / "deployment" / "traffic.json"
+    out = run_dir / "deployment" / "traffic.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(traffic, indent=2))
-    print(f"hsl: deployed run written to {federation.last_run_dir} (mean test AUC {summary['mean_test_auc']:.4f})",
-          flush=True)
+    print(f"hsl: deployed run written to {run_dir} (mean test AUC {summary['mean_test_auc']:.4f})", flush=True)
 
 
 def app_pyproject(config_text: str, name: str = "hsl-run", run_dir: str | None = None) -> str:
@@ -289,8 +299,9 @@ def app_pyproject(config_text: str, name: str = "hsl-run", run_dir: str | None =
              "[tool.flwr.app.components]", 'serverapp = "hsl_lightning.flower.app:server"',
              'clientapp = "hsl_lightning.flower.app:client"', "",
              "[tool.flwr.app.config]", f"hsl-config = {toml_string(config_text)}",
-             f"run-dir = {toml_string(run_dir or '')}", 'ckpt-path = ""', "round-timeout-s = 3600",
-             "wait-for-sites-s = 600", "poll-s = 0.1", ""]
+             f"run-dir = {toml_string(run_dir or '')}", 'ckpt-path = ""', "start-timeout-s = 1800",
+             "timeout-factor = 5", "timeout-floor-s = 300", "round-timeout-s = 0", "wait-for-sites-s = 600",
+             "poll-s = 0.1", ""]
     return "\n".join(lines)
 
 

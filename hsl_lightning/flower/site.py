@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -32,19 +33,31 @@ from hsl_lightning.federation.evaluation import (METRICS, VAL_EXTRAS, evaluate_t
 from hsl_lightning.federation.message import RoundMessage
 from hsl_lightning.federation.state import RankState, TraineeState, clone_state
 from hsl_lightning.federation.training import OneByOne
+from hsl_lightning.flower.protocol import (Failure, Finish, FinishReply, Hello, HelloReply, Round, RoundReply, Stop,
+                                           Stopped, round_in_progress)
+from hsl_lightning.metrics import youden
 
 #: strategies a deployment runs: one trainee per node and a merge that needs only the sum
 DEPLOYABLE_MERGES = ("Mean",)
 
 
 class SiteFabric:
-    """A single-device Fabric seen as rank ``rank`` of ``world``: collectives keep this rank's rows
-    (the server gathers the others from their sites' replies)."""
+    """A single-device Fabric seen as rank ``rank`` of ``world``: ``all_gather`` keeps this rank's
+    rows (the coordinator gathers the others from their sites' replies); any other collective is
+    refused, since the site has no peers to reduce with and a local result would pass silently for
+    the federation's."""
+
+    COLLECTIVES = frozenset({"all_reduce", "broadcast", "barrier", "reduce", "send", "recv", "all_to_all",
+                             "scatter", "gather", "reduce_scatter"})
 
     def __init__(self, fabric, world: int, rank: int):
         self._fabric, self.world_size, self.global_rank = fabric, world, rank
 
     def __getattr__(self, name):
+        if name in self.COLLECTIVES:
+            raise HSLError(f"A deployed site has no process group: Fabric.{name} has no meaning there (the "
+                           "coordinator sums the sites' replies instead). This is a bug in hsl_lightning: please "
+                           "report it.")
         return getattr(self._fabric, name)
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
@@ -73,16 +86,6 @@ def _config_file(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.write_text(text)
     return path
-
-
-def threads_per_institution(federation, trainees: int) -> int:
-    """The intra-op threads the simulator gives each institution on one CPU rank hosting every
-    trainee (``Federation._institutions_at_once``), so a site trains with the same arithmetic."""
-    threads = federation.threads or torch.get_num_threads()
-    k = federation.concurrent_institutions
-    if k is None:
-        k = min(trainees, threads) if federation.strategy.concurrent() and not federation.fuse_institutions else 1
-    return max(1, threads // max(1, min(k, trainees)))
 
 
 class Site:
@@ -116,11 +119,12 @@ class Site:
         if len(plan) != len(names) or not 0 <= self.node < len(names):
             raise HSLError(f"Site {self.name}: node-index {self.node} is not one of the config's {len(names)} nodes, "
                            f"or strategy '{fed.strategy.name}' trains several nodes as one model (not deployable).")
-        torch.set_num_threads(threads_per_institution(fed, len(plan)))
+        # the threads the simulator gives each trainee on one CPU rank hosting every trainee
+        torch.set_num_threads(fed.threads_each(len(plan))[1])
         fabric = SiteFabric(Fabric(accelerator=fed.accelerator, devices=1, precision=fed.precision), len(plan),
                             self.node)
         fed.threads, fed.concurrent_institutions = torch.get_num_threads(), 1  # this site's one institution
-        self.run = self._guard("setting up its model", fed._setup, fabric, self.module, self.dm,
+        self.run = self._guard("setting up its model", fed.setup_rank, fabric, self.module, self.dm,
                                self.site_dir / "run")
         merge = fed.strategy.merge_kind.__name__
         if fed.fuse_institutions or (merge not in DEPLOYABLE_MERGES and fed.privacy is None):
@@ -150,16 +154,16 @@ class Site:
         self.dm.setup("fit")
         return self.dm.node_names
 
-    def hello(self) -> dict:
-        """What the server needs once: this node's data report (sizes and class counts), the
+    def hello(self, request: Hello | None = None) -> HelloReply:
+        """What the coordinator needs once: this node's data report (sizes and class counts), the
         external site's and the test pool's sizes, and the packing it will receive."""
         report = self.dm.report()
         own = report[self.node]
         external = next((row for row in report if row.get("external")), None)
         pool = getattr(self.dm, "test_pool", None)
-        return {"name": own["name"], "site": self.name, "report": own, "external": external, "in_chans": self.dm.in_chans,
-                "size": self.dm.size, "n_pool": 0 if pool is None else len(pool),
-                "numel": self.run.packer.numel, "extras": self.run.layout.extras, "threads": torch.get_num_threads()}
+        return HelloReply(node=self.node, name=own["name"], site=self.name, report=own, in_chans=self.dm.in_chans,
+                          size=self.dm.size, numel=self.run.packer.numel, extras=self.run.layout.extras,
+                          threads=torch.get_num_threads(), n_pool=0 if pool is None else len(pool), external=external)
 
     # ------------------------------------------------------------------ state between rounds
     def _state_file(self, completed: int) -> Path:
@@ -196,82 +200,106 @@ class Site:
             if old.name not in wanted:
                 old.unlink(missing_ok=True)
 
-    # ------------------------------------------------------------------ what the server asks
-    def handle(self, request: dict) -> dict:
-        """Answer one request of the server (see :class:`~hsl_lightning.flower.server.Sites`)."""
-        action = request.get("action")
-        if action == "hello":
-            return self.hello()
-        merged = torch.as_tensor(request["merged"], dtype=torch.float64)
+    # ------------------------------------------------------------------ what the coordinator asks
+    def handle(self, request):
+        """Answer one :mod:`~hsl_lightning.flower.protocol` request with its reply message."""
+        if isinstance(request, Hello):
+            return self.hello(request)
+        if isinstance(request, Stop):
+            print(f"hsl: site {self.name}: the coordinator stopped the run: {request.reason}", flush=True)
+            return Stopped(False, node=self.node)
+        if not isinstance(request, (Round, Finish)):
+            raise HSLError(f"Site {self.name} got a message it does not answer: {type(request).__name__}.")
+        merged = torch.as_tensor(request.merged, dtype=torch.float64)
         if merged.shape != (self.run.packer.numel,):
             raise HSLError(f"Site {self.name} received a state of {tuple(merged.shape)} entries but its model has "
-                           f"{self.run.packer.numel}: the server and the site built different models (check both "
+                           f"{self.run.packer.numel}: the coordinator and the site built different models (check both "
                            "use the same run config and hsl_lightning version).")
-        if action == "round":
-            extras = request.get("extras")
-            return self.round(int(request["round"]), merged, None if extras is None else torch.as_tensor(extras),
-                              bool(request["validate"]), bool(request["train"]), [int(k) for k in request["keep"]])
-        if action == "finish":
-            return self.finish(int(request["best_round"]), merged, bool(request["write_weights"]), request["info"])
-        raise HSLError(f"Site {self.name} got a request it does not know: {action!r}.")
+        if isinstance(request, Finish):
+            return self.finish(request.completed, merged, request.write_weights, request.info)
+        extras = None if request.extras is None else torch.as_tensor(request.extras)
+        return self.round(request.completed, merged, extras, request.validate, request.train,
+                          [int(k) for k in request.keep])
 
-    def round(self, r: int, merged: torch.Tensor, extras: torch.Tensor | None, validate: bool,
-              train: bool, keep: list[int]) -> dict:
-        """Validate the state received after round ``r - 1`` (``validate``) and train round ``r``
-        from it (``train``). ``extras``: round ``r - 1``'s summed strategy vectors, which the
-        strategy's ``after_round`` reads before training (SCAFFOLD's server control variate)."""
+    def round(self, completed: int, merged: torch.Tensor, extras: torch.Tensor | None, validate: bool,
+              train: bool, keep: list[int]) -> RoundReply:
+        """Validate the state received after ``completed`` rounds (``validate``) and train round
+        ``completed + 1`` from it (``train``). ``extras``: round ``completed``'s summed strategy
+        vectors, which the strategy's ``after_round`` reads before training (SCAFFOLD's server control variate)."""
         fed, run = self.federation, self.run
-        state = self._load(r, merged)
-        if extras is not None and r > 0 and run.layout.extras:
+        state = self._load(completed, merged)
+        if extras is not None and completed > 0 and run.layout.extras:
             fed.strategy.after_round(extras.to(run.device), len(run.plan))
-        reply: dict = {"node": self.node}
+        reply = RoundReply(node=self.node, completed=completed)
         if validate:
             metrics = validate_trainees(run, state.trainees, state.merged)[self.node]
-            reply["val"] = {k: metrics[k] for k in METRICS + VAL_EXTRAS}
+            reply.val = {k: metrics[k] for k in METRICS + VAL_EXTRAS}
         if not train:
             return reply
         clock = time.perf_counter()
         message = RoundMessage(run.layout, run.device)
-        merge = fed._merge_of(run, state, r)
+        merge = fed.merge_of(run, state, completed)
         losses = torch.full((len(run.names),), math.nan, dtype=torch.float64)
-        bar = _NoBar()
-        for t, outcome in self.trainer.train_round(r, state, bar):
+        for t, outcome in self.trainer.train_round(completed, state, _NoBar()):
             if isinstance(outcome, Exception):
                 cause = str(outcome) if isinstance(outcome, HSLError) else f"{type(outcome).__name__}: {outcome}"
-                reply["error"] = f"site {self.name} (node {run.label(t)}): local training failed in round {r + 1}: {cause}"
-                return reply
-            fed._contribute(run, state, message, merge, t, outcome, losses, r)
+                reply.error = (f"Site {self.name} (node {run.label(t)}): local training failed in round "
+                               f"{round_in_progress(completed)}: {cause}")
+                return reply  # its validation metrics still count
+            fed.add_contribution(run, state, message, merge, t, outcome, losses, completed)
         message.traffic.fill_(fed.strategy.traffic(run.module))
-        self._save(r + 1, state, keep)
-        reply.update(compact_message(message.vector.cpu(), run.packer.numel))
-        reply.update({"loss": float(losses[self.node]), "train_s": time.perf_counter() - clock})
+        self._save(completed + 1, state, keep)
+        for key, value in compact_message(message.vector.cpu(), run.packer.numel).items():
+            setattr(reply, key, value)
+        reply.loss, reply.train_s = float(losses[self.node]), time.perf_counter() - clock
         norms = getattr(merge, "norms", None)
         if norms:
-            reply["update_norm"] = float(norms[self.node])
+            reply.update_norm = float(norms[self.node])
         return reply
 
-    def finish(self, best_round: int, merged: torch.Tensor, write_weights: bool, info: dict) -> dict:
-        """Score the deployed round (after ``best_round + 1`` rounds, holding ``merged``) on this
-        node's test set, its view of the test pool and the external site; its validation images'
-        counts at every threshold; and write its own deployed model when ``write_weights``."""
+    def finish(self, completed: int, merged: torch.Tensor, write_weights: bool, info: dict) -> FinishReply:
+        """Score the deployed round (after ``completed`` rounds, holding ``merged``) on this node's
+        test set, its view of the test pool and the external site; its validation images' counts at
+        every threshold; and write its own deployed model when ``write_weights``."""
         from hsl_lightning.inference import checkpoints
 
         run = self.run
-        state = self._load(best_round + 1, merged)
+        state = self._load(completed, merged)
         test = evaluate_trainees(run, state.trainees, state.merged, "test")[self.node]
         external = external_result(run, state.trainees, state.merged)
         counts = threshold_counts(run, state.trainees, state.merged)[self.node]
-        reply = {"node": self.node, "test": test, "thresholds": counts,
-                 "external": external[0]["node_aucs"][run.names[self.node]] if external else None,
-                 "peak_rss_mb": _peak_rss_mb()}
+        reply = FinishReply(node=self.node, completed=completed, test=test, thresholds=counts.numpy(),
+                            external=external[0]["node_aucs"][run.names[self.node]] if external else None,
+                            peak_rss_mb=_peak_rss_mb())
         if write_weights:
             state.trainees[self.node].load_deployed(run.module, run.packer, state.merged)
-            threshold = checkpoints.youden(counts)
+            threshold = youden(counts)
             path = self.site_dir / "nodes" / f"{run.names[self.node]}.ckpt"
             checkpoints.write(path, run.module, {**info, "image_size": self.dm.size, "in_chans": self.dm.in_chans,
                                                  "node": run.names[self.node], "threshold": threshold})
-            reply["weights"] = str(path)
+            reply.weights = str(path)
         return reply
+
+
+def answer(site: Site | None, request):
+    """``site``'s reply to ``request`` as its worker gives it: a :class:`~.protocol.Failure` naming
+    the site for anything that went wrong, and ``busy_s``, the site's own time (the rest of a round
+    trip is transport). The in-process sites and the site's worker both answer through it."""
+    clock = time.perf_counter()
+    completed = getattr(request, "completed", None)
+    node = getattr(site, "node", None)
+    try:
+        if site is None:
+            raise HSLError("the site is not built")
+        reply = site.handle(request)
+    except HSLError as exc:
+        reply = Failure(str(exc), node=node, completed=completed)
+    except Exception as exc:  # noqa: BLE001 - the coordinator gets one line naming the site; the log has the rest
+        traceback.print_exc()
+        reply = Failure(f"Site {getattr(site, 'name', '?')}: {type(exc).__name__}: {exc} (traceback in the site's "
+                        "log)", node=node, completed=completed)
+    reply.busy_s = time.perf_counter() - clock
+    return reply
 
 
 def compact(vector: torch.Tensor) -> torch.Tensor:
@@ -294,15 +322,15 @@ def compact_message(vector: torch.Tensor, numel: int) -> dict:
     return {"vector": vector}
 
 
-def expand_message(reply: dict, total: torch.Tensor, numel: int) -> None:
-    """Add a site's part (:func:`compact_message`) into the round's ``total`` message: exactly what
-    the simulator adds for that site (weight x state, then the tail)."""
-    if "vector" in reply:
-        total += torch.as_tensor(reply["vector"], dtype=torch.float64).to(total.device)
+def expand_message(reply, total: torch.Tensor, numel: int) -> None:
+    """Add a site's part (a :class:`~.protocol.RoundReply` made by :func:`compact_message`) into the
+    round's ``total`` message: exactly what the simulator adds for that site (weight x state, then the tail)."""
+    if reply.vector is not None:
+        total += torch.as_tensor(reply.vector, dtype=torch.float64).to(total.device)
         return
-    state = torch.as_tensor(reply["state"]).to(device=total.device, dtype=torch.float64)
-    total[:numel].add_(state, alpha=float(reply["weight"]))
-    total[numel:] += torch.as_tensor(reply["tail"], dtype=torch.float64).to(total.device)
+    state = torch.as_tensor(reply.state).to(device=total.device, dtype=torch.float64)
+    total[:numel].add_(state, alpha=float(reply.weight))
+    total[numel:] += torch.as_tensor(reply.tail, dtype=torch.float64).to(total.device)
 
 
 class _NoBar:
