@@ -6,6 +6,7 @@ key. Every process group is killed at the end (tests/.. Localhost.stop)."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,14 @@ from hsl_lightning.flower.localhost import Localhost
 
 REPO = Path(__file__).resolve().parents[1]
 HSL = str(Path(sys.executable).parent / "hsl")
+
+
+def wait_until(condition, message: str, limit_s: float = 60.0) -> None:
+    """Wait (at most ``limit_s``) for ``condition()``; fail with ``message``."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -47,6 +56,23 @@ def test_the_deployment_guide_end_to_end(tmp_path):
                          str(lh.keys / "ca.crt"), "--auth-supernode-private-key", str(lh.keys / "nobody"),
                          "--node-config", 'node-index=2 name="hospital3"', "--check-only", check=False)
         assert missing.returncode == 2 and "Site hospital3: the node key" in missing.stderr
+
+        # a run whose images no site can read: the coordinator stops it, and every site's operator sees
+        # why in the SuperNode's own output (the coordinator's words), and no worker is left running
+        broken = json.loads(json.dumps(config))
+        broken["data"]["primary"] = {"class_path": "hsl_lightning.ImageFolders",
+                                     "init_args": {"root": str(tmp_path / "no-such-images")}}
+        broken_yaml = tmp_path / "broken.yaml"
+        broken_yaml.write_text(yaml.safe_dump(broken))
+        failed = lh.submit(broken_yaml, tmp_path / "broken-run", timeout=300)
+        assert not (tmp_path / "broken-run" / "summary.json").exists()
+        for site in lh.sites:
+            wait_until(lambda: "the coordinator stopped the run: site " in lh.log(f"supernode-{site}"),
+                       f"{site}'s SuperNode never showed why the run stopped:\n{lh.log(f'supernode-{site}')[-3000:]}"
+                       f"\n{failed.stdout[-2000:]}")
+            assert "no-such-images" in lh.log(f"supernode-{site}")
+        wait_until(lambda: not list((tmp_path / "d" / "sites").glob("*/*/worker.pid")),
+                   "a site's worker outlived the stopped run")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_run"] == 2 and summary["deployment"]["failed"] == {}
     assert [n["name"] for n in summary["nodes"]] == ["node0", "node1", "node2"]

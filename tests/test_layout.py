@@ -171,3 +171,19 @@ def test_nothing_refers_to_the_old_deploy_package_or_strategies_file():
     stale = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in paths if p.is_file() and p != Path(__file__).resolve()
              for i, line in enumerate(p.read_text().splitlines(), 1) if any(o in line for o in old)]
     assert stale == []
+
+
+def test_the_deployment_reaches_the_round_loop_through_public_names_only():
+    """flower/ used to override and call the Federation's private methods (``_setup``,
+    ``_train_and_sum``, ...): renaming one changed the deployment without an error. Now it implements
+    ``RoundPhases`` and calls public methods; a private name of a federation object there fails here."""
+    import re
+
+    private = re.compile(r"\b(?:fed|federation|self\.federation)\._[a-z]\w*")
+    found = [f"{path.name}:{i}: {line.strip()}" for path in sorted((PACKAGE / "flower").glob("*.py"))
+             for i, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert found == []
+    from hsl_lightning.federation.federation import Federation
+    from hsl_lightning.flower.server import SitePhases
+
+    assert not issubclass(SitePhases, Federation)
