@@ -139,6 +139,24 @@ def test_the_worker_idle_limit_comes_from_the_environment(tmp_path, processes, m
     assert worker.idle_limit() == worker.IDLE_S
 
 
+def test_after_a_round_the_idle_limit_follows_the_coordinators_reply_limit(tmp_path, processes):
+    """A run stopped with ``flwr stop`` (or whose coordinator died) sends no Stop: a worker then stops
+    once no request came for twice the coordinator's own reply limit (and a margin), not after a fixed
+    half hour, which would also cut off a worker that waits for slower sites in a run of long rounds."""
+    assert worker.run_idle_limit(protocol.encode(protocol.Hello()), 1800.0)[0] == 1800.0  # no limit given
+    round_ = protocol.Round(0, np.zeros(1, dtype=np.float32), validate=False, train=True, timeout_s=3000.0)
+    limit, why = worker.run_idle_limit(protocol.encode(round_), 1800.0)
+    assert limit == 6000.0 + worker.RUN_MARGIN_S and "twice the coordinator's reply limit of 3000 s" in why
+    site_dir = tmp_path / "site"
+    script = SLOW_WORKER.replace("worker.serve(", "worker.RUN_MARGIN_S = 0.5\nworker.serve(")
+    process = start(processes, site_dir, "1800", "0", script=script)  # idle limit: half an hour
+    serving(process, site_dir)
+    send(site_dir, protocol.Round(0, np.zeros(1, dtype=np.float32), validate=False, train=True, timeout_s=0.25))
+    assert exits(process, site_dir) == 0  # after 1 s, not 1800 s
+    assert "no request for 1 s, twice the coordinator's reply limit of 0.25 s" in log_of(site_dir)
+    assert_nothing_left(site_dir)
+
+
 # ---------------------------------------------------------------------- 2. no socket left behind
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_signalled_worker_removes_its_socket_and_pid_file_and_exits_0(tmp_path, processes, signum):

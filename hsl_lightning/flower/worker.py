@@ -9,8 +9,10 @@ passes it each request in the protocol's encoding (:func:`~.protocol.encode`) ov
 the site's directory) can use. The worker stops when its run ends, whatever ends it: after the run's
 last request, when the coordinator stops the run (a :class:`~.protocol.Stop`, whose ``reason`` goes to
 ``worker.log``), when its SuperNode is gone (:func:`supernode_pid`, watched from the worker), on
-SIGTERM, SIGINT or SIGHUP (:func:`stop_workers` sends one), or after ``IDLE_S`` seconds (environment
-variable ``HSL_WORKER_IDLE_S``) with no request to handle. Whatever stops it, it removes its socket
+SIGTERM, SIGINT or SIGHUP (:func:`stop_workers` sends one), or when no request came for twice the
+coordinator's reply limit of the last round and a margin (:func:`run_idle_limit`: a run stopped with
+``flwr stop``, or whose coordinator died), before a first round after ``IDLE_S`` seconds (environment
+variable ``HSL_WORKER_IDLE_S``); time spent handling a request never counts. Whatever stops it, it removes its socket
 and its pid file (``worker.pid``). What it keeps in memory is also on disk (the site's round files),
 so a worker that dies costs a rebuild, not the run.
 """
@@ -43,6 +45,8 @@ IDLE_ENV = "HSL_WORKER_IDLE_S"
 WATCH_S = 0.5
 #: the worker's module, as its command line names it (``python -m hsl_lightning.flower.worker``)
 MODULE = "hsl_lightning.flower.worker"
+#: added to twice the coordinator's reply limit to give a worker's idle limit during a run (:func:`run_idle_limit`)
+RUN_MARGIN_S = 60.0
 #: how long a new worker may take to import and build its site before its first answer
 START_S = 300.0
 
@@ -318,13 +322,29 @@ def _stopped_by_coordinator(request: tuple) -> str:
     return f"the coordinator stopped the run: {stop.reason or 'no reason given'} (rounds completed: {stop.completed})"
 
 
+def run_idle_limit(request: tuple, idle_s: float) -> tuple[float, str]:
+    """The idle limit after answering ``request`` (encoded), and why: twice the coordinator's own reply
+    limit for it plus a minute, when the request says it (a :class:`~.protocol.Round`'s ``timeout_s``:
+    the next request comes within that unless the run has ended, stopped with ``flwr stop`` or lost its
+    coordinator), else ``idle_s``. A run of long rounds thus never loses a worker that waits for slower sites."""
+    try:
+        limit = json.loads(request[0]).get("timeout_s")
+    except (TypeError, ValueError, IndexError, AttributeError):
+        limit = None
+    if not isinstance(limit, (int, float)) or limit <= 0:
+        return idle_s, f"{idle_s:g} s"
+    run_limit = 2 * float(limit) + RUN_MARGIN_S
+    return run_limit, (f"{run_limit:g} s, twice the coordinator's reply limit of {float(limit):g} s and "
+                       f"{RUN_MARGIN_S:g} s")
+
+
 def _loop(listener: socket.socket, key: bytes, idle_s: float, handler, stop: dict) -> None:
     """Answer requests until ``stop["why"]`` says why not: the idle clock runs only between requests."""
-    site, last = None, time.monotonic()
+    site, last, limit = None, time.monotonic(), (idle_s, f"{idle_s:g} s")
     listener.settimeout(max(0.01, min(1.0, idle_s / 4)))
     while "why" not in stop:
-        if time.monotonic() - last >= idle_s:
-            stop["why"] = f"no request for {idle_s:g} s"
+        if time.monotonic() - last >= limit[0]:
+            stop["why"] = f"no request for {limit[1]}"
             break
         conn = _accept(listener, key)
         if conn is None:
@@ -346,6 +366,7 @@ def _loop(listener: socket.socket, key: bytes, idle_s: float, handler, stop: dic
                 reply = protocol.encode(answered)
                 if _action(request) == "finish":
                     stop["why"] = "the run finished"
+                limit = run_idle_limit(request, idle_s)
             try:
                 conn.send(reply)
             except OSError as exc:
