@@ -139,6 +139,13 @@ class Federation:
             in place (SGD without dampening, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad);
             if capture fails, a warning says why and the group trains without a graph. Results
             equal the eager fused path up to float rounding.
+        secure_aggregation: the round's message as fixed-point integers modulo 2^64, so that a deployed
+            coordinator can be given only the sum of the sites' masked contributions
+            (:mod:`hsl_lightning.flower.secagg`); the simulator sums the same integers, so a deployment
+            still gives its numbers bit for bit. None (default): on for strategies whose merge is a
+            weighted sum of the contributions (hsl, fedavg, swarm, fedprox, moon, fedbn's shared part,
+            DP runs), off for the others; true: on, refusing the others; false: off. DP-FedAvg
+            (``privacy``) needs it on: each site adds only its share of the noise.
         num_nodes: the old, deprecated name of ``machines`` (it warns; given beside a ``machines``
             other than 1 and its own value, an error).
     """
@@ -170,6 +177,7 @@ class Federation:
         concurrent_institutions: int | None = None,
         fuse_institutions: bool = False,
         cuda_graphs: bool = False,
+        secure_aggregation: bool | None = None,
         num_nodes: int | None = None,
     ):
         machines = machines_of(machines, num_nodes)
@@ -197,7 +205,7 @@ class Federation:
         if cuda_graphs and not fuse_institutions:
             raise HSLError("cuda_graphs captures the fused training step: set federation.fuse_institutions to true "
                            "as well.")
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.secure_aggregation = cuda_graphs, secure_aggregation
         self.run_config: dict | None = None  # the resolved CLI config, attached to loggers and saved
         self.summary: dict | None = None
         self.last_run_dir: Path | None = None  # where the last fit wrote
@@ -474,4 +482,4 @@ class Federation:
                 "deploy_round": self.deploy_round,
                 "privacy": None if self.privacy is None else vars(self.privacy),
                 "concurrent_institutions": self.concurrent_institutions, "fuse_institutions": self.fuse_institutions,
-                "cuda_graphs": self.cuda_graphs}
+                "cuda_graphs": self.cuda_graphs, "secure_aggregation": self.secure_aggregation}
