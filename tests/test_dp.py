@@ -1,4 +1,6 @@
-"""DP-FedAvg: the clipping bound, the noise's scale, epsilon from Opacus, and no effect when off."""
+"""DP-FedAvg: the clipping bound, the noise's scale, epsilon from Opacus, and no effect when off;
+noise no one can regenerate (os.urandom, so a DP run does not repeat), the insecure seeded switch
+and where it is refused, and the refusal of DP without secure aggregation."""
 
 import json
 import math
@@ -9,10 +11,10 @@ import torch
 
 from hsl_lightning import ClassifierModule, Federation, HSLError
 from hsl_lightning.federation.message import MessageLayout, RoundMessage
-from hsl_lightning.federation.privacy import DifferentialPrivacy, PrivateMean
+from hsl_lightning.federation.privacy import DifferentialPrivacy, PrivateMean, secure_normal
 from hsl_lightning.federation.sync import StatePacker
 
-from conftest import tiny_data, tiny_hsl
+from conftest import tiny_classifier, tiny_data, tiny_hsl
 
 
 class FakeRun:
@@ -53,6 +55,34 @@ def test_the_noise_in_the_sum_has_standard_deviation_sigma_times_clip():
     assert abs(float(total.mean())) < 5 * sigma * clip / math.sqrt(d)
     one = contributions(zero[:1], DifferentialPrivacy(clip=clip, noise_multiplier=sigma), seed=3)
     assert float(one.std()) == pytest.approx(sigma * clip, rel=0.01)  # alone, a node adds all of it
+
+
+def test_the_noise_is_normal_at_its_scale_and_a_fresh_draw_every_time_whatever_the_seed():
+    from scipy import stats
+
+    nodes, d, sigma, clip = 4, 100_000, 0.8, 0.5
+    zero = [torch.zeros(d) for _ in range(nodes)]
+    privacy = DifferentialPrivacy(clip=clip, noise_multiplier=sigma)
+    a, b = contributions(zero, privacy, seed=3), contributions(zero, privacy, seed=3)  # the same seed twice
+    # Kolmogorov-Smirnov against N(0, (sigma C)^2): a correct source fails it with probability 1e-6,
+    # a scale 10 % off fails it (D about 0.02 against a critical 0.0085 at 1e5 draws)
+    assert stats.kstest(a.numpy(), "norm", args=(0.0, sigma * clip)).pvalue > 1e-6
+    # a sample std over 1e5 normals has a relative standard error of 0.22 %: 1.5 % is 7 of them
+    assert float(a.std()) == pytest.approx(sigma * clip, rel=0.015)
+    # independent draws: their correlation has standard error 1 / sqrt(d); seeded noise would give 1
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 5 / math.sqrt(d)
+    z = secure_normal(100_001)  # an odd count, straight from the source
+    assert z.shape == (100_001,) and z.dtype == torch.float64
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-6
+    assert abs(float(torch.corrcoef(torch.stack([z[:50_000], z[50_000:100_000]]))[0, 1])) < 5 / math.sqrt(50_000)
+
+
+def test_insecure_seeded_noise_repeats_the_noise_exactly_per_seed():
+    privacy = DifferentialPrivacy(clip=0.5, noise_multiplier=0.8, insecure_seeded_noise=True)
+    zero = [torch.zeros(1000) for _ in range(3)]
+    first = contributions(zero, privacy, seed=3)
+    assert float(first.abs().max()) > 0 and torch.equal(first, contributions(zero, privacy, seed=3))
+    assert not torch.equal(first, contributions(zero, privacy, seed=4))
 
 
 def test_epsilon_is_opacus_for_the_same_sigma_sampling_rate_and_steps():
@@ -110,6 +140,16 @@ def test_bad_privacy_settings_are_clear_errors():
         Federation(privacy=DifferentialPrivacy(), min_nodes=2)
 
 
+def test_privacy_without_secure_aggregation_is_refused_and_says_what_to_set():
+    # each site adds sigma / sqrt(N): a coordinator seeing single replies would see N times less noise variance
+    with pytest.raises(HSLError, match=r"coordinator sees nothing but the sum.*Set federation.secure_aggregation "
+                                       r"to true or null"):
+        Federation(privacy=DifferentialPrivacy(), secure_aggregation=False)
+    Federation(privacy=DifferentialPrivacy(), secure_aggregation=True)
+    Federation(privacy=DifferentialPrivacy())  # None, the default: on for DP runs
+    Federation(secure_aggregation=False)  # without DP, off is allowed
+
+
 def test_update_norms_before_clipping_are_logged_to_choose_the_clip_by(tmp_path):
     free = run(tmp_path, "free", DifferentialPrivacy(clip=math.inf, noise_multiplier=0.0), rounds=1)["history"][0]
     assert free["dp_clipped_share"] == 0.0 and 0 < free["dp_update_norm_median"] <= free["dp_update_norm_max"]
@@ -130,3 +170,56 @@ def test_clip_inf_is_accepted_as_a_command_line_gives_it(capsys):
         main(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
               "--federation.privacy.clip", "inf", "--federation.privacy.noise_multiplier", "0", "--print_config"])
     assert "clip: inf" in capsys.readouterr().out
+
+
+def fedavg_run(tmp_path, name, privacy=None) -> tuple[dict, dict]:
+    """A 2-round FedAvg run of the tiny synthetic federation, seed 0: its deployed weights and summary.json."""
+    torch.manual_seed(0)
+    Federation(strategy="fedavg", rounds=2, run_dir=str(tmp_path / name), wandb="disabled", progress=False,
+               checkpoint=False, threads=1, seed=0, privacy=privacy).fit(tiny_classifier(), tiny_data(use_sat=False))
+    weights = torch.load(tmp_path / name / "model.ckpt", weights_only=True)["state_dict"]
+    return weights, json.loads((tmp_path / name / "summary.json").read_text())
+
+
+def max_dw(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    diffs = [(a[k].double() - b[k].double()).abs().max() for k in a if a[k].numel()]
+    assert all(torch.isfinite(d) for d in diffs)
+    return float(max(diffs))
+
+
+def test_two_private_runs_of_one_config_end_with_different_weights_and_two_plain_runs_with_the_same(tmp_path):
+    privacy = DifferentialPrivacy(clip=1.0, noise_multiplier=0.01)  # small: the models stay finite
+    first, summary = fedavg_run(tmp_path, "dp_a", privacy)
+    second, _ = fedavg_run(tmp_path, "dp_b", privacy)
+    assert max_dw(first, second) > 0  # the same config and seed, fresh noise
+    assert max_dw(*(fedavg_run(tmp_path, name)[0] for name in ("plain_a", "plain_b"))) == 0
+    recorded = summary["privacy"]
+    assert recorded["noise"] == "os.urandom" and recorded["insecure_seeded_noise"] is False
+    assert recorded["holds_against"].startswith("The coordinator, which sees only the masked sum")
+    assert "Not the coordinator in league with other sites" in recorded["holds_against"]
+    # with the coordinator and both other sites, a site keeps its own share alone: sigma / sqrt(3)
+    assert recorded["epsilon_against_coordinator_with_all_other_sites"] == privacy.epsilon(2, 0.01 / math.sqrt(3))
+    assert recorded["epsilon_against_coordinator_with_all_other_sites"] > recorded["epsilon"]
+
+
+def test_insecure_seeded_noise_repeats_a_run_warns_and_is_recorded(tmp_path):
+    privacy = DifferentialPrivacy(clip=1.0, noise_multiplier=0.01, insecure_seeded_noise=True)
+    with pytest.warns(UserWarning, match="insecure_seeded_noise is on: the DP noise is drawn from the run's seed"):
+        first, summary = fedavg_run(tmp_path, "a", privacy)
+    with pytest.warns(UserWarning, match="insecure_seeded_noise"):
+        second, _ = fedavg_run(tmp_path, "b", privacy)
+    assert max_dw(first, second) == 0
+    assert max_dw(first, fedavg_run(tmp_path, "plain")[0]) > 0  # the noise did act
+    assert summary["privacy"]["noise"] == "seeded (insecure)" and summary["privacy"]["insecure_seeded_noise"] is True
+    assert summary["privacy"]["holds_against"].startswith("No one who holds the run's seed")
+
+
+def test_a_deployed_site_refuses_insecure_seeded_noise(tmp_path):
+    from test_flower import config_for, sites_for
+
+    config = config_for("fedavg", privacy={"clip": 1.0, "noise_multiplier": 0.5, "insecure_seeded_noise": True})
+    with pytest.raises(HSLError, match=r"Site site0 refuses federation.privacy.insecure_seeded_noise: .*subtract it"):
+        sites_for(config, tmp_path / "sites")
+    config["federation"]["privacy"]["insecure_seeded_noise"] = False
+    assert len(sites_for(config, tmp_path / "ok")) == 3  # the same config with os.urandom noise is accepted
