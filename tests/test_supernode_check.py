@@ -7,6 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
+from hsl_lightning.errors import HSLError
+from hsl_lightning.flower import commands
 from hsl_lightning.flower.commands import key_fingerprint
 from hsl_lightning.flower.localhost import Localhost, _bin
 
@@ -19,6 +23,29 @@ def _check(lh: Localhost, site: str, index: int):
                   "--node-config", f'node-index={index} name="{site}"', "--check-only", check=False)
 
 
+def test_the_superlinks_answers_are_read_as_flower_1_42_gives_them(tmp_path, monkeypatch, capsys):
+    """The fast check, without a SuperLink: the (ApiError code, HTTP status) of the probe and of a random
+    key's control probe decide registered, unregistered, refused signature or cannot tell."""
+    from hsl_lightning.flower.keys import make_keys
+
+    make_keys(tmp_path, ["hospital1"], ["localhost"])
+    answers = []  # what the SuperLink answers each probe in turn: the site's key, then a random key's
+    monkeypatch.setattr(commands, "_activate_probe", lambda address, ca, private_key, timeout: answers.pop(0))
+
+    def check(*replies):
+        answers[:] = replies
+        return commands.check_registered("link:8443", tmp_path / "ca.crt", tmp_path / "hospital1", "hospital1")
+
+    assert check((2003, 400), (2004, 412)) is True and answers == []  # the key found, the interval refused
+    with pytest.raises(HSLError, match=r"Site hospital1: .* has not registered .*flwr supernode register"):
+        check((2004, 412))
+    with pytest.raises(HSLError, match="refused the node key's signature"):
+        check((None, 401))
+    assert check((2003, 400), (2003, 400)) is False  # a random key is "found" too: the answer says nothing
+    assert "cannot tell whether the SuperLink has registered" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_check_only_tells_registered_from_unregistered_keys_without_activating(tmp_path):
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
