@@ -2,6 +2,7 @@
 on this machine, TLS and node authentication on), in one run; prints one line ``RESULT {json}``.
 
     .venv/bin/python benchmarks/flower_deploy.py [--config configs/quickstart.yaml] [--rounds 4] [--own-folders]
+        [--secure-aggregation on|off] [--no-proxy]
 
 ``--own-folders``: hospitals that keep their own images (the config's images, written as one PNG
 folder per hospital; the simulator reads every folder, each site only its own).
@@ -26,8 +27,22 @@ trips spent in Flower: delivery, ClientApp start and return), ``stages`` (every 
 ``bytes_per_site_round`` (arrays and JSON a site sends and receives per round), ``unregistered_refused`` (a
 SuperNode with a key the SuperLink does not know is refused while the run goes on), ``tls``
 (the SuperLink answers only TLS, with the consortium CA's certificate), ``secure_aggregation``
-(false: not in this release; see docs/deployment.md). Also ``calibration``: this machine's images/s
-(benchmarks/calibrate.py), for comparing timings across machines.
+(whether the sites' replies were masked: on by default, ``--secure-aggregation off`` runs the same
+config without it, to compare), ``secagg_s_per_round`` (the slowest site's masking plus the
+coordinator's unmasking, per round; ``secagg_share_of_round`` of the deployed round), ``secagg_setup_s``
+(the key exchange once per run), ``bytes_to_site_per_round`` / ``bytes_from_site_per_round`` (each
+direction apart, all of a run's requests over its rounds and sites; ``to_site_ratio`` /
+``from_site_ratio``: over ``state_bytes``, the shared state's size in its own dtypes, float32),
+``secagg_bytes_per_site_round`` (what a site sends per round with masking: its masked reply),
+``quantisation_max_abs_error`` (round 1's fixed-point sum against the float64 sum of the same
+contributions; ``quantisation_bound``: the derived bound), ``control_api_blocked_for_sites`` (the (the
+sites reach the SuperLink through the proxy of ``hsl flower proxy``, which refuses a Control API
+request, list-runs, while the run works; the same request straight at the SuperLink, on 127.0.0.1,
+answers; with ``--no-proxy`` the sites connect to the SuperLink directly and it is false),
+``unapproved_run_refused`` (an app no site approved, submitted after the run: every site refuses it
+before starting a worker, naming its digest, and it writes no ``summary.json``). Also
+``calibration``: this machine's images/s (benchmarks/calibrate.py), for comparing timings across
+machines.
 """
 
 from __future__ import annotations
@@ -61,7 +76,8 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def plain_http_refused(address: str) -> bool:
-    """True when a plain-HTTP request to the SuperLink gets no HTTP answer (it speaks TLS only)."""
+    """True when a plain-HTTP request gets no HTTP answer (the SuperLink speaks TLS only) or only
+    nginx's 400 (*The plain HTTP request was sent to HTTPS port*)."""
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(b"GET /v1/fleet HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -70,7 +86,7 @@ def plain_http_refused(address: str) -> bool:
             answer = sock.recv(64)
         except (TimeoutError, ConnectionResetError):
             return True
-    return not answer.startswith(b"HTTP/")
+    return not answer.startswith(b"HTTP/") or answer.split(b" ")[1:2] == [b"400"]
 
 
 def compare(sim: Path, dep: Path) -> tuple[bool, float]:
@@ -130,6 +146,7 @@ def own_folders(config: dict, work: Path) -> list[str]:
 def main() -> None:
     from hsl_lightning.flower.commands import check_tls
     from hsl_lightning.flower.localhost import Localhost
+    from hsl_lightning.flower.proxy import http_status
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
@@ -138,12 +155,18 @@ def main() -> None:
     parser.add_argument("--own-folders", action="store_true",
                         help="hospitals that keep their own images: the config's images written as one PNG folder "
                              "per hospital; the simulator reads them all, each site only its own")
+    parser.add_argument("--secure-aggregation", choices=["on", "off"], default="on",
+                        help="off: the same run with federation.secure_aggregation false, to measure what masking costs")
+    parser.add_argument("--no-proxy", action="store_true",
+                        help="the sites connect to the SuperLink directly, not through nginx (hsl flower proxy)")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hsl-flower-"))
     config = yaml.safe_load(Path(args.config).read_text())
     config.setdefault("federation", {}).update({"progress": False, "wandb": "disabled"})
     if args.rounds:
         config["federation"]["rounds"] = args.rounds
+    if args.secure_aggregation == "off":
+        config["federation"]["secure_aggregation"] = False
     work.mkdir(parents=True, exist_ok=True)
     data_configs = own_folders(config, work) if args.own_folders else [""] * 3
     run_yaml = work / "run.yaml"
@@ -155,7 +178,7 @@ def main() -> None:
                     "--federation.run_dir", str(sim_dir)], check=True, capture_output=True)
     sim_wall = time.perf_counter() - clock
 
-    with Localhost(work / "deployment") as lh:
+    with Localhost(work / "deployment", proxy=False if args.no_proxy else None) as lh:
         lh.make_keys()
         lh.run(str(Path(sys.executable).parent / "hsl"), "flower", "keys", "--out", str(lh.keys / "intruder"),
                "--sites", "intruder")
@@ -173,8 +196,13 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             pass
         refused = intruder.poll() not in (None, 0)
-        tls = plain_http_refused(lh.address)
+        tls = plain_http_refused(lh.address) and plain_http_refused(lh.superlink_address)
+        ca = lh.keys / "ca.crt"  # list-runs: through the sites' address, and at the SuperLink on 127.0.0.1
+        control = (http_status(lh.address, "/v1/control/list-runs", ca),
+                   http_status(lh.superlink_address, "/v1/control/list-runs", ca))
         check_tls(lh.address, lh.keys / "ca.crt", "benchmark")  # raises unless the CA vouches for the SuperLink
+        # the same YAML into another run directory (another digest), which no site approved
+        unapproved = lh.submit_unapproved(run_yaml, work / "unapproved", timeout=600)
     if not (dep_dir / "summary.json").is_file():
         raise SystemExit(f"the deployment did not finish:\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}")
     sim, dep = (json.loads((p / "summary.json").read_text()) for p in (sim_dir, dep_dir))
@@ -185,6 +213,13 @@ def main() -> None:
     stages = {key[:-2]: round(timing.get(key, 0.0) / max(1, timing.get("timed_requests", 0)), 2)
               for key in ("deliver_s", "clientapp_start_s", "handover_s", "site_work_s", "return_s")}
     flower = stages["deliver"] + stages["clientapp_start"] + stages["return"]
+    state_bytes = dep["bytes_sent_per_node_per_round"]  # the shared state in its entries' own dtypes (float32)
+    quantisation = (None, None)
+    if timing.get("secure_aggregation"):  # round 1's fixed-point sum against the float64 sum of the same parts
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from secure_aggregation import first_round_error
+
+        quantisation = first_round_error(run_yaml, int(config.get("seed_everything", 0)), work / "quantisation")
     calibration = subprocess.run([sys.executable, str(REPO / "benchmarks" / "calibrate.py")], capture_output=True,
                                  text=True).stdout.strip().splitlines()
     result = {
@@ -199,7 +234,20 @@ def main() -> None:
         "flower_share": round(flower / max(1e-9, sum(stages.values())), 3),
         "bytes_per_site_round": int((traffic["bytes_sent"] + traffic["bytes_received"]) / (sites * rounds)),
         "unregistered_refused": refused and dep["mean_test_auc"] == dep["mean_test_auc"], "tls": tls,
-        "secure_aggregation": False, "rounds": rounds, "sites": sites,
+        "secure_aggregation": bool(timing.get("secure_aggregation")), "rounds": rounds, "sites": sites,
+        "secagg_s_per_round": round(timing.get("secagg_s", 0.0) / rounds, 3),
+        "secagg_setup_s": round(timing.get("secagg_setup_s", 0.0), 3),
+        "secagg_share_of_round": round(timing.get("secagg_s", 0.0) / max(1e-9, sum(h["round_s"] for h in dep["history"])), 4),
+        "bytes_to_site_per_round": int(traffic["bytes_sent"] / (sites * rounds)),
+        "bytes_from_site_per_round": int(traffic["bytes_received"] / (sites * rounds)),
+        "state_bytes": state_bytes,
+        "to_site_ratio": round(traffic["bytes_sent"] / (sites * rounds) / state_bytes, 3),
+        "from_site_ratio": round(traffic["bytes_received"] / (sites * rounds) / state_bytes, 3),
+        "secagg_bytes_per_site_round": int(traffic["bytes_received"] / (sites * rounds)) if timing.get("secure_aggregation") else 0,
+        "quantisation_max_abs_error": quantisation[0], "quantisation_bound": quantisation[1],
+        "control_api_blocked_for_sites": control[0] in (403, 404) and control[1] == 200
+        and (dep_dir / "summary.json").is_file(),
+        "unapproved_run_refused": unapproved["refused"],
         "calibration": calibration[-1] if calibration else None,
     }
     print("RESULT " + json.dumps(result))

@@ -44,7 +44,7 @@ SUBCOMMANDS = {
     "benchmark": "run a grid of methods x scenarios x seeds and write its report (hsl benchmark --config GRID)",
     "embed": "measure and draw how alike trained runs make the nodes (hsl embed RUN_DIR ...)",
     "compare": "check two runs (a deployment against its simulation) for equal weights and AUCs (hsl compare A B)",
-    "flower": "train across real sites on Flower: keys, app, supernode, stop-workers (hsl flower --help)",
+    "flower": "train across real sites on Flower: keys, app, supernode, stop-workers, proxy (hsl flower --help)",
 }
 
 

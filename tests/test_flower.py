@@ -4,10 +4,12 @@ The sites answer the server's requests in process (``LocalSites``), through the 
 Flower messages carry; tests/test_flower_deploy.py runs the real thing over TLS.
 """
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,9 +51,24 @@ def simulate(config: dict, run_dir: Path) -> dict:
     return cli.trainer.fit(cli.model, cli.datamodule)
 
 
+@functools.lru_cache(maxsize=1)
+def consortium() -> Path:
+    """Node keys for sites site0..site4 and the folder of their public keys (made once per session)."""
+    from hsl_lightning.flower.keys import make_keys
+
+    folder = Path(tempfile.mkdtemp(prefix="hsl-keys-")) / "keys"
+    make_keys(folder, [f"site{i}" for i in range(5)], [])
+    return folder
+
+
+def keyed(i: int) -> dict:
+    """Site i's node key and the consortium's public keys: what secure aggregation signs and checks with."""
+    return {"node_key": consortium() / f"site{i}", "roster": consortium()}
+
+
 def sites_for(config: dict, root: Path, site_type=Site) -> list:
     text = yaml.safe_dump(config)
-    return [site_type(text, i, root / f"site{i}") for i in range(config["data"]["scenario"]["num_nodes"])]
+    return [site_type(text, i, root / f"site{i}", **keyed(i)) for i in range(config["data"]["scenario"]["num_nodes"])]
 
 
 def deploy(config: dict, run_dir: Path, sites, ckpt_path=None) -> dict:
@@ -103,12 +120,20 @@ def test_a_deployment_gives_the_simulators_numbers_bit_for_bit(tmp_path, strateg
 
 
 def test_dp_fedavg_runs_in_deployment_with_its_epsilon(tmp_path):
+    """DP noise is drawn fresh from os.urandom at every site, so a DP deployment cannot repeat the
+    simulator bit for bit (the runs without DP above still do): the accounting, the history's keys and
+    round 1's update norms (measured before any noise) still agree; the deployed weights must not."""
     config = config_for("fedavg", privacy={"clip": 1.0, "noise_multiplier": 0.5})
     sim = simulate(config, tmp_path / "sim")
     dep = deploy(config, tmp_path / "dep", sites_for(config, tmp_path / "sites"))
-    assert_same(sim, tmp_path / "sim", dep, tmp_path / "dep")
     assert dep["privacy"]["epsilon"] == sim["privacy"]["epsilon"] and 0 < dep["privacy"]["epsilon"] < float("inf")
-    assert "dp_update_norm_median" in dep["history"][0]
+    assert dep["privacy"]["noise"] == sim["privacy"]["noise"] == "os.urandom"
+    assert dep["rounds_run"] == sim["rounds_run"] and len(dep["history"]) == len(sim["history"])
+    assert [sorted(h) for h in dep["history"]] == [sorted(h) for h in sim["history"]]
+    norms = ("dp_update_norm_median", "dp_update_norm_max", "dp_clipped_share")
+    assert [dep["history"][0][k] for k in norms] == [sim["history"][0][k] for k in norms]
+    ws, wd = deployed_weights(tmp_path / "sim", sim), deployed_weights(tmp_path / "dep", dep)
+    assert any(not torch.equal(ws[name][key], wd[name][key]) for name in ws for key in ws[name])  # fresh noise
 
 
 class FailingSite(Site):
@@ -165,7 +190,7 @@ class BrokenSite(Site):
 def test_a_site_that_fails_at_start_keeps_its_row_with_the_reason(tmp_path, capsys):
     config = config_for("fedavg", rounds=2, min_nodes=2)
     sites = sites_for(config, tmp_path / "s")
-    sites[2] = BrokenSite(yaml.safe_dump(config), 2, tmp_path / "s" / "site2")
+    sites[2] = BrokenSite(yaml.safe_dump(config), 2, tmp_path / "s" / "site2", **keyed(2))
     dep = deploy(config, tmp_path / "dep", sites)
     assert [n["name"] for n in dep["nodes"]] == ["node0", "node1", "node2"]
     row = dep["nodes"][2]
@@ -174,7 +199,7 @@ def test_a_site_that_fails_at_start_keeps_its_row_with_the_reason(tmp_path, caps
     assert "node2" in table and "failed: " in table and "truncated" in table
     # without min_nodes the run stops, and the broken site's operator is told why
     config = config_for("fedavg", rounds=2)
-    sites[2] = BrokenSite(yaml.safe_dump(config), 2, tmp_path / "t" / "site2")
+    sites[2] = BrokenSite(yaml.safe_dump(config), 2, tmp_path / "t" / "site2", **keyed(2))
     transport = LocalSites(sites)
     with pytest.raises(HSLError, match=r"site 2 failed in round 1: .*truncated"):
         deploy(config, tmp_path / "dep2", transport)
@@ -372,7 +397,7 @@ def test_sites_holding_only_their_own_image_folders_give_the_simulators_numbers(
         shutil.copytree(full / name, own / name)
         data = yaml.safe_dump({"data": {"primary": {"class_path": "hsl_lightning.ImageFolders",
                                                     "init_args": {"root": str(own)}}}})
-        sites.append(Site(yaml.safe_dump(config), i, tmp_path / f"site{i}" / "state", data_config=data))
+        sites.append(Site(yaml.safe_dump(config), i, tmp_path / f"site{i}" / "state", data_config=data, **keyed(i)))
     dep = deploy(config, tmp_path / "dep", sites)
     assert_same(sim, tmp_path / "sim", dep, tmp_path / "dep")
     assert [n["n_train"] for n in dep["nodes"]] == [n["n_train"] for n in sim["nodes"]]

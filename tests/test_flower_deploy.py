@@ -73,6 +73,15 @@ def test_the_deployment_guide_end_to_end(tmp_path):
             assert "no-such-images" in lh.log(f"supernode-{site}")
         wait_until(lambda: not list((tmp_path / "d" / "sites").glob("*/*/worker.pid")),
                    "a site's worker outlived the stopped run")
+
+        # a run no site approved (the same YAML into another run directory: another digest): every
+        # site refuses it, naming the digest, before starting a worker; the run writes nothing
+        workers = set((tmp_path / "d" / "sites").glob("*/*"))
+        unapproved = lh.submit_unapproved(run_yaml, tmp_path / "unapproved-run", timeout=300)
+        assert unapproved["refused"], (unapproved["sites"], unapproved["output"],
+                                       [lh.log(f"supernode-{s}")[-1500:] for s in lh.sites])
+        assert not (tmp_path / "unapproved-run").exists()
+        assert set((tmp_path / "d" / "sites").glob("*/*")) == workers  # no new run folder at any site
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_run"] == 2 and summary["deployment"]["failed"] == {}
     assert [n["name"] for n in summary["nodes"]] == ["node0", "node1", "node2"]

@@ -14,6 +14,7 @@ from hsl_lightning import Federation
 from hsl_lightning.federation import federation as federation_module
 
 
+@pytest.mark.slow
 def test_the_exit_handler_destroys_the_process_group_before_the_interpreter_exits(tmp_path):
     script = (
         "import atexit, torch.distributed as dist\n"

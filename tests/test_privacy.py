@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hsl_lightning import Federation, FoundationProbe, SplitClassifier
-from hsl_lightning.federation import sync
+from hsl_lightning.federation import fixedpoint, sync
 from hsl_lightning.federation.merge import Server
 from hsl_lightning.federation.message import MessageLayout, RoundMessage
 from hsl_lightning.federation.strategies import STRATEGIES, get_strategy
@@ -60,17 +60,29 @@ def test_synchronisation_sends_only_state(tmp_path, monkeypatch, name):
     layout = MessageLayout(state=packer.numel, extras=strategy.extra_size(model), trainees=len(plan))
     sizes = [sum(len(data.nodes[i].train) for i in nodes) for nodes in plan]
     # rebuild the round's message from the contributions alone: it must match bit for bit
-    message = RoundMessage(layout, vector=sent[0])
-    expected = RoundMessage(layout)
-    for t, state, extra in contributions:
-        w = federation.strategy.weight(sizes[t])
-        expected.state.add_(packer.pack(state), alpha=w)
-        if extra is not None:
-            expected.extras.add_(extra)
-        expected.finished[t] = 1  # this node finished the round
-        expected.weight.add_(w)
-    expected.traffic.fill_(message.traffic)  # SplitAVG's declared feature-map bytes, else 0
-    assert torch.equal(message.vector, expected.vector)
+    secure = fixedpoint.resolve(None, federation.strategy, len(plan), packer.numel)
+    if secure:  # secure aggregation: each contribution's own fixed-point integers, weights normalised
+        total_weight = sum(federation.strategy.weight(n) for n in sizes)
+        expected_fixed = torch.zeros(layout.size, dtype=torch.int64)
+        for t, state, extra in contributions:
+            own = RoundMessage(layout)
+            own.state.add_(packer.pack(state), alpha=federation.strategy.weight(sizes[t]) / total_weight)
+            own.add(t, federation.strategy.weight(sizes[t]) / total_weight, extra)
+            expected_fixed += fixedpoint.quantise(own.vector, len(plan), "a node", 1)
+        assert sent[0].dtype == torch.int64 and torch.equal(sent[0], expected_fixed)
+        message = RoundMessage.from_fixed(layout, sent[0], 1)
+    else:
+        message = RoundMessage(layout, vector=sent[0])
+        expected = RoundMessage(layout)
+        for t, state, extra in contributions:
+            w = federation.strategy.weight(sizes[t])
+            expected.state.add_(packer.pack(state), alpha=w)
+            if extra is not None:
+                expected.extras.add_(extra)
+            expected.finished[t] = 1  # this node finished the round
+            expected.weight.add_(w)
+        expected.traffic.fill_(message.traffic)  # SplitAVG's declared feature-map bytes, else 0
+        assert torch.equal(message.vector, expected.vector)
     assert (message.traffic > 0) == (name == "splitavg")
     if name == "scaffold":  # its extra vector is parameter-shaped: the control-variate update
         assert layout.extras == sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -106,7 +118,8 @@ def test_a_flower_reply_is_exactly_its_part_of_the_simulators_message(tmp_path, 
     from hsl_lightning.flower.site import compact, expand_message
     from test_flower import config_for, simulate, sites_for
 
-    config = config_for("scaffold")  # a strategy vector travels too
+    config = config_for("scaffold", secure_aggregation=False)  # a strategy vector travels too; unmasked here
+    # (with secure aggregation the reply is masked: tests/test_secagg.py)
     sent, reduce = [], sync.all_reduce_sum
     monkeypatch.setattr(sync, "all_reduce_sum", lambda fabric, v: sent.append(v.detach().clone()) or reduce(fabric, v))
     simulate(config, tmp_path / "sim")

@@ -146,7 +146,7 @@ def test_the_coordinator_names_the_silent_site_the_round_and_the_limit():
     phases = SitePhases(federation, Silent(), Timeouts(factor=4, floor_s=10))
     phases.site_info = {1: {"site": "hospital2"}}
     phases.slowest_s = 30.0
-    run = SimpleNamespace(layout=SimpleNamespace(extras=0))
+    run = SimpleNamespace(layout=SimpleNamespace(extras=0), secure=False)
     state = SimpleNamespace(merged=__import__("torch").zeros(3), best=SimpleNamespace(round=0))
     with pytest.raises(HSLError) as caught:
         phases.validate(run, state, r=1)

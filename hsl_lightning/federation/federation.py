@@ -34,13 +34,14 @@ import torch
 from lightning.fabric import Fabric
 
 from hsl_lightning.errors import HSLError
-from hsl_lightning.federation import checkpoint
+from hsl_lightning.federation import checkpoint, fixedpoint
 from hsl_lightning.federation.concurrent import Workers
 from hsl_lightning.federation.launch import fabric_strategy, leave_process_group_at_exit, machines_of
 from hsl_lightning.federation.loggers import WandbMode
 from hsl_lightning.federation.message import RoundMessage
 from hsl_lightning.federation.phases import RankPhases, RoundPhases
-from hsl_lightning.federation.privacy import DifferentialPrivacy, PrivateMean, check_supported
+from hsl_lightning.federation.privacy import (DifferentialPrivacy, PrivateMean, check_secure_aggregation,
+                                              check_supported)
 from hsl_lightning.federation.rank import RankRun
 from hsl_lightning.federation.reporting import format_table
 from hsl_lightning.federation.state import DeployRound, RankState, check_deploy_round, clone_state, round_score
@@ -192,7 +193,7 @@ class Federation:
         self.wandb, self.wandb_project = wandb, wandb_project
         self.progress, self.checkpoint, self.seed, self.threads = progress, checkpoint, seed, threads
         self.save_weights = save_weights
-        self._check_rounds_and_nodes(val_every_n_rounds, patience, privacy, min_nodes)
+        self._check_rounds_and_nodes(val_every_n_rounds, patience, privacy, min_nodes, secure_aggregation)
         self.val_every_n_rounds, self.patience, self.privacy, self.min_nodes = (val_every_n_rounds, patience, privacy,
                                                                                  min_nodes)
         check_deploy_round(deploy_round)
@@ -315,6 +316,7 @@ class Federation:
         local_keys = [k for k in entries if k not in shared]
         if self.privacy is not None:
             check_supported(self.strategy, plan, packer.numel, self.strategy.extra_size(module))
+            self.privacy.warn_if_insecure()
         report = dm.report()  # how each node was drawn: data.json, and part of the checkpoint fingerprint
         fingerprint = checkpoint.fingerprint(
             strategy=self.strategy.name, options=self.strategy.options(), seed=self.seed,
@@ -322,6 +324,7 @@ class Federation:
             model=type(module).__name__, state={k: list(v.shape) for k, v in entries.items()}, data=report)
         run = RankRun(fabric, module, dm, self.strategy, run_dir, dm.node_names, plan, packer, local_keys, report,
                       fingerprint)
+        run.secure = fixedpoint.resolve(self.secure_aggregation, self.strategy, len(plan), packer.numel)
         run.at_once = self.threads_each(len(run.mine), run.device.type) if trains_here else (1, torch.get_num_threads())
         if run.at_once[0] > 1:
             run.workers = Workers(module, *run.at_once)
@@ -367,9 +370,15 @@ class Federation:
             self.failed(f"node {run.label(t)}", outcome, r)
             merge.dropped(t)
             return
-        weight = 1.0 if self.privacy is not None else run.weight(t)  # DP: every node weighs 1
-        merge.contribute(message, t, outcome.state, weight)
-        message.add(t, weight, outcome.extra)
+        weight = (1.0 / (len(run.plan) if run.secure else 1)) if self.privacy is not None else run.weight(t)
+        if run.secure:  # its part of the message on its own, as fixed-point integers (federation/fixedpoint.py)
+            own = RoundMessage(run.layout, message.vector.device)
+            merge.contribute(own, t, outcome.state, weight)
+            own.add(t, weight, outcome.extra)
+            message.add_fixed(fixedpoint.quantise(own.vector, len(run.plan), f"node {run.label(t)}", r + 1))
+        else:
+            merge.contribute(message, t, outcome.state, weight)  # DP: every node weighs 1
+            message.add(t, weight, outcome.extra)
         trainee = state.trainees[t]
         trainee.local = clone_state({k: outcome.state[k] for k in run.local_keys})
         if outcome.personal is not None:
@@ -402,7 +411,8 @@ class Federation:
                            "(data.use_sat is false). Give it a SAT, or use ClassifierModule.")
 
     @staticmethod
-    def _check_rounds_and_nodes(val_every_n_rounds: int, patience: int | None, privacy, min_nodes: int | None) -> None:
+    def _check_rounds_and_nodes(val_every_n_rounds: int, patience: int | None, privacy, min_nodes: int | None,
+                                secure_aggregation: bool | None = None) -> None:
         if val_every_n_rounds < 1:
             raise HSLError(f"val_every_n_rounds must be at least 1, got {val_every_n_rounds} (the last round is "
                            "always validated; set it to the number of rounds to validate only that one).")
@@ -412,6 +422,7 @@ class Federation:
         if privacy is not None and min_nodes is not None:
             raise HSLError("federation.privacy accounts for every node's share of the noise in every round; with "
                            "min_nodes a dropped node would leave its share out. Set min_nodes to null.")
+        check_secure_aggregation(privacy, secure_aggregation)
         if min_nodes is not None and min_nodes < 1:
             raise HSLError(f"min_nodes must be at least 1 (or null to stop on any failure), got {min_nodes}.")
 

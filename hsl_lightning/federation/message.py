@@ -55,6 +55,22 @@ class RoundMessage:
         self.traffic = vector[end_extras]  # 0-dim views: written in place
         self.finished = vector[end_extras + 1:end_extras + 1 + layout.trainees]
         self.weight = vector[-1]
+        self.fixed: torch.Tensor | None = None  # under secure aggregation: the int64 sum (federation.fixedpoint)
+
+    def add_fixed(self, quantised: torch.Tensor) -> None:
+        """Add one contribution already quantised (:func:`~.fixedpoint.quantise`) into the int64 sum."""
+        if self.fixed is None:
+            self.fixed = torch.zeros(self.layout.size, dtype=torch.int64, device=quantised.device)
+        self.fixed += quantised
+
+    @classmethod
+    def from_fixed(cls, layout: MessageLayout, total: torch.Tensor, round_no: int) -> "RoundMessage":
+        """The message whose int64 sum is ``total`` (every trainee's quantised contribution), checked."""
+        from hsl_lightning.federation.fixedpoint import check_sum, dequantise
+
+        message = cls(layout, vector=dequantise(total))
+        check_sum(message.vector, message.finished, float(message.weight), round_no)
+        return message
 
     def add(self, trainee: int, weight: float, extra: torch.Tensor | None = None) -> None:
         """Count ``trainee`` as finished, with its ``weight`` and strategy vector (its state is added
@@ -64,6 +80,9 @@ class RoundMessage:
             self.extras += extra.to(self.vector.device)
         self.weight += weight
 
-    def all_reduce(self, fabric) -> "RoundMessage":
-        """The sum of every rank's message (this one, on a single rank)."""
+    def all_reduce(self, fabric, round_no: int = 0) -> "RoundMessage":
+        """The sum of every rank's message (this one, on a single rank); under secure aggregation the
+        sum of the int64 vectors, read back as float64 (``round_no`` names the round if it is refused)."""
+        if self.fixed is not None:
+            return RoundMessage.from_fixed(self.layout, sync.all_reduce_sum(fabric, self.fixed), round_no)
         return RoundMessage(self.layout, vector=sync.all_reduce_sum(fabric, self.vector))

@@ -94,7 +94,9 @@ class RankPhases(RoundPhases):
             fed.add_contribution(run, state, message, merge, t, outcome, losses, r)
             report.bar.update(1)
         message.traffic.fill_(fed.strategy.traffic(run.module))
-        return message.all_reduce(run.fabric), losses
+        if run.secure and message.fixed is None:  # a rank whose trainees all failed still takes part in the sum
+            message.add_fixed(torch.zeros(run.layout.size, dtype=torch.int64, device=message.vector.device))
+        return message.all_reduce(run.fabric, r + 1), losses
 
     def update_norms(self, run, merge):
         norms = torch.full((len(run.names),), math.nan, dtype=torch.float64)

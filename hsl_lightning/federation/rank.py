@@ -33,6 +33,8 @@ class RankRun:
     fingerprint: dict  # what a checkpoint must match to be resumed by this run
     workers: object = None  # Workers: threads training (and scoring) several trainees at once, or None
     at_once: tuple[int, int] = (1, 1)  # trainees training at the same time, and intra-op threads each
+    secure: bool = False  # the message is summed as fixed-point integers (federation.fixedpoint)
+    told_total_weight: float | None = None  # the run's total weight, as a deployed site is told it
 
     def __post_init__(self):
         world, rank = self.fabric.world_size, self.fabric.global_rank
@@ -54,5 +56,15 @@ class RankRun:
         return "+".join(self.names[i] for i in self.plan[t])
 
     def weight(self, t: int) -> float:
-        """Trainee t's weight in the merge."""
+        """Trainee t's weight in the merge (under secure aggregation divided by every trainee's
+        summed weight, so that a contribution's entries stay within the fixed-point range)."""
+        if self.secure:
+            return self.strategy.weight(self.n_train[t]) / self.total_weight
         return self.strategy.weight(self.n_train[t])
+
+    @property
+    def total_weight(self) -> float:
+        """Every trainee's weight summed (a deployed site, which holds only its own data, is told it)."""
+        if self.told_total_weight is not None:
+            return self.told_total_weight
+        return sum(self.strategy.weight(n) for n in self.n_train)

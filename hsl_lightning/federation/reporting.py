@@ -111,7 +111,7 @@ class Reporter:
         if self.federation.save_weights:
             self.write_checkpoints(state.best, node_thresholds, pooled)
         peaks = self._peak_rss()
-        data_mb = self._data_mb()
+        data_mb = self.data_mb()
         if not self.rank0:
             return None
         summary = self.summary(state, test, time.perf_counter() - start)
@@ -121,9 +121,7 @@ class Reporter:
         summary["external"] = external
         privacy = self.federation.privacy
         if privacy is not None:
-            summary["privacy"] = {"mechanism": "DP-FedAvg (node-level, Gaussian, clipped updates)",
-                                  **vars(privacy), "rounds": len(state.history),
-                                  "epsilon": privacy.epsilon(len(state.history))}
+            summary["privacy"] = privacy.summary(len(state.history), len(self.run.plan))
         summary["peak_rss_mb_per_rank"] = [round(float(p), 1) for p in peaks]
         summary["data_mb_per_rank"] = [round(float(d), 2) for d in data_mb]
         summary["institutions_at_once"], summary["threads_per_institution"] = self.at_once()
@@ -160,7 +158,7 @@ class Reporter:
         return len(run.plan) == 1 or (run.strategy.merge_kind.one_model and not run.local_keys
                                       and not run.strategy.personal_model)
 
-    def _data_mb(self) -> torch.Tensor:
+    def data_mb(self) -> torch.Tensor:
         """MB of institution images each rank holds (only those of the nodes it hosts; a collective)."""
         fabric, held = self.run.fabric, 0
         for node in self.run.dm.nodes:

@@ -19,7 +19,10 @@ is and where its data and state are:
 ``name`` (optional)
     the site's name in messages and logs;
 ``persistent`` (default true)
-    false answers every message in the ClientApp process itself (no worker): slower, simpler.
+    false answers every message in the ClientApp process itself (no worker): slower, simpler;
+``approved-runs`` (required to run anything)
+    the site's file of approved run digests (:mod:`~.approval`): any other run is refused before a
+    worker starts or anything is built.
 
 Every message carries one :mod:`~.protocol` message in the protocol's one encoding: its arrays
 in an ``ArrayRecord`` (``arrays``), its JSON header in a ``ConfigRecord`` (``config``).
@@ -93,7 +96,7 @@ def _site_setup(context: Context) -> tuple[Path, dict, bool]:
     except HSLError as exc:
         raise HSLError(f"Site {name}: {exc}") from exc
     setup = {"config": str(run_yaml), "node": int(node), "data_config": data_config, "name": name,
-             "site_dir": str(site_dir)}
+             "site_dir": str(site_dir), "node_key": config.get("node-key"), "roster": config.get("consortium-keys")}
     persistent = str(config.get("persistent", "true")).lower() not in ("false", "0", "no")
     return site_dir, setup, persistent
 
@@ -119,14 +122,19 @@ def _answer(request, context: Context):
     if isinstance(request, protocol.Stop):
         # the site's operator sees why the run ended, in the SuperNode's output as in the worker's log
         print(f"hsl: site {setup['name']}: the coordinator stopped the run: {request.reason}", flush=True)
-        if not persistent:
-            return protocol.Stopped(False)  # nothing outlives this process
+        if not persistent or not site_dir.is_dir():
+            return protocol.Stopped(False)  # nothing outlives this process; no worker ever ran this run here
+    else:  # a site runs only what it approved, before any worker starts (a Stop can only end one: honoured)
+        from hsl_lightning.flower.approval import check_run
+
+        check_run(context.node_config, context.run_config, setup["name"], setup.get("data_config"))
     if not persistent:
         from hsl_lightning.flower.site import Site, answer
 
         site = _IN_PROCESS.get("site")
         if site is None or getattr(site, "setup_key", None) != setup:
-            site = Site(setup["config"], setup["node"], setup["site_dir"], setup.get("data_config"), setup.get("name"))
+            site = Site(setup["config"], setup["node"], setup["site_dir"], setup.get("data_config"), setup.get("name"),
+                        setup.get("node_key"), setup.get("roster"))
             site.setup_key = setup
             _IN_PROCESS["site"] = site
         return answer(site, request)
@@ -158,6 +166,16 @@ def answer(msg: Message, context: Context) -> Message:
 
 
 # ---------------------------------------------------------------------- the server (the SuperLink's)
+def flower_error(code: int, reason: str) -> str:
+    """A Flower error reply in the coordinator's words: a SuperNode that stopped sending heartbeats
+    (NODE_UNAVAILABLE) or a message that expired unanswered has stopped answering."""
+    from flwr.common.constant import ErrorCode
+
+    if code in (getattr(ErrorCode, "NODE_UNAVAILABLE", -1), getattr(ErrorCode, "MESSAGE_UNAVAILABLE", -1)):
+        return f"stopped answering: its SuperNode is gone or the message expired (Flower error {code}: {reason})"
+    return f"Flower error {code}: {reason}"
+
+
 class FlowerSites(Sites):
     """The sites as SuperNodes: requests pushed through the Grid, replies pulled every ``poll_s``
     and put in hospital order (Flower's node ids are random; each site says its index)."""
@@ -165,6 +183,7 @@ class FlowerSites(Sites):
     def __init__(self, grid: Grid, count: int, wait_s: float, poll_s: float = 0.1):
         self.grid, self.count, self.wait_s, self.poll_s = grid, count, wait_s, poll_s
         self.node_of: dict[int, int] = {}  # hospital index -> Flower node id
+        self.unknown: list[int] = []  # SuperNodes that connected but never said which hospital they are
         self.bytes_sent, self.bytes_received, self.exchanges = 0, 0, 0
 
     def _push(self, requests: dict[int, object], timeout_s: float) -> dict[str, int]:
@@ -189,7 +208,7 @@ class FlowerSites(Sites):
                 if node_id is None:
                     continue
                 if reply.has_error():
-                    replies[node_id] = protocol.Failure(f"Flower error {reply.error.code}: {reply.error.reason}")
+                    replies[node_id] = protocol.Failure(flower_error(reply.error.code, reply.error.reason))
                     continue
                 self.bytes_received += nbytes(reply.content)
                 replies[node_id] = decode(reply.content)
@@ -220,7 +239,8 @@ class FlowerSites(Sites):
         for node_id, reply in answers.items():
             index = reply.node
             if index is None or not 0 <= int(index) < self.count:
-                print(f"hsl: a SuperNode (Flower node {node_id}) gave no valid node-index: "
+                self.unknown.append(node_id)
+                print(f"hsl: a SuperNode (Flower node {node_id}) connected but gave no valid node-index: "
                       f"{getattr(reply, 'error', reply)}", flush=True)
                 continue
             index = int(index)
@@ -235,6 +255,9 @@ class FlowerSites(Sites):
 
     def exchange(self, requests: dict[int, object], timeout_s: float) -> dict[int, object]:
         by_node = {self.node_of[i]: request for i, request in requests.items() if i in self.node_of}
+        stops = [r for r in requests.values() if isinstance(r, protocol.Stop)]
+        if stops and self.unknown:  # a SuperNode that never said which hospital it is hears why the run ended too
+            by_node.update({node_id: stops[0] for node_id in self.unknown})
         answers = self._by_node(by_node, timeout_s)
         out = {i: answers[self.node_of[i]] for i in requests if i in self.node_of}
         for i in requests:
@@ -313,4 +336,7 @@ def write_app(config: str | os.PathLike, out: str | os.PathLike, run_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     (out / "pyproject.toml").write_text(app_pyproject(config.read_text(), out.resolve().name.replace("_", "-"),
                                                       run_dir))
+    from hsl_lightning.flower.approval import write_digest
+
+    write_digest(out)  # DIGEST.txt: what each site approves (hsl flower approve)
     return out

@@ -1,11 +1,17 @@
 """``hsl flower ...``: the commands a deployment's IT staff run besides Flower's own.
 
 - ``hsl flower keys``: the CA, the SuperLink's certificate and the sites' node keys;
-- ``hsl flower app``: a Flower app folder that runs an ``hsl fit`` config (``flwr run`` submits it);
+- ``hsl flower app``: a Flower app folder that runs an ``hsl fit`` config (``flwr run`` submits it),
+  and the run's digest, which each site approves;
+- ``hsl flower approve`` / ``hsl flower digest``: a site approves a run's digest (its node config's
+  ``approved-runs`` file), or recomputes the digest of an app folder it was sent
+  (``hsl_lightning/flower/approval.py``);
 - ``hsl flower supernode``: checks a site's certificate, key, connection, data and that the
   SuperLink has registered its key, each failure
   one message naming the site, then starts ``flower-supernode`` with the same options;
-- ``hsl flower stop-workers``: stops a site's worker processes now, by their pid files.
+- ``hsl flower stop-workers``: stops a site's worker processes now, by their pid files;
+- ``hsl flower proxy``: writes (or, with ``--check``, checks) the nginx configuration through which
+  the hospitals reach only the SuperLink's Fleet API (``hsl_lightning/flower/proxy.py``).
 """
 
 from __future__ import annotations
@@ -171,6 +177,25 @@ def check_data(node_config: dict, site: str) -> None:
                        f"{', '.join(missing)}, which {'does' if len(missing) == 1 else 'do'} not exist on this machine.")
 
 
+def with_mask_signing(text: str, node_config: dict, key: Path, site: str) -> str:
+    """The node config with what secure aggregation needs: ``node-key`` (the node key, which signs the
+    site's mask key: by default the one Flower authenticates it by) and ``consortium-keys`` (every
+    site's ``<name>.pub``, to check the peers' mask keys: by default the node key's folder, as
+    ``hsl flower keys`` writes it); checked here: this site's own ``<name>.pub`` must be there."""
+    key = Path(node_config.setdefault("node-key", str(key.resolve()))).expanduser()
+    roster = Path(node_config.setdefault("consortium-keys", str(key.parent.resolve()))).expanduser()
+    pubs = sorted(p.stem for p in roster.glob("*.pub")) if roster.is_dir() else []
+    if site not in pubs:
+        raise HSLError(f"Site {site}: secure aggregation checks every site's mask key against the consortium's public "
+                       f"keys, and {roster} holds no {site}.pub (it holds: {', '.join(pubs) or 'none'}). Put every "
+                       "site's <name>.pub there (hsl flower keys writes them), or name the folder with "
+                       "consortium-keys=\"DIR\" in --node-config.")
+    for name in ("node-key", "consortium-keys"):
+        if f"{name}=" not in text:
+            text += f' {name}="{node_config[name]}"'
+    return text.strip()
+
+
 def supernode(argv: list[str]) -> None:
     """``hsl flower supernode``: check the site's certificate, key, data and connection, then start it."""
     parser = argparse.ArgumentParser(prog="hsl flower supernode", description=(
@@ -191,7 +216,11 @@ def supernode(argv: list[str]) -> None:
     if not ca.is_file():
         raise HSLError(f"Site {site}: the CA certificate {ca} does not exist.")
     check_key(Path(args.auth_supernode_private_key), site)
+    node_config_text = with_mask_signing(args.node_config, node_config, Path(args.auth_supernode_private_key), site)
     check_data(node_config, site)
+    from hsl_lightning.flower.approval import describe_approvals
+
+    print(f"hsl: {describe_approvals(node_config, site)}", flush=True)
     check_tls(args.superlink, ca, site)
     if check_registered(args.superlink, ca, Path(args.auth_supernode_private_key), site):
         print(f"hsl: site {site}: CA certificate, node key, data config and TLS connection to {args.superlink} are "
@@ -205,7 +234,7 @@ def supernode(argv: list[str]) -> None:
     if exe is None:
         raise HSLError("flower-supernode is not installed: pip install 'hsl_lightning[flower]'.")
     command = [exe, "--superlink", args.superlink, "--root-certificates", str(ca), "--auth-supernode-private-key",
-               args.auth_supernode_private_key, "--node-config", args.node_config, *rest]
+               args.auth_supernode_private_key, "--node-config", node_config_text, *rest]
     # Flower's SuperExec looks for a new message every second by default; a tenth of a second costs a
     # negligible local request and takes up to 0.9 s off every round (a site may still set its own).
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
@@ -244,7 +273,50 @@ def app(argv: list[str]) -> None:
     parser.add_argument("--run-dir", help="where the SuperLink's machine writes the run (default: the config's)")
     args = parser.parse_args(argv)
     out = write_app(args.config, args.out, args.run_dir)
-    print(f"hsl: wrote {out}/pyproject.toml; submit it with: flwr run {out} <superlink-connection> --stream")
+    from hsl_lightning.flower.approval import EXAMPLE_FILE, read_digest
+
+    digest = read_digest(out)
+    print(f"hsl: wrote {out}/pyproject.toml; submit it with: flwr run {out} <superlink-connection> --stream\n"
+          f"hsl: the run's digest is {digest} (also in {out}/DIGEST.txt). Every site must approve it before the run "
+          f"starts there; a site, after reviewing the config, runs (--file: its node config's approved-runs):\n"
+          f"  hsl flower approve --file {EXAMPLE_FILE} {digest}")
+
+
+def approve(argv: list[str]) -> None:
+    """``hsl flower approve``: add a run's digest to this site's approvals file."""
+    from hsl_lightning.flower.approval import approve as add
+
+    parser = argparse.ArgumentParser(prog="hsl flower approve", description=(
+        "Approve a run at this site: append its digest (printed by `hsl flower app`, recomputed by `hsl flower "
+        "digest APP`) to the file the SuperNode's node config names as approved-runs. The SuperNode reads the file "
+        "at every message: no restart needed."))
+    parser.add_argument("--file", required=True, help="the site's approvals file (node config approved-runs)")
+    parser.add_argument("digest", help="the run's SHA-256 digest (64 hex digits)")
+    parser.add_argument("--note", help="a comment kept on the digest's line (who approved what, and why)")
+    args = parser.parse_args(argv)
+    if add(args.file, args.digest, args.note):
+        print(f"hsl: approved run {args.digest.strip().lower()} in {args.file}", flush=True)
+    else:
+        print(f"hsl: run {args.digest.strip().lower()} was approved already in {args.file}", flush=True)
+
+
+def digest(argv: list[str]) -> None:
+    """``hsl flower digest``: the digest of an app folder, and the classes its config names."""
+    from hsl_lightning.flower.approval import app_digest, check_class_paths
+
+    parser = argparse.ArgumentParser(prog="hsl flower digest", description=(
+        "Print the digest of the run an app folder (hsl flower app) submits, as a site computes it, and the classes "
+        "its config names (only hsl_lightning's are accepted at a site)."))
+    parser.add_argument("app", help="the app folder (holding pyproject.toml)")
+    args = parser.parse_args(argv)
+    import tomllib
+
+    value = app_digest(args.app)  # one clear error when the folder holds no app
+    project = tomllib.loads((Path(args.app) / "pyproject.toml").read_text())
+    text = project["tool"]["flwr"]["app"]["config"]["hsl-config"]
+    named = check_class_paths(text, f"{args.app}: the run's configuration")
+    print(value)
+    print(f"hsl: classes the run names: {', '.join(named) or 'none'}", file=sys.stderr, flush=True)
 
 
 def stop_workers(argv: list[str]) -> None:
@@ -265,7 +337,55 @@ def stop_workers(argv: list[str]) -> None:
         print(f"hsl: no worker of {args.site_dir} was running", flush=True)
 
 
-COMMANDS = {"keys": keys, "app": app, "supernode": supernode, "stop-workers": stop_workers}
+def proxy(argv: list[str]) -> None:
+    """``hsl flower proxy``: the nginx configuration in front of the SuperLink, written or checked."""
+    from hsl_lightning.flower import proxy as px
+
+    parser = argparse.ArgumentParser(prog="hsl flower proxy", description=(
+        "Write the nginx configuration through which the hospitals reach the SuperLink (listening on "
+        "127.0.0.1): TLS for the sites, only the Fleet API (POST /v1/fleet/...) forwarded, every other "
+        "path (the Control API that submits runs and registers keys, the Runtime API, /docs) answered 403. "
+        "With --check FILE, check a configuration against that policy instead."))
+    parser.add_argument("--out", help="folder for nginx.conf, its logs and temporary files")
+    parser.add_argument("--listen", help="HOST:PORT the hospitals connect to, e.g. 0.0.0.0:8443")
+    parser.add_argument("--superlink-port", type=int, default=8000,
+                        help="the SuperLink's --port (it must listen on --host 127.0.0.1); default 8000")
+    parser.add_argument("--keys", help="the folder `hsl flower keys` wrote (server.pem, server.key, ca.crt)")
+    parser.add_argument("--check", metavar="FILE", help="check this nginx configuration; write nothing")
+    args = parser.parse_args(argv)
+    if args.check:
+        path = Path(args.check)
+        if not path.is_file():
+            raise HSLError(f"{path} does not exist.")
+    else:
+        missing = [f"--{n}" for n in ("out", "listen", "keys") if getattr(args, n) is None]
+        if missing:
+            raise HSLError(f"hsl flower proxy needs {', '.join(missing)} (or --check FILE).")
+        path = px.write_config(args.out, args.listen, args.superlink_port, args.keys)
+    problems = px.check_config(path.read_text())
+    if problems:
+        raise HSLError(f"{path} lets the hospitals reach more than the Fleet API, or breaks it:\n  "
+                       + "\n  ".join(problems))
+    nginx = px.nginx_binary()
+    if nginx is None:
+        tested = "not tested with `nginx -t`: nginx is not installed here (apt-get install nginx-light)"
+    else:
+        passed, output = px.nginx_test(path)
+        if not passed:
+            raise HSLError(f"{path} keeps the proxy's policy, but `nginx -t` refuses it:\n{output}")
+        tested = "`nginx -t` accepts it"
+    if args.check:
+        print(f"hsl: {path} keeps the policy (only POST /v1/fleet/<call> forwarded, to 127.0.0.1 with the "
+              f"certificate verified; everything else 403/404; sites on TLS; no request header logged); {tested}.")
+        return
+    command = " ".join(f"'{a}'" if " " in a else a for a in px.start_command(path, nginx or "nginx"))
+    print(f"hsl: wrote {path} ({tested}): the hospitals connect to {args.listen}, which forwards only the Fleet API "
+          f"to the SuperLink at 127.0.0.1:{args.superlink_port}. Start the SuperLink with --host 127.0.0.1 --port "
+          f"{args.superlink_port}, then nginx:\n  {command}")
+
+
+COMMANDS = {"keys": keys, "app": app, "supernode": supernode, "stop-workers": stop_workers, "proxy": proxy,
+            "approve": approve, "digest": digest}
 
 
 def main(argv: list[str]) -> None:

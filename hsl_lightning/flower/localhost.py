@@ -3,8 +3,16 @@ end-to-end test and ``benchmarks/flower_deploy.py``.
 
 :class:`Localhost` makes the keys (``hsl flower keys``), starts a SuperLink with TLS and node
 authentication, registers each site's public key (``flwr supernode register``), starts one
-SuperNode per site (``hsl flower supernode``), submits the run (``hsl flower app`` then
-``flwr run``) and, on leaving its ``with`` block, kills every process group it started.
+SuperNode per site (``hsl flower supernode``, each with its ``approved-runs`` file), submits the run
+(``hsl flower app``, ``hsl flower approve`` at every site, then ``flwr run``) and, on leaving its
+``with`` block, kills every process group it started.
+
+As the guide has it, the SuperLink listens on 127.0.0.1 only and, where nginx is installed, the
+sites reach it through the proxy ``hsl flower proxy`` configures (TLS, only the Fleet API
+forwarded): :attr:`Localhost.address` is the sites' address (the proxy's), while the ``flwr`` CLI's
+config (``FLWR_HOME/config.toml``) names :attr:`Localhost.superlink_address`, the SuperLink itself,
+as on the coordinator's own machine. ``Localhost(..., proxy=False)`` lets the sites connect to the
+SuperLink directly.
 """
 
 from __future__ import annotations
@@ -31,12 +39,22 @@ def _bin(name: str) -> str:
 
 
 class Localhost:
-    """A SuperLink and ``sites`` SuperNodes on this machine, in ``workdir``."""
+    """A SuperLink and ``sites`` SuperNodes on this machine, in ``workdir``; ``proxy``: the sites go
+    through nginx (``hsl flower proxy``); None: when nginx is installed."""
 
-    def __init__(self, workdir: str | os.PathLike, sites: int = 3):
+    def __init__(self, workdir: str | os.PathLike, sites: int = 3, proxy: bool | None = None):
+        from hsl_lightning.flower.proxy import nginx_binary
+
         self.workdir, self.sites = Path(workdir), [f"hospital{i + 1}" for i in range(sites)]
         self.keys, self.port = self.workdir / "keys", free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.superlink_address = f"127.0.0.1:{self.port}"  # the SuperLink itself: the flwr CLI's connection
+        self.nginx = nginx_binary()
+        self.proxied = self.nginx is not None if proxy is None else proxy
+        if self.proxied and self.nginx is None:
+            raise RuntimeError("Localhost(proxy=True) needs nginx: apt-get install nginx-light")
+        self.proxy_port = free_port() if self.proxied else None
+        # where the sites connect: the proxy (only the Fleet API), or the SuperLink without one
+        self.address = f"127.0.0.1:{self.proxy_port}" if self.proxied else self.superlink_address
         self.processes: list[subprocess.Popen] = []
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # Flower starts its own tools
         self.env = {**os.environ, "FLWR_HOME": str(self.workdir / "flwr"), "HF_HUB_OFFLINE": "1",
@@ -100,26 +118,47 @@ class Localhost:
         home = self.workdir / "flwr"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{self.address}"\n'
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{self.superlink_address}"\n'
             f'root-certificates = "{self.keys / "ca.crt"}"\n')
 
     def start_superlink(self, timeout: float = 60) -> float:
-        """Start the SuperLink (TLS on, node authentication on); seconds until it accepts TLS."""
-        from hsl_lightning.flower.commands import check_tls
-
+        """Start the SuperLink (TLS on, node authentication on, on 127.0.0.1) and, when proxied, the
+        proxy in front of it; seconds until the SuperLink accepts TLS."""
         clock = time.perf_counter()
         self.start("superlink", _bin("flower-superlink"), "--ssl-ca-certfile", str(self.keys / "ca.crt"),
                    "--ssl-certfile", str(self.keys / "server.pem"), "--ssl-keyfile", str(self.keys / "server.key"),
-                   "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--port", str(self.port),
-                   "--database", str(self.workdir / "superlink.db"))
+                   "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--database", str(self.workdir / "superlink.db"))
+        self._wait_tls(self.superlink_address, "superlink", clock, timeout)
+        started = time.perf_counter() - clock
+        if self.proxied:
+            self.start_proxy(timeout)
+        return started
+
+    def _wait_tls(self, address: str, name: str, clock: float, timeout: float) -> None:
+        from hsl_lightning.flower.commands import check_tls
+
         while True:
             try:
-                check_tls(self.address, self.keys / "ca.crt", "superlink", timeout=2)
-                return time.perf_counter() - clock
+                check_tls(address, self.keys / "ca.crt", name, timeout=2)
+                return
             except Exception:  # noqa: BLE001 - not up yet
                 if time.perf_counter() - clock > timeout:
-                    raise RuntimeError(f"the SuperLink did not come up:\n{self.log('superlink')[-3000:]}") from None
+                    raise RuntimeError(f"the {name} did not come up:\n{self.log(name)[-3000:]}") from None
                 time.sleep(0.3)
+
+    def start_proxy(self, timeout: float = 30) -> float:
+        """Write the proxy's configuration (``hsl flower proxy``) and start nginx with it in the
+        foreground (a process group of its own, killed at the end); seconds until it accepts TLS."""
+        from hsl_lightning.flower.proxy import start_command
+
+        clock = time.perf_counter()
+        out = self.workdir / "proxy"
+        self.run(_bin("hsl"), "flower", "proxy", "--out", str(out), "--listen", self.address, "--superlink-port",
+                 str(self.port), "--keys", str(self.keys))
+        self.start("proxy", *start_command(out / "nginx.conf", self.nginx))
+        self._wait_tls(self.address, "proxy", clock, timeout)
+        return time.perf_counter() - clock
 
     def register(self, site: str) -> None:
         self.run(_bin("flwr"), "supernode", "register", str(self.keys / f"{site}.pub"), "local", "--name", site)
@@ -128,6 +167,7 @@ class Localhost:
         """Start site ``index``'s SuperNode (``key``: another key file name, e.g. an unregistered one)."""
         site = self.sites[index] if index < len(self.sites) else f"extra{index}"
         config = f'node-index={index} name="{site}" site-dir="{self.workdir / "sites" / site}" {extra}'.strip()
+        config += f' approved-runs="{self.approvals(site)}"'  # the runs this site approved (submit adds them)
         return self.start(f"supernode-{site}", _bin("hsl"), "flower", "supernode", "--superlink", self.address,
                           "--root-certificates", str(self.keys / "ca.crt"), "--auth-supernode-private-key",
                           str(self.keys / (key or site)), "--node-config", config, "--port", str(free_port()))
@@ -136,7 +176,45 @@ class Localhost:
         """Write the app for ``config`` and run it to the end (``flwr run ... --stream``)."""
         app = self.workdir / "app"
         self.run(_bin("hsl"), "flower", "app", "--config", str(config), "--out", str(app), "--run-dir", str(run_dir))
+        self.approve(app)
         return self.run(_bin("flwr"), "run", str(app), "local", "--stream", timeout=timeout, check=False)
+
+    def approvals(self, site: str) -> Path:
+        """Site ``site``'s approvals file (its node config's ``approved-runs``), outside its site-dir."""
+        return self.workdir / "approved" / f"{site}.txt"
+
+    def approve(self, app: Path) -> str:
+        """Every site approves the run of ``app`` (``hsl flower approve`` with the digest in its
+        ``DIGEST.txt``, as the guide has it); the digest."""
+        from hsl_lightning.flower.approval import read_digest
+
+        digest = read_digest(app)
+        for site in self.sites:
+            self.run(_bin("hsl"), "flower", "approve", "--file", str(self.approvals(site)), digest, "--note",
+                     f"{app.name}, submitted by the test harness")
+        return digest
+
+    def submit_unapproved(self, config: Path, run_dir: Path, timeout: float = 300, wait_s: float = 60) -> dict:
+        """Submit the app for ``config`` that no site approved (``hsl flower app``, then ``flwr run``
+        without ``hsl flower approve``). ``refused``: true when every site's SuperNode output names the
+        run's digest as refused, and the run wrote no ``summary.json``; ``digest``, ``sites`` (those
+        that refused it) and ``output`` (flwr run's) for a report."""
+        app = self.workdir / "unapproved-app"
+        self.run(_bin("hsl"), "flower", "app", "--config", str(config), "--out", str(app), "--run-dir", str(run_dir))
+        from hsl_lightning.flower.approval import read_digest
+
+        digest = read_digest(app)
+        done = self.run(_bin("flwr"), "run", str(app), "local", "--stream", timeout=timeout, check=False)
+        deadline = time.monotonic() + wait_s
+        while True:  # each site's own line (the coordinator's reason, which other sites print, quotes one site's)
+            refused = [site for site in self.sites if f"hsl: Site {site} refuses run {digest}" in
+                       self.log(f"supernode-{site}")]
+            if len(refused) == len(self.sites) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        ran = (Path(run_dir) / "summary.json").exists()
+        return {"refused": len(refused) == len(self.sites) and not ran, "digest": digest, "sites": refused,
+                "output": done.stdout[-3000:] + done.stderr[-3000:]}
 
     def runs(self) -> list[dict]:
         out = self.run(_bin("flwr"), "ls", "local", "--format", "json", check=False)

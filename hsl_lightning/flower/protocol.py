@@ -14,8 +14,10 @@ reply to another request is refused instead of being added into the wrong round.
 =========  ==================================  ===================================================
 request    reply                               what the site does
 =========  ==================================  ===================================================
-Hello      HelloReply                          builds its data and model; reports sizes
-Round      RoundReply                          validates and/or trains; sends its contribution
+Hello      HelloReply                          builds its data and model; reports sizes (and its mask key)
+Keys       KeysReply                           secure aggregation: checks peers' keys, deals shares
+Round      RoundReply                          validates and/or trains; sends its (masked) contribution
+Recover    Recovered                           secure aggregation: shares of a dropped site's key
 Finish     FinishReply                         tests the deployed round; writes its own model
 Stop       Stopped                             the run ended (``reason``): frees its worker
 any        Failure                             what went wrong, naming the site and the round
@@ -68,6 +70,27 @@ class Round:
     keep: list = field(default_factory=list)
     extras: np.ndarray | None = None
     timeout_s: float | None = None
+    secagg: dict | None = None  # secure aggregation: peers' signed mask keys, shares for this site, active sites
+    total_weight: float | None = None  # every trainee's merge weight summed (the fixed-point sum normalises by it)
+
+
+@dataclass
+class Keys:
+    """Secure aggregation's set-up: check the peers' signed mask keys (``peers``), then deal shares of
+    this site's mask-key secret and of its first round's self-mask seed (threshold ``threshold``)."""
+
+    completed: int
+    peers: list
+    threshold: int
+
+
+@dataclass
+class Recover:
+    """Secure aggregation after a dropout: this site's shares of the mask-key secrets of ``dropped``
+    (sites that left round ``completed + 1`` after its masks were fixed)."""
+
+    completed: int
+    dropped: list
 
 
 @dataclass
@@ -106,6 +129,29 @@ class HelloReply:
     threads: int
     n_pool: int = 0
     external: dict | None = None
+    secagg: dict | None = None  # its mask key for the run, signed with its node key
+    busy_s: float = 0.0
+    clock: dict | None = None
+
+
+@dataclass
+class KeysReply:
+    """Encrypted shares, one per peer (``deal``: peer index -> blob), of a site's secrets."""
+
+    node: int
+    completed: int
+    deal: dict
+    busy_s: float = 0.0
+    clock: dict | None = None
+
+
+@dataclass
+class Recovered:
+    """A site's shares of dropped sites' mask-key secrets (``keys``: dropped index -> share)."""
+
+    node: int
+    completed: int
+    keys: dict
     busy_s: float = 0.0
     clock: dict | None = None
 
@@ -125,8 +171,12 @@ class RoundReply:
     weight: float | None = None
     tail: np.ndarray | None = None
     vector: np.ndarray | None = None
+    fixed: np.ndarray | None = None  # secure aggregation: the quantised contribution (uint64), masked
     update_norm: float | None = None
     error: str | None = None  # training failed after validation: the metrics count, the contribution is missing
+    seeds: dict | None = None  # secure aggregation: its shares of the round's self-mask seeds (index -> share)
+    deal: dict | None = None  # secure aggregation: encrypted shares of its next round's seed (peer -> blob)
+    mask_s: float = 0.0  # secure aggregation: the site's time spent masking and dealing
     train_s: float = 0.0
     busy_s: float = 0.0
     clock: dict | None = None
@@ -134,11 +184,11 @@ class RoundReply:
     @property
     def trained(self) -> bool:
         """Whether the reply carries a contribution to the round's message."""
-        return self.vector is not None or self.state is not None
+        return self.vector is not None or self.state is not None or self.fixed is not None
 
     def entries(self) -> int:
         """How many message entries the contribution covers."""
-        return sum(len(a) for a in (self.vector, self.state, self.tail) if a is not None)
+        return sum(len(a) for a in (self.vector, self.state, self.tail, self.fixed) if a is not None)
 
 
 @dataclass
@@ -178,8 +228,8 @@ class Failure:
     clock: dict | None = None
 
 
-REQUESTS = (Hello, Round, Finish, Stop)
-REPLIES = (HelloReply, RoundReply, FinishReply, Stopped, Failure)
+REQUESTS = (Hello, Keys, Round, Recover, Finish, Stop)
+REPLIES = (HelloReply, KeysReply, RoundReply, Recovered, FinishReply, Stopped, Failure)
 _KINDS = {cls.__name__: cls for cls in REQUESTS + REPLIES}
 Message = Any  # one of REQUESTS or REPLIES
 

@@ -23,9 +23,12 @@ thing another engine needs to implement (:mod:`hsl_lightning.flower.transport`).
 from __future__ import annotations
 
 import math
+import re
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from hsl_lightning.errors import HSLError
@@ -33,7 +36,8 @@ from hsl_lightning.federation.evaluation import METRICS, VAL_EXTRAS, unscored
 from hsl_lightning.federation.message import RoundMessage
 from hsl_lightning.federation.phases import RoundPhases
 from hsl_lightning.federation.reporting import Reporter
-from hsl_lightning.flower.protocol import Failure, Finish, Hello, Round, RoundReply, Stop, round_in_progress
+from hsl_lightning.flower.protocol import (Failure, Finish, Hello, Keys, KeysReply, Recover, Recovered, Round,
+                                           RoundReply, Stop, round_in_progress)
 from hsl_lightning.flower.site import compact, expand_message
 from hsl_lightning.flower.transport import LocalSites, Sites, Timeouts
 
@@ -60,7 +64,7 @@ class RemoteData:
     def __init__(self, hellos: dict[int, object], count: int, uses_sat: bool, names: list[str] | None = None):
         live = [hellos[i] for i in sorted(hellos) if not isinstance(hellos[i], Failure)]
         if not live:
-            raise HSLError("No site answered: " + "; ".join(h.error for h in hellos.values()))
+            raise HSLError("No site could start: " + "; ".join(h.error for h in hellos.values()))
         first = live[0]
         self.in_chans, self.size, self.uses_sat = first.in_chans, first.size, uses_sat
         self.rows, self.nodes = [], []
@@ -113,7 +117,7 @@ class DeployedReporter(Reporter):
             super().write_checkpoints(best, node_thresholds, pooled)
         # otherwise each site wrote nodes/<name>.ckpt into its own directory (its local entries stay there)
 
-    def _data_mb(self) -> torch.Tensor:
+    def data_mb(self) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.float64)
 
     def at_once(self) -> tuple[int, int]:
@@ -149,6 +153,9 @@ class SitePhases(RoundPhases):
         self.norms: dict[int, float] = {}
         self.slowest_s: float | None = None  # the slowest site's own time on the last round
         self.completed = 0
+        self.adverts: dict[int, dict] = {}  # each site's signed mask key (secure aggregation)
+        self.active: dict[int, list[int]] = {}  # round -> the sites whose masks its sum holds
+        self.masks = None  # CoordinatorMasks when the run sums its messages securely
         self.timing = {"requests": 0, "wait_s": 0.0, "site_busy_s": 0.0, "transport_s": 0.0}
 
     # ------------------------------------------------------------------ entry point
@@ -166,6 +173,8 @@ class SitePhases(RoundPhases):
                     self._site_failed(i, hello.error, 1)
                 else:
                     self.site_info[i] = {"name": hello.name, "site": hello.site, "threads": hello.threads}
+                    if hello.secagg:
+                        self.adverts[i] = hello.secagg
             dm = RemoteData(hellos, self.sites.count, getattr(model, "uses_sat", False), self.names)
             fabric = Fabric(accelerator="cpu", devices=1, precision=fed.precision)
             fed.summary = fed.run_rounds(fabric, model, dm, run_dir, ckpt_path, self)
@@ -191,7 +200,28 @@ class SitePhases(RoundPhases):
             raise HSLError(f"Strategy '{federation.strategy.name}' trains {len(run.plan)} model(s) for "
                            f"{self.sites.count} sites; a deployment needs one per site.")
         self.completed = state.rounds_done
+        if run.secure:
+            self._deal_keys(state.rounds_done)
         return DeployedReporter(self, run, state)
+
+    def _deal_keys(self, completed: int) -> None:
+        """Secure aggregation's set-up: every live site checks the others' signed mask keys and deals
+        encrypted shares of its secrets (:mod:`~hsl_lightning.flower.secagg`)."""
+        from hsl_lightning.flower.secagg import CoordinatorMasks
+
+        live = [i for i in range(self.sites.count) if i not in self.dead]
+        missing = [self.site_label(i) for i in live if i not in self.adverts]
+        if missing:
+            raise HSLError(f"Secure aggregation is on, but {', '.join(missing)} announced no mask key (an older "
+                           "hsl_lightning?). Update the sites, or set federation.secure_aggregation: false.")
+        self.masks = CoordinatorMasks({i: self.adverts[i] for i in live})
+        request, clock = Keys(completed, self.masks.peers(), self.masks.t), time.perf_counter()
+        replies = self._ask({i: request for i in live}, *self.timeouts.limit(None))
+        self.timing["secagg_setup_s"] = time.perf_counter() - clock
+        for i in live:
+            if not isinstance(replies.get(i), KeysReply):
+                self._site_failed(i, getattr(replies.get(i), "error", None) or "no keys", completed + 1)
+        self.masks.take_deals({i: r for i, r in replies.items() if isinstance(r, KeysReply)})
 
     def _keep(self, state) -> list[int]:
         return [state.best.round + 1] if state.best.round >= 0 else []
@@ -213,8 +243,13 @@ class SitePhases(RoundPhases):
         """Ask every live site to validate the state after ``completed`` rounds and/or train the next."""
         timeout, why = self.timeouts.limit(self.slowest_s)
         request = Round(completed, compact(state.merged.cpu()), validate, train, self._keep(state),
-                        self._extras_of(run, completed), timeout)
-        replies = self._ask({i: request for i in range(self.sites.count) if i not in self.dead}, timeout, why)
+                        self._extras_of(run, completed), timeout, total_weight=run.total_weight if run.secure else None)
+        live = [i for i in range(self.sites.count) if i not in self.dead]
+        requests = {i: request for i in live}
+        if self.masks is not None and train:  # each site's own shares, and who takes part in the masked sum
+            requests = {i: replace(request, secagg=self.masks.request_field(i, live)) for i in live}
+            self.active[completed + 1] = live
+        replies = self._ask(requests, timeout, why)
         busy = [r.busy_s for r in replies.values() if isinstance(r, RoundReply)]
         if busy:
             self.slowest_s = max(busy)
@@ -268,21 +303,48 @@ class SitePhases(RoundPhases):
         total = RoundMessage(run.layout, run.device)
         losses = torch.full((len(run.names),), math.nan, dtype=torch.float64)
         self.norms = {}
+        trained = {}
         for i in range(self.sites.count):  # hospital order, whatever the order the replies came in
             reply = self._contribution(i, replies, run, r)
             if reply is None:
                 continue
-            expand_message(reply, total.vector, run.packer.numel)
+            trained[i] = reply
+            if not run.secure:
+                expand_message(reply, total.vector, run.packer.numel)
             losses[i] = reply.loss
             if reply.update_norm is not None:
                 self.norms[i] = reply.update_norm
             report.bar.update(1)
+        if run.secure:
+            total = self._secure_total(run, trained, r)
         if run.layout.extras:
             self.extras[r + 1] = total.extras.clone().cpu()
             folder = run.run_dir / "deployment"
             folder.mkdir(parents=True, exist_ok=True)
             torch.save(self.extras[r + 1], folder / f"extras-{r + 1:04d}.pt")
         return total, losses
+
+    def _secure_total(self, run, trained: dict, r: int) -> RoundMessage:
+        """Round r + 1's message from the sites' fixed-point contributions: masked ones summed and
+        unmasked (secure aggregation), or the plain integers of a run without masking."""
+        if not trained:
+            fixed = torch.zeros(run.layout.size, dtype=torch.int64)
+        elif self.masks is None:
+            fixed = sum(torch.from_numpy(np.asarray(t.fixed, dtype=np.uint64).view(np.int64)) for t in trained.values())
+        else:
+            def recover(dropped):
+                ask = {i: Recover(r, dropped) for i in trained}
+                return {i: a for i, a in self._ask(ask, *self.timeouts.limit(self.slowest_s)).items()
+                        if isinstance(a, Recovered)}
+
+            active = self.active.pop(r + 1, sorted(trained))
+            clock = time.perf_counter()
+            fixed = torch.from_numpy(self.masks.total(trained, r + 1, active, recover).copy())
+            self.masks.take_deals(trained)
+            # the round's added time: the slowest site's masking, and the coordinator's unmasking
+            self.timing["secagg_s"] = (self.timing.get("secagg_s", 0.0) + time.perf_counter() - clock
+                                       + max(t.mask_s for t in trained.values()))
+        return RoundMessage.from_fixed(run.layout, fixed, r + 1)
 
     def _contribution(self, i: int, replies: dict, run, r: int) -> RoundReply | None:
         """Site i's reply to round r + 1's training, checked; None (reported) when it has none."""
@@ -307,6 +369,7 @@ class SitePhases(RoundPhases):
         return norms
 
     def validate(self, run, state, r):
+        self.completed = r + 1
         ahead = r + 1 < self.federation.rounds  # the next round's training rides on this request
         replies = self._round(run, state, r + 1, True, ahead)
         if ahead:
@@ -315,6 +378,9 @@ class SitePhases(RoundPhases):
         for i in range(self.sites.count):
             reply = replies.get(i)
             val = getattr(reply, "val", None)
+            if val is not None and reply.completed != r + 1:
+                self._site_failed(i, f"answered for round {reply.completed}, not round {r + 1}", r + 1)
+                val = None
             if val is None and i not in self.dead:  # no reply at all: it failed in the round it was asked to train
                 self._site_failed(i, getattr(reply, "error", None) or "no validation result",
                                   round_in_progress(r + 1, ahead))
@@ -334,6 +400,9 @@ class SitePhases(RoundPhases):
         for i in range(self.sites.count):
             reply = replies.get(i)
             scored = getattr(reply, "test", None)
+            if scored is not None and reply.completed != best.round + 1:
+                self._site_failed(i, f"tested round {reply.completed}, not round {best.round + 1}", None)
+                scored = None
             if scored is None and i not in self.dead:
                 self._site_failed(i, getattr(reply, "error", "no test result"), None)
             test.append({**unscored(keys), **{k: v for k, v in (scored or {}).items() if k in keys}})
@@ -364,9 +433,8 @@ class SitePhases(RoundPhases):
         go on without it; it is then told why and left out of every later round."""
         fed, who = self.federation, self.site_label(i)
         name = self.site_info.get(i, {}).get("site")
-        for prefix in (f"site {name}: ", f"site {name} "):  # the site's own message names it already
-            if name and cause.lower().startswith(prefix.lower()):
-                cause = cause[len(prefix):]
+        if name:  # the site's own message names it (and its node) already
+            cause = re.sub(rf"^site {re.escape(name)}( \(node [^)]*\))?:?\s*", "", cause, flags=re.IGNORECASE)
         if round_no is None:
             if fed.min_nodes is None:
                 raise HSLError(f"{who} failed in the final test of the deployed round: {cause}.")
@@ -375,7 +443,8 @@ class SitePhases(RoundPhases):
             fed.failed(who, cause, round_no - 1)
         if i not in self.dead:
             self.dead[i] = cause
-            self.stop_sites({i}, f"{who} left the run in round {round_no}: {cause}")
+            when = "the final test" if round_no is None else f"round {round_no}"
+            self.stop_sites({i}, f"{who} left the run in {when}: {cause}")
 
     def deployment_summary(self) -> dict:
         """``summary.json``'s ``deployment``: the sites, those that failed and why, where the
@@ -383,7 +452,7 @@ class SitePhases(RoundPhases):
         return {"sites": {str(i): info.get("name") for i, info in sorted(self.site_info.items())},
                 "site_names": {str(i): info.get("site") for i, info in sorted(self.site_info.items())},
                 "failed": {str(i): cause for i, cause in sorted(self.dead.items())},
-                "site_checkpoints": self.weights,
+                "site_checkpoints": self.weights, "secure_aggregation": self.masks is not None,
                 **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.timing.items()}}
 
 

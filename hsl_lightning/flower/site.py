@@ -25,6 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hsl_lightning.errors import HSLError
@@ -33,8 +34,8 @@ from hsl_lightning.federation.evaluation import (METRICS, VAL_EXTRAS, evaluate_t
 from hsl_lightning.federation.message import RoundMessage
 from hsl_lightning.federation.state import RankState, TraineeState, clone_state
 from hsl_lightning.federation.training import OneByOne
-from hsl_lightning.flower.protocol import (Failure, Finish, FinishReply, Hello, HelloReply, Round, RoundReply, Stop,
-                                           Stopped, round_in_progress)
+from hsl_lightning.flower.protocol import (Failure, Finish, FinishReply, Hello, HelloReply, Keys, KeysReply, Recover,
+                                           Recovered, Round, RoundReply, Stop, Stopped, round_in_progress)
 from hsl_lightning.metrics import youden
 
 #: strategies a deployment runs: one trainee per node and a merge that needs only the sum
@@ -99,21 +100,33 @@ class Site:
             site's own images and its copy of the public SAT data); None: the config's data, node
             ``node`` of it.
         name: the site's name in messages (default ``site<node>``).
+        node_key: the site's node key (OpenSSH ECDSA): signs its mask key for secure aggregation.
+        roster: the folder of every site's ``<name>.pub``: checks the peers' mask keys.
     """
 
     def __init__(self, config: str, node: int, site_dir: str | Path, data_config: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, node_key: str | Path | None = None, roster: str | Path | None = None):
         from lightning.fabric import Fabric
 
         self.node, self.name = int(node), name or f"site{node}"
         self.site_dir = Path(site_dir)
+        self.config_text, self.node_key, self.roster = config, node_key, roster
+        self._masks = None
+        from hsl_lightning.flower.approval import check_site_config, hsl_imports_only
+
+        check_site_config(config, data_config, self.name)  # only hsl_lightning's classes, before anything is parsed
         args = ["--config", str(_config_file(self.site_dir, "run.yaml", config))]
         if data_config:
             args += ["--config", str(_config_file(self.site_dir, "data.yaml", data_config))]
         args += ["--federation.progress", "false", "--federation.wandb", "disabled"]
-        cli = self._guard("reading the run's configuration", read_config, args)
+        with hsl_imports_only():  # jsonargparse's own import allow-list: hsl_lightning alone
+            cli = self._guard("reading the run's configuration", read_config, args)
         self.federation, self.module, self.dm = cli.trainer, cli.model, cli.datamodule
         fed = self.federation
+        if fed.privacy is not None and fed.privacy.insecure_seeded_noise:
+            raise HSLError(f"Site {self.name} refuses federation.privacy.insecure_seeded_noise: its DP noise would be "
+                           "drawn from the run's seed, which the coordinator and every site hold, so they could "
+                           "subtract it from this site's reply. It is for tests only: set it to false (the default).")
         names = self._guard("building its data", self._build_data)
         plan = fed.strategy.plan(len(names))
         if len(plan) != len(names) or not 0 <= self.node < len(names):
@@ -163,7 +176,18 @@ class Site:
         pool = getattr(self.dm, "test_pool", None)
         return HelloReply(node=self.node, name=own["name"], site=self.name, report=own, in_chans=self.dm.in_chans,
                           size=self.dm.size, numel=self.run.packer.numel, extras=self.run.layout.extras,
-                          threads=torch.get_num_threads(), n_pool=0 if pool is None else len(pool), external=external)
+                          threads=torch.get_num_threads(), n_pool=0 if pool is None else len(pool), external=external,
+                          secagg=self.masks.advert() if self.run.secure else None)
+
+    @property
+    def masks(self):
+        """This site's part of secure aggregation (:class:`~.secagg.SiteMasks`), built on first use."""
+        if self._masks is None:
+            from hsl_lightning.flower.secagg import SiteMasks, run_id_of
+
+            self._masks = SiteMasks(self.site_dir / "secagg", self.node, self.name, run_id_of(self.config_text),
+                                    self.node_key, self.roster)
+        return self._masks
 
     # ------------------------------------------------------------------ state between rounds
     def _state_file(self, completed: int) -> Path:
@@ -208,6 +232,11 @@ class Site:
         if isinstance(request, Stop):
             print(f"hsl: site {self.name}: the coordinator stopped the run: {request.reason}", flush=True)
             return Stopped(False, node=self.node)
+        if isinstance(request, Keys):
+            self.masks.accept(request.peers)
+            return KeysReply(self.node, request.completed, self.masks.deal(request.completed, request.threshold, True))
+        if isinstance(request, Recover):
+            return Recovered(self.node, request.completed, self.masks.reveal_keys([int(d) for d in request.dropped]))
         if not isinstance(request, (Round, Finish)):
             raise HSLError(f"Site {self.name} got a message it does not answer: {type(request).__name__}.")
         merged = torch.as_tensor(request.merged, dtype=torch.float64)
@@ -218,11 +247,17 @@ class Site:
         if isinstance(request, Finish):
             return self.finish(request.completed, merged, request.write_weights, request.info)
         extras = None if request.extras is None else torch.as_tensor(request.extras)
-        return self.round(request.completed, merged, extras, request.validate, request.train,
-                          [int(k) for k in request.keep])
+        if request.total_weight is not None:  # this site holds only its own data: the run's total is the coordinator's
+            self.run.told_total_weight = float(request.total_weight)
+        if request.secagg and request.train:  # the peers' keys and the shares dealt to this site for the round
+            self.masks.accept(request.secagg["peers"])
+            self.masks.receive(request.completed + 1, request.secagg.get("inbox") or {})
+        reply = self.round(request.completed, merged, extras, request.validate, request.train,
+                           [int(k) for k in request.keep], request.secagg)
+        return reply
 
     def round(self, completed: int, merged: torch.Tensor, extras: torch.Tensor | None, validate: bool,
-              train: bool, keep: list[int]) -> RoundReply:
+              train: bool, keep: list[int], secagg: dict | None = None) -> RoundReply:
         """Validate the state received after ``completed`` rounds (``validate``) and train round
         ``completed + 1`` from it (``train``). ``extras``: round ``completed``'s summed strategy
         vectors, which the strategy's ``after_round`` reads before training (SCAFFOLD's server control variate)."""
@@ -243,14 +278,24 @@ class Site:
         for t, outcome in self.trainer.train_round(completed, state, _NoBar()):
             if isinstance(outcome, Exception):
                 cause = str(outcome) if isinstance(outcome, HSLError) else f"{type(outcome).__name__}: {outcome}"
-                reply.error = (f"Site {self.name} (node {run.label(t)}): local training failed in round "
-                               f"{round_in_progress(completed)}: {cause}")
+                print(f"hsl: site {self.name} (node {run.label(t)}): local training failed in round "
+                      f"{round_in_progress(completed)}: {cause}", flush=True)  # the site's own log
+                reply.error = f"Site {self.name} (node {run.label(t)}): local training failed: {cause}"
                 return reply  # its validation metrics still count
             fed.add_contribution(run, state, message, merge, t, outcome, losses, completed)
         message.traffic.fill_(fed.strategy.traffic(run.module))
         self._save(completed + 1, state, keep)
-        for key, value in compact_message(message.vector.cpu(), run.packer.numel).items():
-            setattr(reply, key, value)
+        if run.secure:  # its quantised contribution (federation/fixedpoint.py), masked when secure aggregation is on
+            reply.fixed = message.fixed.cpu().numpy().view(np.uint64)
+            if secagg is not None:  # masked: the coordinator learns only the sum (flower/secagg.py)
+                masking, round_no, active = time.perf_counter(), completed + 1, [int(a) for a in secagg["active"]]
+                reply.fixed = self.masks.mask(reply.fixed, round_no, active)
+                reply.seeds = self.masks.reveal_seeds(round_no, active)
+                reply.deal = self.masks.deal(round_no, int(secagg["threshold"]), False)
+                reply.mask_s = time.perf_counter() - masking
+        else:
+            for key, value in compact_message(message.vector.cpu(), run.packer.numel).items():
+                setattr(reply, key, value)
         reply.loss, reply.train_s = float(losses[self.node]), time.perf_counter() - clock
         norms = getattr(merge, "norms", None)
         if norms:

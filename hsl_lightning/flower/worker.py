@@ -101,7 +101,11 @@ def call(site_dir: str | Path, setup: dict, request: tuple) -> tuple:
         conn = _connect(site_dir, time.monotonic() + START_S, process)
     with conn:
         conn.send({"setup": setup, "request": request})
-        return conn.recv()
+        try:
+            return conn.recv()
+        except (EOFError, ConnectionError) as exc:
+            raise RuntimeError(f"the site's worker stopped while answering ({type(exc).__name__}); see "
+                               f"{site_dir / 'worker.log'}") from exc
 
 
 def handle(site, setup: dict, request):
@@ -111,7 +115,8 @@ def handle(site, setup: dict, request):
 
     if site is None or site.setup_key != setup:
         try:
-            site = Site(setup["config"], setup["node"], setup["site_dir"], setup.get("data_config"), setup.get("name"))
+            site = Site(setup["config"], setup["node"], setup["site_dir"], setup.get("data_config"), setup.get("name"),
+                        setup.get("node_key"), setup.get("roster"))
             site.setup_key = setup
         except HSLError as exc:
             return None, protocol.Failure(str(exc), node=setup.get("node"))

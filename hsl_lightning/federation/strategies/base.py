@@ -131,6 +131,17 @@ class Strategy:
         """Keyword arguments for the data module's ``train_loader`` (e.g. SplitAVG's fixed batch per site)."""
         return {}
 
+    def secure_sum_problem(self, trainees: int, numel: int) -> str | None:
+        """Why this strategy cannot be merged from the (securely aggregated) sum of the contributions
+        alone, or None when it can: its merge is a weighted mean and its message carries nothing else."""
+        if numel == 0 or trainees < 2:
+            return "nothing is shared"
+        if not issubclass(self.merge_kind, Mean):
+            return f"its merge ({self.merge_kind.__name__}) needs more than the sum of the contributions"
+        if type(self).traffic is not Strategy.traffic:
+            return "its message carries feature maps' traffic besides the states"
+        return None
+
     def traffic(self, module: nn.Module) -> int:
         """Bytes that crossed institution boundaries this round besides the shared state and
         ``end_local`` vectors (0 for weight-sharing methods); called once per round, after training."""
