@@ -26,6 +26,28 @@ def medmnist_root() -> Path:
     return MEDMNIST
 
 
+@pytest.fixture(scope="session")
+def smoke_grid(tmp_path_factory):
+    """configs/benchmarks/smoke.yaml run once for the whole session (test_benchmark and test_powered
+    read it): its output folder and what ``hsl benchmark`` printed. A test that changes the folder
+    works on a copy (shutil.copytree)."""
+    import contextlib
+    import io
+
+    from hsl_lightning.cli import main
+
+    out = tmp_path_factory.mktemp("smoke_grid") / "smoke"
+    printed, cwd = io.StringIO(), os.getcwd()
+    os.chdir(REPO)  # the grid names its configs relative to the repository
+    try:
+        with contextlib.redirect_stdout(printed):
+            main(["benchmark", "--config", str(REPO / "configs" / "benchmarks" / "smoke.yaml"), "--out", str(out),
+                  "--wandb", "disabled"])
+    finally:
+        os.chdir(cwd)
+    return out, printed.getvalue()
+
+
 def tiny_data(**overrides):
     """A small synthetic federation that trains in seconds."""
     from hsl_lightning import FederatedDataModule, Scenario, SyntheticAnchor, SyntheticLesions

@@ -19,11 +19,11 @@ from conftest import REPO
 SMOKE = REPO / "configs" / "benchmarks" / "smoke.yaml"
 
 
-def test_smoke_grid_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
+@pytest.mark.slow
+def test_smoke_grid_runs_resumes_and_reports(smoke_grid, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    out = tmp_path / "smoke"
-    main(["benchmark", "--config", str(SMOKE), "--out", str(out), "--wandb", "disabled"])
-    assert "4 cell(s) run (0 failed), 0 already done" in capsys.readouterr().out
+    out, printed = smoke_grid  # the session's run of the smoke grid (conftest.py), shared with test_powered
+    assert "4 cell(s) run (0 failed), 0 already done" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
     # one row per method, scenario, sweep step, seed and node: 2 x 1 x 2 x 1 x 2 nodes
     assert len(rows) == 8
@@ -40,6 +40,7 @@ def test_smoke_grid_runs_resumes_and_reports(tmp_path, capsys, monkeypatch):
     assert "0 cell(s) run (0 failed), 4 already done" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     grid = yaml.safe_load(SMOKE.read_text())

@@ -1,6 +1,5 @@
 """Round checkpoints: a killed federation continues exactly where its last complete round ended."""
 
-import json
 import os
 import signal
 import subprocess
@@ -18,19 +17,40 @@ from conftest import tiny_classifier, tiny_data, tiny_hsl
 
 TESTS = Path(__file__).resolve().parent
 
+# The run the test kills: once round {stop_in} has taken its first training step, it writes {marker}
+# and waits there, so the kill always lands in the middle of that round (never after the run ended).
 JOB = """
-import sys, torch
+import sys, time, torch
+from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import tiny_data, tiny_hsl
-from hsl_lightning import Federation
+from hsl_lightning import Federation, HSLModule
+from hsl_lightning.federation import checkpoint
+
+saved, save_round, training_loss = [0], checkpoint.save_round, HSLModule.training_loss
+steps = []
+
+def save_and_note(fabric, run_dir, completed, payload):
+    save_round(fabric, run_dir, completed, payload)
+    saved.append(completed)
+
+def loss_then_wait(self, batch):
+    if saved[-1] == {stop_in} - 1:
+        steps.append(1)
+        if len(steps) == 2:  # round {stop_in} took a step: wait here to be killed
+            Path({marker!r}).write_text("round {stop_in} in progress")
+            time.sleep(600)
+    return training_loss(self, batch)
+
+checkpoint.save_round, HSLModule.training_loss = save_and_note, loss_then_wait
 torch.manual_seed(0)
 Federation(rounds={rounds}, run_dir={run_dir!r}, wandb="disabled", progress=False, threads=1).fit(
-    tiny_hsl(), tiny_data(samples_per_epoch=384), ckpt_path={ckpt!r})
+    tiny_hsl(), tiny_data(samples_per_epoch=384))
 """
 
 
-def job(run_dir, rounds, ckpt=None):
-    code = JOB.format(tests=str(TESTS), rounds=rounds, run_dir=str(run_dir), ckpt=ckpt)
+def job(run_dir, rounds, stop_in, marker):
+    code = JOB.format(tests=str(TESTS), rounds=rounds, run_dir=str(run_dir), stop_in=stop_in, marker=str(marker))
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -60,29 +80,30 @@ def same_result(a, b, dir_a, dir_b):
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
-    rounds = 5
-    proc = job(tmp_path / "killed", rounds)
-    marker = tmp_path / "killed" / "checkpoints" / "round-0002" / "complete.json"
-    deadline = time.time() + 240
-    while not marker.exists():
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.time() < deadline, "round 2 never completed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # in the middle of round 3
-    proc.wait()
+def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+    rounds, marker = 3, tmp_path / "in-round-2"
+    proc = job(tmp_path / "killed", rounds, stop_in=2, marker=marker)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():  # written by the run once round 2 has taken a step
+            assert proc.poll() is None, "the run ended before round 2:\n" + proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run did not reach round 2 within 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # in the middle of round 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     done = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
-    assert done[-1] in ("round-0002", "round-0003") and not (tmp_path / "killed" / "summary.json").exists()
+    assert done == ["round-0001"] and not (tmp_path / "killed" / "summary.json").exists()
 
-    resumed = job(tmp_path / "killed", rounds, ckpt="last")
-    out = resumed.communicate(timeout=300)[0].decode()
-    assert resumed.returncode == 0, out
-    assert "resuming from" in out
+    after = fit(tmp_path / "killed", rounds, ckpt="last", samples_per_epoch=384)  # in process: hsl fit's resume
+    assert "resuming from" in capsys.readouterr().out
     straight = fit(tmp_path / "straight", rounds, samples_per_epoch=384)
-    after = json.loads((tmp_path / "killed" / "summary.json").read_text())
     same_result(straight, after, tmp_path / "straight", tmp_path / "killed")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["scaffold", "moon", "ditto", "personalized", "fedcome"])
 def test_strategy_state_survives_a_resume(tmp_path, strategy):
     straight = fit(tmp_path / "a", 3, strategy)
@@ -91,6 +112,7 @@ def test_strategy_state_survives_a_resume(tmp_path, strategy):
     same_result(straight, resumed, tmp_path / "a", tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_a_fused_run_resumes_to_the_uninterrupted_result(tmp_path):
     """Fused training (with dropout, drawn per round and group) continues exactly after a resume."""
     straight = fit(tmp_path / "a", 3, fuse_institutions=True)
@@ -99,6 +121,7 @@ def test_a_fused_run_resumes_to_the_uninterrupted_result(tmp_path):
     same_result(straight, resumed, tmp_path / "a", tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_resume_before_any_round_was_validated(tmp_path, monkeypatch):
     straight = fit(tmp_path / "a", 3, "fedavg", val_every_n_rounds=3)
     save = checkpoint.save_round
@@ -125,6 +148,7 @@ def test_only_the_newest_complete_round_is_kept_and_loads_without_unpickling(tmp
     assert state["round"] == 3 and set(state["strategy"]) == {"c", "ci"}
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     fit(tmp_path, 1, "fedavg")
     with pytest.raises(HSLError, match="different run .*strategy"):

@@ -196,6 +196,7 @@ def test_groups_and_differences():
     assert tensor_diff(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])) == 0.5
 
 
+@pytest.mark.slow
 def test_the_command_exits_0_1_and_2(tmp_path):
     """The installed entry point, out of process: the exit status a script sees."""
     a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b", aucs={"hospital1": (0.8, 0.79)})

@@ -43,6 +43,7 @@ def same_run(a, b, dir_a, dir_b):
             assert torch.equal(sa[key], sb[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["hsl", "fedbn"])
 def test_concurrent_equals_one_after_another(tmp_path, strategy):
     # HSL: dropout in its experts and towers, two trunks, the best epoch of each round chosen on
@@ -57,6 +58,7 @@ def test_concurrent_equals_one_after_another(tmp_path, strategy):
     same_run(together, apart, tmp_path / "together", tmp_path / "apart")
 
 
+@pytest.mark.slow
 def test_default_trains_at_once_where_the_strategy_can(tmp_path):
     assert fit(tmp_path, "hsl", rounds=1, local_epochs=1, threads=2)["institutions_at_once"] == 2
     # a proximal term keeps the node's anchor in the strategy: one after another, on both threads
@@ -98,6 +100,7 @@ def test_dropout_draws_as_torch_does():
     assert F.dropout is randomness._original
 
 
+@pytest.mark.slow
 def test_global_draws_fall_back_to_one_after_another(tmp_path):
     def model():  # noise from torch's global generator in training: not covered by the workers' generators
         torch.manual_seed(0)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 import hsl_lightning
@@ -42,6 +43,7 @@ def mkdocs_config() -> dict:
     return yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=Loader)
 
 
+@pytest.mark.slow
 def test_the_site_builds_in_strict_mode(tmp_path):
     out = tmp_path / "site"
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,

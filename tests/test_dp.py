@@ -112,6 +112,7 @@ def test_no_noise_and_no_clipping_reproduce_the_run_without_privacy_exactly(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_private_run_logs_epsilon_every_round_and_in_the_summary(tmp_path):
     privacy = DifferentialPrivacy(clip=1.0, noise_multiplier=1.0)
     summary = run(tmp_path, "dp", privacy, rounds=2)
@@ -150,6 +151,7 @@ def test_privacy_without_secure_aggregation_is_refused_and_says_what_to_set():
     Federation(secure_aggregation=False)  # without DP, off is allowed
 
 
+@pytest.mark.slow
 def test_update_norms_before_clipping_are_logged_to_choose_the_clip_by(tmp_path):
     free = run(tmp_path, "free", DifferentialPrivacy(clip=math.inf, noise_multiplier=0.0), rounds=1)["history"][0]
     assert free["dp_clipped_share"] == 0.0 and 0 < free["dp_update_norm_median"] <= free["dp_update_norm_max"]
@@ -203,6 +205,7 @@ def test_two_private_runs_of_one_config_end_with_different_weights_and_two_plain
     assert recorded["epsilon_against_coordinator_with_all_other_sites"] > recorded["epsilon"]
 
 
+@pytest.mark.slow
 def test_insecure_seeded_noise_repeats_a_run_warns_and_is_recorded(tmp_path):
     privacy = DifferentialPrivacy(clip=1.0, noise_multiplier=0.01, insecure_seeded_noise=True)
     with pytest.warns(UserWarning, match="insecure_seeded_noise is on: the DP noise is drawn from the run's seed"):
@@ -215,6 +218,7 @@ def test_insecure_seeded_noise_repeats_a_run_warns_and_is_recorded(tmp_path):
     assert summary["privacy"]["holds_against"].startswith("No one who holds the run's seed")
 
 
+@pytest.mark.slow
 def test_a_deployed_site_refuses_insecure_seeded_noise(tmp_path):
     from test_flower import config_for, sites_for
 

@@ -106,7 +106,8 @@ def assert_same(sim: dict, sim_dir: Path, dep: dict, dep_dir: Path) -> None:
             assert torch.equal(ws[name][key], wd[name][key]), (name, key)
 
 
-@pytest.mark.parametrize("strategy", ["hsl", "fedavg", "fedprox", "scaffold", "fedbn", "ditto", "local"])
+@pytest.mark.parametrize("strategy", ["hsl", "fedavg", *(pytest.param(s, marks=pytest.mark.slow) for s in
+                                                        ("fedprox", "scaffold", "fedbn", "ditto", "local"))])
 def test_a_deployment_gives_the_simulators_numbers_bit_for_bit(tmp_path, strategy):
     config = config_for(strategy)
     sim = simulate(config, tmp_path / "sim")
@@ -119,6 +120,7 @@ def test_a_deployment_gives_the_simulators_numbers_bit_for_bit(tmp_path, strateg
         assert len(dep["deployment"]["site_checkpoints"]) == 3
 
 
+@pytest.mark.slow
 def test_dp_fedavg_runs_in_deployment_with_its_epsilon(tmp_path):
     """DP noise is drawn fresh from os.urandom at every site, so a DP deployment cannot repeat the
     simulator bit for bit (the runs without DP above still do): the accounting, the history's keys and
@@ -238,6 +240,7 @@ class CrashingSites(LocalSites):
         return super().exchange(requests, timeout_s)
 
 
+@pytest.mark.slow
 def test_a_restarted_server_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
     config = config_for("scaffold", rounds=3)  # control variates on both sides must survive the restart
     whole = deploy(config, tmp_path / "whole", sites_for(config, tmp_path / "s1"))
@@ -293,6 +296,7 @@ def test_the_superlink_certificate_always_names_this_machine(tmp_path):
     assert listed == ["superlink.example.org", "localhost", "127.0.0.1", "::1"]
 
 
+@pytest.mark.slow
 def test_the_clientapp_forwards_a_message_without_importing_torch(tmp_path):
     """Flower starts a ClientApp process per message: reading the node config and the site's data
     config there must not import torch or Lightning (that cost 20 s per message under load)."""
@@ -314,6 +318,7 @@ def test_the_clientapp_forwards_a_message_without_importing_torch(tmp_path):
     assert done.stdout.strip() == "1 True []"
 
 
+@pytest.mark.slow
 def test_hsl_flower_commands_start_without_torch(tmp_path):
     """A hospital's IT staff run ``hsl flower keys`` and ``hsl flower supernode``: the ``hsl`` command
     must not load torch or Lightning for them (that took 10 s per command on a 2-core machine)."""
@@ -342,6 +347,7 @@ def test_the_supernode_check_names_a_data_folder_that_does_not_exist(tmp_path):
     check_data({"data-config": str(data)}, "hospital2")  # a download creates its own root
 
 
+@pytest.mark.slow
 def test_a_stopped_run_stops_the_sites_worker_and_never_starts_one(tmp_path):
     """After a failed run the server sends 'stop': a site's worker (its data and model in memory)
     exits at once instead of idling for IDLE_S; a site without a worker does not start one for it."""
@@ -365,6 +371,7 @@ def test_a_stopped_run_stops_the_sites_worker_and_never_starts_one(tmp_path):
     assert not Path(worker.address_of(site_dir)).exists()
 
 
+@pytest.mark.slow
 def test_sites_holding_only_their_own_image_folders_give_the_simulators_numbers(tmp_path):
     """Real hospitals: every site's root holds only its own folder (ImageFolders with the federation's
     node list); the deployment equals hsl fit on one root holding every folder, bit for bit, except

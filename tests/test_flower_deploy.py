@@ -92,3 +92,18 @@ def test_the_deployment_guide_end_to_end(tmp_path):
     scored = subprocess.run([HSL, "test", "--run", str(run_dir), "--bootstraps", "20"], capture_output=True, text=True,
                             timeout=300)
     assert scored.returncode == 0, scored.stderr[-2000:]
+
+
+def test_the_harness_gives_the_flwr_cli_the_superlink_and_the_sites_only_the_proxy(tmp_path):
+    """The guide's split, as the end-to-end test runs it: the coordinator's flwr CLI talks to the
+    SuperLink on 127.0.0.1; the sites dial the proxy's address, never the SuperLink's port."""
+    lh = Localhost(tmp_path, proxy=False)
+    assert lh.address == lh.superlink_address and lh.superlink_address.startswith("127.0.0.1:")
+    lh.make_keys()
+    assert f'address = "{lh.superlink_address}"' in (tmp_path / "flwr" / "config.toml").read_text()
+    assert {p.name for p in lh.keys.glob("*.pub")} == {f"{s}.pub" for s in lh.sites}  # the consortium's keys
+    from hsl_lightning.flower.proxy import nginx_binary
+
+    if nginx_binary() is not None:
+        proxied = Localhost(tmp_path / "p", proxy=True)
+        assert proxied.address != proxied.superlink_address and proxied.address.endswith(f":{proxied.proxy_port}")

@@ -33,6 +33,7 @@ def test_reads_per_institution_folders_and_holds_out_validation(tmp_path):
     assert a["val"].positives == 2 and a["train"].images.shape[1:] == (1, 20, 20)
 
 
+@pytest.mark.slow
 def test_folder_data_trains_in_a_federation(tmp_path):
     from hsl_lightning import FederatedDataModule, Federation, SyntheticAnchor
 

@@ -242,6 +242,7 @@ def assert_same_run(a: dict, b: dict, state_a: dict, state_b: dict) -> None:
         assert difference <= TOLERANCE, (k, difference)
 
 
+@pytest.mark.slow  # the fast tier checks FusedModels itself: test_fused_matches_sequential_training
 @pytest.mark.parametrize("case", list(FEDERATION_CASES))
 def test_fused_federation_equals_one_by_one_training(tmp_path, monkeypatch, case):
     make, data, options, expected = FEDERATION_CASES[case]
@@ -271,6 +272,7 @@ def test_fused_federation_refuses_a_non_elementwise_optimizer(tmp_path):
                     strategy="fedavg")
 
 
+@pytest.mark.slow
 def test_a_diverging_fused_node_is_named_and_dropped_alone(tmp_path, monkeypatch):
     original = FusedModels.map
 
@@ -288,6 +290,7 @@ def test_a_diverging_fused_node_is_named_and_dropped_alone(tmp_path, monkeypatch
                for h in summary["history"])
 
 
+@pytest.mark.slow
 def test_fused_on_two_ranks_equals_one_by_one_on_one(tmp_path):
     """Rank 0 fuses nodes 0 and 2, rank 1 trains node 1 alone: the same run as one rank, one by one."""
     one, state_a = _federation(tmp_path, False, _hsl_sgd, tiny_data(), "one_rank", strategy="hsl", threads=1)

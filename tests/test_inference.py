@@ -64,6 +64,7 @@ def test_the_checkpoint_alone_gives_back_the_runs_test_aucs_under_a_lightning_tr
     assert meta["image_size"] == 28 and meta["in_chans"] == 1 and meta["round"] == summary["best_round"]
 
 
+@pytest.mark.slow
 def test_a_run_with_a_model_per_node_writes_a_checkpoint_per_node(fedbn_run):
     run, summary = fedbn_run
     assert not (run / "model.ckpt").exists()
@@ -76,9 +77,9 @@ def test_a_run_with_a_model_per_node_writes_a_checkpoint_per_node(fedbn_run):
         [n["threshold"] for n in summary["nodes"]]
 
 
-@pytest.mark.parametrize("which", ["hsl", "fedbn"])
-def test_hsl_test_on_the_training_config_equals_the_summary(hsl_run, fedbn_run, capsys, which):
-    run, summary = hsl_run if which == "hsl" else fedbn_run
+@pytest.mark.parametrize("which", ["hsl", pytest.param("fedbn", marks=pytest.mark.slow)])
+def test_hsl_test_on_the_training_config_equals_the_summary(request, capsys, which):
+    run, summary = request.getfixturevalue(f"{which}_run")  # the fedbn run is trained for the slow tier only
     main(["test", "--run", str(run), "--bootstraps", "200"])
     result = json.loads((run / "test.json").read_text())
     assert [s["site"] for s in result["sites"]] == [n["name"] for n in summary["nodes"]]
@@ -90,6 +91,7 @@ def test_hsl_test_on_the_training_config_equals_the_summary(hsl_run, fedbn_run, 
     assert "mean site AUC" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_hsl_test_on_an_unseen_site_reports_an_interval(hsl_run, fedbn_run, tmp_path):
     site = {"data": {"scenario": {"num_nodes": 1, "names": ["newsite"], "feature_skew": 0.9}, "seed": 11}}
     config = tmp_path / "newsite.yaml"
@@ -147,6 +149,7 @@ def test_predict_writes_every_readable_image_and_names_the_broken_one(hsl_run, t
     assert 0 <= float(rows["rgb_112px.jpg"]["probability"]) <= 1
 
 
+@pytest.mark.slow
 def test_predict_needs_a_node_when_each_node_has_its_own_model(fedbn_run, tmp_path, capsys):
     run, _ = fedbn_run
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(tmp_path / "a.png")
@@ -174,12 +177,14 @@ def test_help_lists_every_subcommand_and_each_has_its_own_help(capsys):
     assert exc.value.code == 2 and "Did you mean: test" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fit_says_where_the_run_went_and_what_to_try_next(tmp_path, capsys):
     fit_run(tmp_path, name="again", federation={"rounds": 1})
     printed = capsys.readouterr().out
     assert f"Run written to {tmp_path / 'again'}/" in printed and "hsl predict --run" in printed
 
 
+@pytest.mark.slow
 def test_predict_with_a_split_network_routes_through_the_chosen_hospitals_site_part(tmp_path, capsys):
     run, _ = fit_run(tmp_path, model={"class_path": "hsl_lightning.SplitClassifier",
                                       "init_args": {"backbone": "test_resnet"}},

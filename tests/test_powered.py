@@ -3,6 +3,7 @@ rerun sample, scenarios that run some methods only, and compact records a later 
 
 import csv
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -120,10 +121,11 @@ def test_the_powered_study_reruns_a_spread_sample_and_runs_pneumonia_with_four_m
     assert ordered[len(per_seed)].stage == "rerun"
 
 
-def test_a_cell_kept_as_its_record_is_done_reported_and_committable(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_a_cell_kept_as_its_record_is_done_reported_and_committable(smoke_grid, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "smoke"
-    main(["benchmark", "--config", str(SMOKE), "--out", str(out), "--wandb", "disabled"])
+    shutil.copytree(smoke_grid[0], out)  # the session's smoke grid (conftest.py): this test deletes summaries
     grid = Grid.load(SMOKE, out=str(out))
     cell = grid.cells()[0]
     directory = run_dir(out, cell)
@@ -149,6 +151,7 @@ def test_a_cell_kept_as_its_record_is_done_reported_and_committable(tmp_path, mo
                                       "benchmarks/results/heterogeneity_powered/runs/a/b/log.txt"]
 
 
+@pytest.mark.slow
 def test_a_grid_with_a_pilot_runs_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     grid = yaml.safe_load(SMOKE.read_text())

@@ -151,6 +151,7 @@ def test_hsl_flower_proxy_writes_checks_and_refuses(tmp_path, keys):
     assert port.returncode == 2 and "give HOST:PORT" in port.stderr
 
 
+@pytest.mark.slow
 def test_the_flwr_cli_talks_to_the_superlink_and_the_sites_to_the_proxy(tmp_path):
     lh = Localhost(tmp_path, sites=1, proxy=False)
     assert lh.address == lh.superlink_address and not lh.proxied
@@ -177,6 +178,7 @@ def _check_only(lh: Localhost, site: str) -> subprocess.CompletedProcess:
                   f'node-index=0 name="{site}"', "--check-only", check=False)
 
 
+@pytest.mark.slow
 @NEEDS_NGINX
 def test_through_the_proxy_a_site_reaches_only_the_fleet_api(tmp_path):
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key

@@ -192,6 +192,7 @@ def test_masked_deployment_equals_the_simulator_and_the_coordinator_never_holds_
             assert not (a.shape == q.shape and np.array_equal(a.view(np.uint64), q))
 
 
+@pytest.mark.slow
 def test_a_site_lost_after_masking_leaves_the_simulators_numbers(tmp_path, monkeypatch):
     """Site 1 drops out of round 2 after the masks were fixed: the coordinator rebuilds its pairwise
     masks from the others' shares, and the merged model is the simulator's with that node failing in round 2."""

@@ -15,7 +15,7 @@ from hsl_lightning.benchmark.grid import run_dir
 from hsl_lightning.benchmark.report import Stats, coinciding, edges, holm, markdown, p_value, tuning_section
 from hsl_lightning.benchmark.tuning import choose
 from hsl_lightning.data.heterogeneity import ExternalSite
-from hsl_lightning.federation import federation as federation_module
+from hsl_lightning.federation import phases
 from hsl_lightning.federation.strategies import _last_activation, get_strategy
 
 from conftest import REPO, tiny_data, tiny_hsl
@@ -194,7 +194,7 @@ def test_the_study_gives_every_method_the_same_budget_and_a_search(monkeypatch):
 def test_early_stopping_ends_the_run_once_patience_has_passed(tmp_path, monkeypatch):
     flat = [{"auc": 0.7, "acc": 0.5, "sensitivity": 0.5, "specificity": 0.5, "loss": 1.0, "n": 4.0, "auc_a": 0.7,
              "auc_b": 0.7, "loss_a": 0.5}] * 3
-    monkeypatch.setattr(federation_module, "validate_trainees", lambda run, trainees, merged: flat)
+    monkeypatch.setattr(phases, "validate_trainees", lambda run, trainees, merged: flat)  # the simulator's rounds
     summary = Federation(strategy="fedavg", rounds=8, patience=2, run_dir=str(tmp_path), wandb="disabled",
                          progress=False, checkpoint=False).fit(ClassifierModule(backbone="test_resnet"),
                                                                tiny_data(use_sat=False))

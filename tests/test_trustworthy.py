@@ -46,6 +46,7 @@ SCENARIOS = {"three nodes": Scenario(num_nodes=3, feature_skew=0.3, prevalence=[
                                   prevalence=[0.2, 0.3, 0.45, 0.35, 0.25], feature_skew=0.7)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_the_pool_figure_agrees_with_the_node_test_auc_within_sampling_error(scenario):
     # a large source: the pool (every node's test images, seen through one node's scanner) must give
@@ -135,6 +136,7 @@ def _fit(tmp_path, rule: str, rounds: int = 4, **kwargs) -> dict:
     return fed.fit(ClassifierModule(backbone="test_resnet", lr=0.05), tiny_data(use_sat=False))
 
 
+@pytest.mark.slow
 def test_deploy_round_best_loss_deploys_the_round_of_least_summed_validation_loss(tmp_path):
     summary = _fit(tmp_path, "best_loss")
     losses = [h["sum_val_loss"] for h in summary["history"]]
@@ -149,6 +151,7 @@ def test_deploy_round_best_loss_deploys_the_round_of_least_summed_validation_los
     assert [h["mean_val_auc"] for h in auc["history"]] == [h["mean_val_auc"] for h in summary["history"]]
 
 
+@pytest.mark.slow
 def test_deploy_round_last_runs_every_round_and_deploys_the_last(tmp_path):
     summary = _fit(tmp_path, "last", rounds=4, patience=1)
     assert summary["best_round"] == 4 == summary["rounds_run"] and not summary["stopped_early"]

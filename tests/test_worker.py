@@ -109,6 +109,7 @@ def send(site_dir: Path, request: dict, setup: dict | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------- 1. idle time is time between requests
+@pytest.mark.slow
 def test_a_request_longer_than_the_idle_limit_keeps_its_worker_which_idles_out_after(tmp_path, processes):
     """Handling a request is not idle time: a request that takes three idle limits gets its reply; the
     worker stops once it has had nothing to do for the idle limit, and removes its socket and pid file."""
@@ -139,6 +140,7 @@ def test_the_worker_idle_limit_comes_from_the_environment(tmp_path, processes, m
     assert worker.idle_limit() == worker.IDLE_S
 
 
+@pytest.mark.slow
 def test_after_a_round_the_idle_limit_follows_the_coordinators_reply_limit(tmp_path, processes):
     """A run stopped with ``flwr stop`` (or whose coordinator died) sends no Stop: a worker then stops
     once no request came for twice the coordinator's own reply limit (and a margin), not after a fixed
@@ -158,7 +160,8 @@ def test_after_a_round_the_idle_limit_follows_the_coordinators_reply_limit(tmp_p
 
 
 # ---------------------------------------------------------------------- 2. no socket left behind
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, *(pytest.param(s, marks=pytest.mark.slow) for s in
+                                                     (signal.SIGINT, signal.SIGHUP))], ids=lambda s: s.name)
 def test_a_signalled_worker_removes_its_socket_and_pid_file_and_exits_0(tmp_path, processes, signum):
     site_dir = tmp_path / "site"
     process = start(processes, site_dir)
@@ -169,6 +172,7 @@ def test_a_signalled_worker_removes_its_socket_and_pid_file_and_exits_0(tmp_path
     assert_nothing_left(site_dir)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_worker_in_the_middle_of_a_request(tmp_path, processes):
     site_dir = tmp_path / "site"
     process = start(processes, site_dir, "1800", "600", script=SLOW_WORKER)
@@ -231,6 +235,7 @@ def test_the_coordinators_stop_and_its_reason_go_to_the_workers_log(tmp_path, pr
     assert_nothing_left(site_dir)
 
 
+@pytest.mark.slow
 def test_a_worker_whose_supernode_is_gone_stops_and_removes_its_socket(tmp_path, processes):
     site_dir = tmp_path / "site"
     supernode = subprocess.Popen(["sleep", "600"])
@@ -280,6 +285,7 @@ def test_call_starts_a_worker_that_watches_the_supernode(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- 4. stop-workers, by pid file
+@pytest.mark.slow
 def test_stop_workers_stops_this_sites_workers_only_and_removes_stale_pid_files(tmp_path, processes):
     root, other = tmp_path / "site", tmp_path / "site2"  # a sibling whose path starts with root's
     ours = [start(processes, root / name) for name in ("run-a", "run-b")]
