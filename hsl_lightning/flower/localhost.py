@@ -13,6 +13,15 @@ forwarded): :attr:`Localhost.address` is the sites' address (the proxy's), while
 config (``FLWR_HOME/config.toml``) names :attr:`Localhost.superlink_address`, the SuperLink itself,
 as on the coordinator's own machine. ``Localhost(..., proxy=False)`` lets the sites connect to the
 SuperLink directly.
+
+Across hosts (``tests/test_namespaces.py``: a coordinator and each site in a network namespace of
+its own), three optional hooks, all off by default: ``wrap`` maps a role, ``"coordinator"`` (the
+SuperLink, the proxy, the ``flwr`` CLI, ``hsl flower app``) or a site's name (its SuperNode, with
+the ClientApps and worker it starts, and its ``hsl flower approve``), to a command prefix such as
+``["ip", "netns", "exec", "NS"]``; the harness's own TLS checks run as a subprocess under the same
+prefix. ``proxy_listen`` is the address nginx listens on (default ``127.0.0.1:<free port>``) and
+``site_address`` the address the sites dial (default: the proxy's, or the SuperLink's without one),
+e.g. ``superlink.example.org:8443``.
 """
 
 from __future__ import annotations
@@ -42,7 +51,9 @@ class Localhost:
     """A SuperLink and ``sites`` SuperNodes on this machine, in ``workdir``; ``proxy``: the sites go
     through nginx (``hsl flower proxy``); None: when nginx is installed."""
 
-    def __init__(self, workdir: str | os.PathLike, sites: int = 3, proxy: bool | None = None):
+    def __init__(self, workdir: str | os.PathLike, sites: int = 3, proxy: bool | None = None, *,
+                 wrap: dict[str, list[str]] | None = None, proxy_listen: str | None = None,
+                 site_address: str | None = None):
         from hsl_lightning.flower.proxy import nginx_binary
 
         self.workdir, self.sites = Path(workdir), [f"hospital{i + 1}" for i in range(sites)]
@@ -52,9 +63,12 @@ class Localhost:
         self.proxied = self.nginx is not None if proxy is None else proxy
         if self.proxied and self.nginx is None:
             raise RuntimeError("Localhost(proxy=True) needs nginx: apt-get install nginx-light")
-        self.proxy_port = free_port() if self.proxied else None
+        # a command prefix per role ("coordinator", or a site's name): none by default (see the module's doc)
+        self.wrap = {role: list(prefix) for role, prefix in (wrap or {}).items()}
+        self.proxy_listen = (proxy_listen or f"127.0.0.1:{free_port()}") if self.proxied else None
+        self.proxy_port = int(self.proxy_listen.rpartition(":")[2]) if self.proxied else None
         # where the sites connect: the proxy (only the Fleet API), or the SuperLink without one
-        self.address = f"127.0.0.1:{self.proxy_port}" if self.proxied else self.superlink_address
+        self.address = site_address or (self.proxy_listen if self.proxied else self.superlink_address)
         self.processes: list[subprocess.Popen] = []
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # Flower starts its own tools
         self.env = {**os.environ, "FLWR_HOME": str(self.workdir / "flwr"), "HF_HUB_OFFLINE": "1",
@@ -62,17 +76,18 @@ class Localhost:
         self.env.setdefault("WANDB_MODE", "offline")
 
     # ------------------------------------------------------------------ processes
-    def run(self, *command: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run(list(command), env=self.env, cwd=self.workdir, capture_output=True, text=True,
-                              timeout=timeout)
+    def run(self, *command: str, timeout: float = 120, check: bool = True,
+            role: str | None = None) -> subprocess.CompletedProcess:
+        done = subprocess.run([*self.wrap.get(role, ()), *command], env=self.env, cwd=self.workdir,
+                              capture_output=True, text=True, timeout=timeout)
         if check and done.returncode:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
                                f"{done.stderr[-3000:]}")
         return done
 
-    def start(self, name: str, *command: str) -> subprocess.Popen:
+    def start(self, name: str, *command: str, role: str | None = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen(list(command), env=self.env, cwd=self.workdir, stdout=log,
+        process = subprocess.Popen([*self.wrap.get(role, ()), *command], env=self.env, cwd=self.workdir, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(process)
         return process
@@ -128,19 +143,24 @@ class Localhost:
         self.start("superlink", _bin("flower-superlink"), "--ssl-ca-certfile", str(self.keys / "ca.crt"),
                    "--ssl-certfile", str(self.keys / "server.pem"), "--ssl-keyfile", str(self.keys / "server.key"),
                    "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--database", str(self.workdir / "superlink.db"))
-        self._wait_tls(self.superlink_address, "superlink", clock, timeout)
+                   "--port", str(self.port), "--database", str(self.workdir / "superlink.db"), role="coordinator")
+        self._wait_tls(self.superlink_address, "superlink", clock, timeout, role="coordinator")
         started = time.perf_counter() - clock
         if self.proxied:
             self.start_proxy(timeout)
         return started
 
-    def _wait_tls(self, address: str, name: str, clock: float, timeout: float) -> None:
+    def _wait_tls(self, address: str, name: str, clock: float, timeout: float, role: str | None = None) -> None:
         from hsl_lightning.flower.commands import check_tls
 
         while True:
             try:
-                check_tls(address, self.keys / "ca.crt", name, timeout=2)
+                if self.wrap.get(role):  # checked from the role's own network (e.g. its namespace)
+                    self.run(sys.executable, "-c", "import sys; from hsl_lightning.flower.commands import check_tls; "
+                             "check_tls(sys.argv[1], sys.argv[2], sys.argv[3], timeout=2)", address,
+                             str(self.keys / "ca.crt"), name, timeout=30, role=role)
+                else:
+                    check_tls(address, self.keys / "ca.crt", name, timeout=2)
                 return
             except Exception:  # noqa: BLE001 - not up yet
                 if time.perf_counter() - clock > timeout:
@@ -154,14 +174,15 @@ class Localhost:
 
         clock = time.perf_counter()
         out = self.workdir / "proxy"
-        self.run(_bin("hsl"), "flower", "proxy", "--out", str(out), "--listen", self.address, "--superlink-port",
-                 str(self.port), "--keys", str(self.keys))
-        self.start("proxy", *start_command(out / "nginx.conf", self.nginx))
-        self._wait_tls(self.address, "proxy", clock, timeout)
+        self.run(_bin("hsl"), "flower", "proxy", "--out", str(out), "--listen", self.proxy_listen, "--superlink-port",
+                 str(self.port), "--keys", str(self.keys), role="coordinator")
+        self.start("proxy", *start_command(out / "nginx.conf", self.nginx), role="coordinator")
+        self._wait_tls(self.address, "proxy", clock, timeout, role="coordinator")  # as the sites dial it
         return time.perf_counter() - clock
 
     def register(self, site: str) -> None:
-        self.run(_bin("flwr"), "supernode", "register", str(self.keys / f"{site}.pub"), "local", "--name", site)
+        self.run(_bin("flwr"), "supernode", "register", str(self.keys / f"{site}.pub"), "local", "--name", site,
+                 role="coordinator")
 
     def start_supernode(self, index: int, key: str | None = None, extra: str = "") -> subprocess.Popen:
         """Start site ``index``'s SuperNode (``key``: another key file name, e.g. an unregistered one)."""
@@ -170,14 +191,17 @@ class Localhost:
         config += f' approved-runs="{self.approvals(site)}"'  # the runs this site approved (submit adds them)
         return self.start(f"supernode-{site}", _bin("hsl"), "flower", "supernode", "--superlink", self.address,
                           "--root-certificates", str(self.keys / "ca.crt"), "--auth-supernode-private-key",
-                          str(self.keys / (key or site)), "--node-config", config, "--port", str(free_port()))
+                          str(self.keys / (key or site)), "--node-config", config, "--port", str(free_port()),
+                          role=site)
 
     def submit(self, config: Path, run_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
         """Write the app for ``config`` and run it to the end (``flwr run ... --stream``)."""
         app = self.workdir / "app"
-        self.run(_bin("hsl"), "flower", "app", "--config", str(config), "--out", str(app), "--run-dir", str(run_dir))
+        self.run(_bin("hsl"), "flower", "app", "--config", str(config), "--out", str(app), "--run-dir", str(run_dir),
+                 role="coordinator")
         self.approve(app)
-        return self.run(_bin("flwr"), "run", str(app), "local", "--stream", timeout=timeout, check=False)
+        return self.run(_bin("flwr"), "run", str(app), "local", "--stream", timeout=timeout, check=False,
+                        role="coordinator")
 
     def approvals(self, site: str) -> Path:
         """Site ``site``'s approvals file (its node config's ``approved-runs``), outside its site-dir."""
@@ -191,7 +215,7 @@ class Localhost:
         digest = read_digest(app)
         for site in self.sites:
             self.run(_bin("hsl"), "flower", "approve", "--file", str(self.approvals(site)), digest, "--note",
-                     f"{app.name}, submitted by the test harness")
+                     f"{app.name}, submitted by the test harness", role=site)
         return digest
 
     def submit_unapproved(self, config: Path, run_dir: Path, timeout: float = 300, wait_s: float = 60) -> dict:
@@ -200,11 +224,13 @@ class Localhost:
         run's digest as refused, and the run wrote no ``summary.json``; ``digest``, ``sites`` (those
         that refused it) and ``output`` (flwr run's) for a report."""
         app = self.workdir / "unapproved-app"
-        self.run(_bin("hsl"), "flower", "app", "--config", str(config), "--out", str(app), "--run-dir", str(run_dir))
+        self.run(_bin("hsl"), "flower", "app", "--config", str(config), "--out", str(app), "--run-dir", str(run_dir),
+                 role="coordinator")
         from hsl_lightning.flower.approval import read_digest
 
         digest = read_digest(app)
-        done = self.run(_bin("flwr"), "run", str(app), "local", "--stream", timeout=timeout, check=False)
+        done = self.run(_bin("flwr"), "run", str(app), "local", "--stream", timeout=timeout, check=False,
+                        role="coordinator")
         deadline = time.monotonic() + wait_s
         while True:  # each site's own line (the coordinator's reason, which other sites print, quotes one site's)
             refused = [site for site in self.sites if f"hsl: Site {site} refuses run {digest}" in
@@ -217,7 +243,7 @@ class Localhost:
                 "output": done.stdout[-3000:] + done.stderr[-3000:]}
 
     def runs(self) -> list[dict]:
-        out = self.run(_bin("flwr"), "ls", "local", "--format", "json", check=False)
+        out = self.run(_bin("flwr"), "ls", "local", "--format", "json", check=False, role="coordinator")
         try:
             return json.loads(out.stdout).get("runs", [])
         except json.JSONDecodeError:
