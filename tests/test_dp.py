@@ -102,6 +102,7 @@ def run(tmp_path, name, privacy=None, rounds=2):
                       checkpoint=False, threads=1, privacy=privacy).fit(tiny_hsl(), tiny_data())
 
 
+@pytest.mark.slow
 def test_no_noise_and_no_clipping_reproduce_the_run_without_privacy_exactly(tmp_path):
     plain = run(tmp_path, "plain")
     off = run(tmp_path, "off", DifferentialPrivacy(clip=math.inf, noise_multiplier=0.0))

@@ -111,6 +111,7 @@ def test_the_message_parts_are_named_views_of_one_vector():
         RoundMessage(layout, vector=torch.zeros(10, dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_a_flower_reply_is_exactly_its_part_of_the_simulators_message(tmp_path, monkeypatch):
     """A deployed site's reply to round 1, as the Flower message carries it, holds its part of the
     round's message and aggregates only; the sites' parts add up to the simulator's message bit for bit."""

@@ -172,6 +172,7 @@ class Recording(LocalSites):
         return out
 
 
+@pytest.mark.slow
 def test_masked_deployment_equals_the_simulator_and_the_coordinator_never_holds_one_sites_vector(tmp_path,
                                                                                                  monkeypatch):
     config = config_for("fedavg", rounds=2)
