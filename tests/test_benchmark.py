@@ -243,3 +243,13 @@ def test_the_report_of_a_study_whose_results_predate_the_rounds_columns_says_so_
     old = [{"method": "hsl", "scenario": "feature", "step": "-", "seed": 0, "best_round": "3", "rounds": ""}]
     text = "\n".join(convergence(None, old))
     assert text.startswith("## Convergence") and "predates the columns 'rounds'" in text
+
+
+def test_study_cells_sum_in_float64_unless_the_grid_asks_otherwise():
+    """The studies' committed cells summed in float64; a resumed grid must not mix in fixed-point
+    cells (secure aggregation's default), and the arguments recorded in cell.json stay as they were."""
+    from hsl_lightning.benchmark.runner import float_sum
+
+    assert float_sum(["fit", "--config", "a.yaml"]) == ["--federation.secure_aggregation", "false"]
+    assert float_sum(["fit", "--federation.secure_aggregation", "true"]) == []
+    assert float_sum(["fit", "--federation.privacy", "{}"]) == []  # DP needs the secure sum

@@ -78,6 +78,16 @@ def cell_args(cell: Cell, directory: Path, threads: int, accelerator: str = "cpu
     return args
 
 
+def float_sum(args: list[str]) -> list[str]:
+    """A study measures methods, so its cells sum the round's message in float64, as every cell of the
+    studies run before secure aggregation's fixed-point sum became the default did (a resumed grid
+    stays of one kind); a grid asks for the fixed-point sum with a ``federation.secure_aggregation``
+    setting, and a DP cell (which needs it) keeps the default. Not part of ``cell.json``."""
+    if any(a.startswith(("--federation.secure_aggregation", "--federation.privacy")) for a in args):
+        return []
+    return ["--federation.secure_aggregation", "false"]
+
+
 def _run_cell(args: list[str], directory: str) -> dict:
     """In a worker: one ``hsl fit``, its output into the cell's ``log.txt``."""
     start = time.perf_counter()
@@ -86,7 +96,7 @@ def _run_cell(args: list[str], directory: str) -> dict:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     with open(Path(directory) / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            HSLCLI(args=args)
+            HSLCLI(args=args + float_sum(args))
             return {"ok": True, "wall_s": time.perf_counter() - start}
         except SystemExit as exc:  # the CLI's own argument errors
             return {"ok": False, "error": f"hsl fit exited with {exc.code}; see {directory}/log.txt"}
