@@ -50,9 +50,13 @@ def contributions(n, seed=0):
 
 
 def masked_replies(sites, quantised, active, round_no=1):
-    return {i: protocol.RoundReply(node=i, completed=round_no - 1, fixed=site.mask(q, round_no, active),
-                                   seeds=site.reveal_seeds(round_no, active))
-            for i, (site, q) in enumerate(zip(sites, quantised)) if i in active}
+    replies = {}
+    for i, (site, q) in enumerate(zip(sites, quantised)):
+        if i in active:
+            site.check_round(round_no, active, secagg.threshold(len(sites)))
+            replies[i] = protocol.RoundReply(node=i, completed=round_no - 1, fixed=site.mask(q, round_no, active),
+                                             seeds=site.reveal_seeds(round_no, active))
+    return replies
 
 
 def looks_uniform(values: np.ndarray) -> float:
@@ -81,6 +85,10 @@ def test_a_masked_reply_looks_uniform_and_the_test_rejects_weak_masks(tmp_path, 
     quantised = contributions(3)
     reply = sites[0].mask(quantised[0], 1, [0, 1, 2])
     assert looks_uniform(reply) > 1e-3
+    # and with its self mask taken off (as the coordinator can, from the seed shares): the pairwise masks alone
+    replies = masked_replies(sites, quantised, [0, 1, 2])
+    seed = secagg.combine([tuple(r.seeds["0"]) for r in replies.values()])
+    assert looks_uniform(replies[0].fixed - secagg.prg(seed, SIZE, 0)) > 1e-3
     # the same test rejects what a weaker scheme would send: the contribution itself, a 32-bit mask
     # (Flower's mask generator folds its seed to 32 bits and draws from numpy's RandomState)
     assert looks_uniform(quantised[0]) < 1e-6
@@ -101,14 +109,14 @@ def test_a_site_lost_after_masking_is_recovered_with_t_of_n_shares(tmp_path, ros
 
     def recover(dropped):
         asked.append(dropped)
-        return {i: protocol.Recovered(i, 0, sites[i].reveal_keys(dropped)) for i in replies}
+        return {i: protocol.Recovered(i, 0, sites[i].reveal_keys(dropped, 1)) for i in replies}
 
     total = coordinator.total(replies, 1, [0, 1, 2, 3], recover)
     assert asked == [[2]]
     assert np.array_equal(total, np.sum([quantised[i].view(np.int64) for i in (0, 1, 3)], axis=0))
 
     def too_few(dropped):  # only two of the three shares needed come back
-        return {i: protocol.Recovered(i, 0, sites[i].reveal_keys(dropped)) for i in (0, 1)}
+        return {i: protocol.Recovered(i, 0, sites[i].reveal_keys(dropped, 1)) for i in (0, 1)}
 
     with pytest.raises(HSLError, match="only 2 of the 3 shares"):
         coordinator.total(replies, 1, [0, 1, 2, 3], too_few)
@@ -136,19 +144,63 @@ def test_a_mask_key_the_coordinator_substituted_is_refused(tmp_path, roster):
 
 
 def test_a_corrupted_or_out_of_range_reply_is_refused_naming_the_round(tmp_path, roster):
+    from hsl_lightning.federation.message import MessageLayout, RoundMessage
+
     sites, coordinator = consortium(tmp_path, roster)
-    layout_size = SIZE
-    quantised = contributions(3)
+    layout = MessageLayout(state=SIZE - 5, extras=0, trainees=3)  # size SIZE: state, traffic, 3 flags, weight
+    quantised = []
+    for i in range(3):  # each a real contribution: weighted state, its finished flag, its normalised weight
+        own = RoundMessage(layout)
+        own.state.copy_(torch.from_numpy(np.random.default_rng(i).normal(0, 0.05, SIZE - 5)) / 3)
+        own.add(i, 1 / 3)
+        quantised.append(fixedpoint.quantise(own.vector, 3, f"node {i}", 1).numpy().view(np.uint64))
     replies = masked_replies(sites, quantised, [0, 1, 2])
+    total = coordinator.total(replies, 1, [0, 1, 2], recover=lambda d: {})
+    RoundMessage.from_fixed(layout, torch.from_numpy(total.copy()), 1)  # the genuine sum is accepted
     replies[1].fixed = replies[1].fixed ^ np.uint64(1 << 62)  # one bit flipped on the way
     total = coordinator.total(replies, 1, [0, 1, 2], recover=lambda d: {})
-    values = fixedpoint.dequantise(torch.from_numpy(total))
     with pytest.raises(HSLError, match="secure sum of round 1 is not a sum of valid contributions"):
-        fixedpoint.check_sum(values, torch.ones(3), 1.0 + float(values.abs().max()), 1)
+        RoundMessage.from_fixed(layout, torch.from_numpy(total.copy()), 1)
     with pytest.raises(HSLError, match="contribution to round 4 is not finite"):
         fixedpoint.quantise(torch.tensor([0.0, math.inf]), 3, "node node1", 4)
     with pytest.raises(HSLError, match="contribution to round 2 holds a value of 3e\\+06, beyond"):
-        fixedpoint.quantise(torch.full((layout_size,), 3e6, dtype=torch.float64), 3, "node node1", 2)
+        fixedpoint.quantise(torch.full((SIZE,), 3e6, dtype=torch.float64), 3, "node node1", 2)
+
+
+def test_a_site_refuses_what_would_open_its_own_reply(tmp_path, roster):
+    """A coordinator that deviates: masking with the site alone, too low a threshold, too few sites,
+    a site listed twice, key shares of a site the round was not masked with, a revealed key again."""
+    sites, coordinator = consortium(tmp_path, roster, names=("a", "b", "c", "d"))
+    site = sites[0]
+    with pytest.raises(HSLError, match="fewer than the threshold"):
+        site.check_round(1, [0], coordinator.t)  # alone: its self mask's shares would open it
+    with pytest.raises(HSLError, match="a threshold of 1, below 3"):
+        site.check_round(1, [0, 1, 2, 3], 1)
+    with pytest.raises(HSLError, match="fewer than the threshold"):
+        site.check_round(1, [0, 1], coordinator.t)
+    with pytest.raises(HSLError, match="not among them"):
+        site.check_round(1, [1, 2, 3], coordinator.t)
+    adverts = coordinator.peers()
+    with pytest.raises(HSLError, match="each site must appear once"):
+        site.accept([*adverts, {**adverts[1], "node": 9}])
+    with pytest.raises(HSLError, match="each site must appear once"):
+        site.accept([{**adverts[1], "name": "../keys/b"}])
+    site.check_round(1, [0, 1, 2], coordinator.t)
+    with pytest.raises(HSLError, match="refuses to reveal key shares of sites \\[3\\]"):
+        site.reveal_keys([3], 1)  # the round was not masked with site 3
+    assert site.reveal_keys([2], 1)  # site 2 did drop: its shares, and its key is revoked here
+    with pytest.raises(HSLError, match="whose key was revealed"):
+        site.check_round(2, [0, 1, 2], coordinator.t)
+    with pytest.raises(HSLError, match="more sites than the last round"):
+        site.check_round(3, [0, 1, 3], coordinator.t)
+
+
+def test_a_site_never_sends_its_contribution_unmasked(tmp_path):
+    config = config_for("fedavg")
+    site = sites_for(config, tmp_path / "sites")[0]
+    merged = site.run.packer.pack(site.run.module.state_dict()).float().numpy()
+    with pytest.raises(HSLError, match="carries no masking"):
+        site.handle(protocol.Round(0, merged, validate=False, train=True))
 
 
 class Vanishing(__import__("hsl_lightning.flower.site", fromlist=["Site"]).Site):

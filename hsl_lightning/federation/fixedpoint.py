@@ -17,8 +17,9 @@ only lowers the denominator).
 **The bound.** With N trainees, each contribution's entries must lie within R = 2^(63-F) / N, so
 that no partial or total sum leaves int64 (|sum| < N x R = 2^(63-F)). F = 40 gives R = 2^23 / N
 (2.8 million for 3 sites: BatchNorm's running statistics and step counters included) and a
-rounding error of at most 2^-41 = 4.5e-13 per entry and trainee, far below float32's spacing for
-the entries of a trained model (6e-8 relative). The merged state therefore differs from the
+rounding error of at most 2^-41 = 4.5e-13 per entry and trainee: below float32's spacing for every
+entry larger than about 4e-6 in magnitude (float32's spacing there is 2^-41), so for all but the
+smallest weights it is below what the merged state is rounded to anyway. The merged state therefore differs from the
 float64 mean by at most N x 2^-41 / (summed normalised weight) per entry before it is rounded to
 the entries' own dtypes (``StatePacker.representable``). A contribution beyond the range, or not
 finite, is refused with a message naming the trainee and the round.

@@ -10,8 +10,7 @@ fixed-point message of :mod:`hsl_lightning.federation.fixedpoint`); it is sent a
 - ``k_ij``: a pairwise key, X25519 agreement between site i's and site j's mask keys through
   HKDF-SHA256, bound to the run; PRG: the ChaCha20 keystream under that key, 8 bytes per entry
   (``cryptography``'s ChaCha20, nonce = the round). The pairwise masks cancel in the sum.
-- ``b_i``: a fresh 32-byte self-mask seed per round from ``os.urandom``, so that a reply that arrives
-  after its site was counted as dropped still reveals nothing.
+- ``b_i``: a fresh 32-byte self-mask seed per round from ``os.urandom``.
 - Each site's mask key is signed with its node key (the ECDSA key the SuperLink authenticates it
   by) and checked by every peer against the consortium's public keys, so a coordinator cannot put
   a key of its own between two sites.
@@ -24,13 +23,19 @@ fixed-point message of :mod:`hsl_lightning.federation.fixedpoint`); it is sent a
   their shares of the dropped site's mask-key secret (one more exchange), rebuild its pairwise
   masks and remove them.
 
-What it protects (honest-but-curious coordinator): the coordinator sees uniform-looking vectors
-and their sum. What it does not: a coordinator that deviates from the protocol can declare a site
-dropped although its reply arrived, obtain both its self-mask seed (whose shares every site
-returns with its reply) and its mask-key secret, and unmask that one reply (Bonawitz's protocol
-avoids it with an extra round trip per round, which would add about 6 s to every deployed round
-on Flower; the site is then named as dropped in the run's summary and told so). A coalition of
-the coordinator with t sites learns everything t shares open.
+What it protects: a coordinator that follows the protocol sees uniform-looking vectors and their
+sum. Each site refuses what would open its own reply: masking with itself alone or with too few
+sites, a threshold below two thirds, unknown, duplicated or revoked keys, revealing key shares for
+a site it did not mask with (``SiteMasks.check_round``, ``accept``, ``reveal_keys``), and a fresh
+mask key per coordinator session means nothing of an earlier session is used again. What it does
+not protect: because every site returns its shares of the round's self-mask seeds with its reply
+(no extra exchange), the coordinator holds both kinds of shares for a site that dropped after
+masking; if that site's reply then arrives late, or if the coordinator falsely declares it dropped,
+the coordinator can unmask that one reply (Bonawitz's protocol avoids both with one more exchange
+per round, about 6 s on Flower's transport). The site is then listed as dropped in the run's
+summary and told so by an honest coordinator. Different lists of active sites sent to different
+sites are not detected (Bonawitz's signed consistency round is not implemented). A coalition of the
+coordinator with t sites learns everything t shares open.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import struct
 from pathlib import Path
@@ -56,6 +62,8 @@ from hsl_lightning.errors import HSLError
 
 #: the prime field of the Shamir shares (a Mersenne prime above any 32-byte secret)
 PRIME = 2 ** 521 - 1
+#: a site's name as the consortium's key folder holds it (``<name>.pub``): no path, no leading dot
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def threshold(sites: int) -> int:
@@ -144,34 +152,57 @@ class SiteMasks:
         self.folder, self.node, self.name, self.run_id = Path(folder), node, name, run_id
         self.node_key, self.roster = Path(node_key), Path(roster)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.private = self._key()
-        self.public = self.private.public_key().public_bytes(serialization.Encoding.Raw,
-                                                             serialization.PublicFormat.Raw)
+        path = self.folder / "secagg.key"  # this coordinator session's key: a restarted worker finds it again
+        self._use(X25519PrivateKey.from_private_bytes(path.read_bytes()) if path.is_file() else self._fresh_key())
+        revoked = self.folder / "revoked.json"
+        self.revoked: set[str] = set(json.loads(revoked.read_text())) if revoked.is_file() else set()
+
+    def _use(self, key: X25519PrivateKey) -> None:
+        self.private = key
+        self.public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         self.peers: dict[int, dict] = {}  # node -> {"name", "key", "mask", "share"}
 
-    def _key(self) -> X25519PrivateKey:
-        path = self.folder / "secagg.key"
-        if path.is_file():
-            return X25519PrivateKey.from_private_bytes(path.read_bytes())
-        key = X25519PrivateKey.generate()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def _fresh_key(self) -> X25519PrivateKey:
+        key, path = X25519PrivateKey.generate(), self.folder / "secagg.key"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                       serialization.NoEncryption()))
+        tmp.replace(path)
         return key
 
     def advert(self) -> dict:
-        """This site's mask key for the run, signed with its node key."""
+        """A fresh mask key for this coordinator session (a resumed run gets new pair keys, so no pad,
+        share nonce or revealed key of an earlier session is used again), signed with the node key."""
+        self._use(self._fresh_key())
+        (self.folder / "active.json").unlink(missing_ok=True)  # a new session may bring back a dropped site
         signature = sign(self.node_key, statement(self.run_id, self.node, self.name, self.public))
         return {"node": self.node, "name": self.name, "key": self.public.hex(), "signature": signature.hex(),
                 "run": self.run_id}
 
     def accept(self, adverts: list[dict]) -> None:
-        """Check every peer's signed mask key against the consortium's public keys; derive the pair keys."""
+        """Check every peer's signed mask key against the consortium's public keys; derive the pair keys.
+        Refused: a name used twice or not a plain file name, another key for this site or for a peer
+        already accepted, a key whose secret this site helped reveal."""
+        names = [str(a["name"]) for a in adverts]
+        if len(set(names)) != len(names) or any(not NAME.fullmatch(n) for n in names):
+            raise HSLError(f"Site {self.name}: the peers' mask keys name sites {names}: each site must appear once, "
+                           "by its plain name. The coordinator's list is refused.")
         for advert in adverts:
             node = int(advert["node"])
-            if node == self.node or node in self.peers and self.peers[node]["key"] == advert["key"]:
+            if node == self.node:
+                if advert["key"] != self.public.hex() or advert["name"] != self.name:
+                    raise HSLError(f"Site {self.name}: the coordinator announced another mask key or name for this "
+                                   "site. Refused.")
                 continue
+            if node in self.peers:
+                if self.peers[node]["key"] != advert["key"] or self.peers[node]["name"] != advert["name"]:
+                    raise HSLError(f"Site {self.name}: site {node}'s mask key changed within the run. Refused.")
+                continue
+            if advert["key"] in self.revoked:
+                raise HSLError(f"Site {self.name}: site {node} announced a mask key whose secret was revealed when it "
+                               "dropped out. Refused.")
             key = bytes.fromhex(advert["key"])
             verify(self.roster, advert["name"], statement(self.run_id, node, advert["name"], key),
                    bytes.fromhex(advert["signature"]))
@@ -230,6 +261,26 @@ class SiteMasks:
             keys.write_text(json.dumps(kept))
 
     # ------------------------------------------------------------------ masking
+    def check_round(self, round_no: int, active: list[int], t: int) -> None:
+        """The coordinator chooses who takes part in a round and the threshold: this site refuses a choice
+        that would open its contribution (itself missing, unknown or revoked sites, fewer sites than the
+        threshold, a threshold below two thirds of the sites, more sites than the last round)."""
+        known = set(self.peers) | {self.node}
+        floor = threshold(len(known))
+        last = self.folder / "active.json"
+        before = json.loads(last.read_text()) if last.is_file() else None
+        why = ("this site is not among them" if self.node not in active else
+               "some have no signed mask key here" if not set(active) <= known else
+               f"a threshold of {t}, below {floor}" if t < floor else
+               f"{len(active)} sites, fewer than the threshold {floor}" if len(active) < floor else
+               "more sites than the last round" if before and before[0] < round_no and not set(active) <= set(before[1])
+               else "a site whose key was revealed" if any(self.peers[n]["key"] in self.revoked for n in active
+                                                           if n != self.node) else None)
+        if why is not None:
+            raise HSLError(f"Site {self.name} refuses to mask round {round_no} with sites {sorted(active)}: {why}. A "
+                           "coordinator following the protocol never asks this.")
+        last.write_text(json.dumps([round_no, sorted(active)]))
+
     def mask(self, quantised: np.ndarray, round_no: int, active: list[int]) -> np.ndarray:
         """``quantised`` (uint64) plus this round's self mask and the pairwise masks with the active peers."""
         path = self.folder / f"seed-{round_no:04d}.bin"
@@ -256,11 +307,19 @@ class SiteMasks:
         held = json.loads(path.read_text()) if path.is_file() else {}
         return {str(node): held[str(node)]["seed"] for node in active if str(node) in held}
 
-    def reveal_keys(self, dropped: list[int]) -> dict[str, list]:
-        """This site's shares of the mask-key secrets of sites that dropped after the masks were fixed."""
+    def reveal_keys(self, dropped: list[int], round_no: int) -> dict[str, list]:
+        """This site's shares of the mask-key secrets of sites that dropped from round ``round_no`` after
+        the masks were fixed (only sites that round was masked with); their keys are revoked here."""
+        last = self.folder / "active.json"
+        masked_with = json.loads(last.read_text()) if last.is_file() else [None, []]
+        if masked_with[0] != round_no or not set(dropped) <= set(masked_with[1]) - {self.node}:
+            raise HSLError(f"Site {self.name} refuses to reveal key shares of sites {sorted(dropped)} for round "
+                           f"{round_no}: it masked that round with {masked_with[1]} (round {masked_with[0]}).")
         path = self.folder / "key-shares.json"
         held = json.loads(path.read_text()) if path.is_file() else {}
-        return {str(node): held[str(node)] for node in dropped if str(node) in held and node != self.node}
+        self.revoked |= {self.peers[n]["key"] for n in dropped if n in self.peers}
+        (self.folder / "revoked.json").write_text(json.dumps(sorted(self.revoked)))
+        return {str(node): held[str(node)] for node in dropped if str(node) in held}
 
 
 # ---------------------------------------------------------------------- the coordinator's side

@@ -28,7 +28,6 @@ import time
 from dataclasses import replace
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from hsl_lightning.errors import HSLError
@@ -329,8 +328,6 @@ class SitePhases(RoundPhases):
         unmasked (secure aggregation), or the plain integers of a run without masking."""
         if not trained:
             fixed = torch.zeros(run.layout.size, dtype=torch.int64)
-        elif self.masks is None:
-            fixed = sum(torch.from_numpy(np.asarray(t.fixed, dtype=np.uint64).view(np.int64)) for t in trained.values())
         else:
             def recover(dropped):
                 ask = {i: Recover(r, dropped) for i in trained}

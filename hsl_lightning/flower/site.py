@@ -234,9 +234,11 @@ class Site:
             return Stopped(False, node=self.node)
         if isinstance(request, Keys):
             self.masks.accept(request.peers)
+            self.masks.check_round(request.completed + 1, [int(p["node"]) for p in request.peers], request.threshold)
             return KeysReply(self.node, request.completed, self.masks.deal(request.completed, request.threshold, True))
         if isinstance(request, Recover):
-            return Recovered(self.node, request.completed, self.masks.reveal_keys([int(d) for d in request.dropped]))
+            return Recovered(self.node, request.completed,
+                             self.masks.reveal_keys([int(d) for d in request.dropped], request.completed + 1))
         if not isinstance(request, (Round, Finish)):
             raise HSLError(f"Site {self.name} got a message it does not answer: {type(request).__name__}.")
         merged = torch.as_tensor(request.merged, dtype=torch.float64)
@@ -247,10 +249,20 @@ class Site:
         if isinstance(request, Finish):
             return self.finish(request.completed, merged, request.write_weights, request.info)
         extras = None if request.extras is None else torch.as_tensor(request.extras)
+        if self.run.secure and request.train and not request.secagg:
+            raise HSLError(f"Site {self.name}: the run sums its contributions securely, but the coordinator's request "
+                           f"for round {request.completed + 1} carries no masking: this site never sends its "
+                           "contribution in the clear.")
         if request.total_weight is not None:  # this site holds only its own data: the run's total is the coordinator's
-            self.run.told_total_weight = float(request.total_weight)
+            told, own = float(request.total_weight), self.federation.strategy.weight(self.run.n_train[self.node])
+            if (self.run.told_total_weight not in (None, told)) or told < own:
+                raise HSLError(f"Site {self.name}: the coordinator changed the run's total weight ({told}; before "
+                               f"{self.run.told_total_weight}, this site's own {own}). Refused.")
+            self.run.told_total_weight = told
         if request.secagg and request.train:  # the peers' keys and the shares dealt to this site for the round
             self.masks.accept(request.secagg["peers"])
+            self.masks.check_round(request.completed + 1, [int(a) for a in request.secagg["active"]],
+                                   int(request.secagg["threshold"]))
             self.masks.receive(request.completed + 1, request.secagg.get("inbox") or {})
         reply = self.round(request.completed, merged, extras, request.validate, request.train,
                            [int(k) for k in request.keep], request.secagg)
@@ -285,14 +297,14 @@ class Site:
             fed.add_contribution(run, state, message, merge, t, outcome, losses, completed)
         message.traffic.fill_(fed.strategy.traffic(run.module))
         self._save(completed + 1, state, keep)
-        if run.secure:  # its quantised contribution (federation/fixedpoint.py), masked when secure aggregation is on
-            reply.fixed = message.fixed.cpu().numpy().view(np.uint64)
-            if secagg is not None:  # masked: the coordinator learns only the sum (flower/secagg.py)
-                masking, round_no, active = time.perf_counter(), completed + 1, [int(a) for a in secagg["active"]]
-                reply.fixed = self.masks.mask(reply.fixed, round_no, active)
-                reply.seeds = self.masks.reveal_seeds(round_no, active)
-                reply.deal = self.masks.deal(round_no, int(secagg["threshold"]), False)
-                reply.mask_s = time.perf_counter() - masking
+        if run.secure:  # its quantised contribution (federation/fixedpoint.py), always masked (flower/secagg.py)
+            if secagg is None:
+                raise HSLError(f"Site {self.name}: round {completed + 1} has no masking; refused.")
+            masking, round_no, active = time.perf_counter(), completed + 1, [int(a) for a in secagg["active"]]
+            reply.fixed = self.masks.mask(message.fixed.cpu().numpy().view(np.uint64), round_no, active)
+            reply.seeds = self.masks.reveal_seeds(round_no, active)
+            reply.deal = self.masks.deal(round_no, int(secagg["threshold"]), False)
+            reply.mask_s = time.perf_counter() - masking
         else:
             for key, value in compact_message(message.vector.cpu(), run.packer.numel).items():
                 setattr(reply, key, value)
