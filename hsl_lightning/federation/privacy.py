@@ -140,7 +140,9 @@ class DifferentialPrivacy:
                        f"own noise shares from the sum, so with k of the other sites a site keeps only the remaining "
                        f"{nodes} - k sites' noise, noise multiplier {self.noise_multiplier:g} x sqrt(({nodes} - k) / "
                        f"{nodes}); with all {nodes - 1} others, its own share alone ({alone:.4g}), for which epsilon is "
-                       "epsilon_against_coordinator_with_all_other_sites.")
+                       "epsilon_against_coordinator_with_all_other_sites. The same holds for a site that dropped out "
+                       "after masking whose reply the coordinator still received: secure aggregation can then open "
+                       "that one reply (hsl_lightning/flower/secagg.py).")
         return {"mechanism": "DP-FedAvg (node-level, Gaussian, clipped updates)", **vars(self), "rounds": rounds,
                 "epsilon": self.epsilon(rounds),
                 "noise": "seeded (insecure)" if self.insecure_seeded_noise else "os.urandom",
