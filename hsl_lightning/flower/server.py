@@ -324,8 +324,8 @@ class SitePhases(RoundPhases):
         return total, losses
 
     def _secure_total(self, run, trained: dict, r: int) -> RoundMessage:
-        """Round r + 1's message from the sites' fixed-point contributions: masked ones summed and
-        unmasked (secure aggregation), or the plain integers of a run without masking."""
+        """Round r + 1's message from the sites' masked fixed-point contributions: summed, the masks
+        removed (a dropped site's from the others' shares of its key), checked (secure aggregation)."""
         if not trained:
             fixed = torch.zeros(run.layout.size, dtype=torch.int64)
         else:
