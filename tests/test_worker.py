@@ -145,9 +145,9 @@ def test_after_a_round_the_idle_limit_follows_the_coordinators_reply_limit(tmp_p
     """A run stopped with ``flwr stop`` (or whose coordinator died) sends no Stop: a worker then stops
     once no request came for twice the coordinator's own reply limit (and a margin), not after a fixed
     half hour, which would also cut off a worker that waits for slower sites in a run of long rounds."""
-    assert worker.run_idle_limit(protocol.encode(protocol.Hello()), 1800.0)[0] == 1800.0  # no limit given
+    assert worker.run_idle_limit(protocol.Hello(), 1800.0)[0] == 1800.0  # no limit given
     round_ = protocol.Round(0, np.zeros(1, dtype=np.float32), validate=False, train=True, timeout_s=3000.0)
-    limit, why = worker.run_idle_limit(protocol.encode(round_), 1800.0)
+    limit, why = worker.run_idle_limit(round_, 1800.0)
     assert limit == 6000.0 + worker.RUN_MARGIN_S and "twice the coordinator's reply limit of 3000 s" in why
     site_dir = tmp_path / "site"
     script = SLOW_WORKER.replace("worker.serve(", "worker.RUN_MARGIN_S = 0.5\nworker.serve(")

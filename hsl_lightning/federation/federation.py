@@ -263,7 +263,7 @@ class Federation:
 
     def _rounds(self, run: RankRun, module, ckpt_path: str | None, start: float, phases: RoundPhases) -> dict | None:
         state = self._start_state(run, ckpt_path)
-        report = phases.start(self, run, state)
+        report = phases.start(run, state)
         for r in range(state.rounds_done, self.rounds):
             if self._patience_spent(state, r):
                 break
@@ -363,22 +363,21 @@ class Federation:
         return RankState.restore(saved, run.packer, run.device)
 
     def add_contribution(self, run: RankRun, state: RankState, message: RoundMessage, merge, t: int,
-                   outcome: Outcome | Exception, losses: torch.Tensor, r: int) -> None:
+                         outcome: Outcome | Exception, losses: torch.Tensor, r: int) -> None:
         """Add trainee t's outcome of round r to the message and keep what stays with it; or report
         its failure (which stops the run unless ``min_nodes`` lets it drop out of the round)."""
         if isinstance(outcome, Exception):
             self.failed(f"node {run.label(t)}", outcome, r)
             merge.dropped(t)
             return
+        # DP: every node weighs 1 (normalised like the others under secure aggregation)
         weight = (1.0 / (len(run.plan) if run.secure else 1)) if self.privacy is not None else run.weight(t)
-        if run.secure:  # its part of the message on its own, as fixed-point integers (federation/fixedpoint.py)
-            own = RoundMessage(run.layout, message.vector.device)
-            merge.contribute(own, t, outcome.state, weight)
-            own.add(t, weight, outcome.extra)
-            message.add_fixed(fixedpoint.quantise(own.vector, len(run.plan), f"node {run.label(t)}", r + 1))
-        else:
-            merge.contribute(message, t, outcome.state, weight)  # DP: every node weighs 1
-            message.add(t, weight, outcome.extra)
+        # under secure aggregation its part of the message on its own, then as fixed-point integers
+        target = RoundMessage(run.layout, message.vector.device) if run.secure else message
+        merge.contribute(target, t, outcome.state, weight)
+        target.add(t, weight, outcome.extra)
+        if run.secure:
+            message.add_fixed(fixedpoint.quantise(target.vector, len(run.plan), f"node {run.label(t)}", r + 1))
         trainee = state.trainees[t]
         trainee.local = clone_state({k: outcome.state[k] for k in run.local_keys})
         if outcome.personal is not None:

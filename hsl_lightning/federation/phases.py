@@ -42,7 +42,7 @@ class RoundPhases:
 
     trains_here = True
 
-    def start(self, federation, run, state) -> Reporter:
+    def start(self, run, state) -> Reporter:
         """Before the first round (of this process: also after a resume): the run's reporter."""
         raise NotImplementedError
 
@@ -77,7 +77,8 @@ class RankPhases(RoundPhases):
         self.federation = federation
         self.trainer = None
 
-    def start(self, federation, run, state) -> Reporter:
+    def start(self, run, state) -> Reporter:
+        federation = self.federation
         if federation.fuse_institutions:
             self.trainer = FusedRounds(federation, run)
         elif run.workers is not None:

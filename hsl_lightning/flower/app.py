@@ -128,18 +128,11 @@ def _answer(request, context: Context):
         from hsl_lightning.flower.approval import check_run
 
         check_run(context.node_config, context.run_config, setup["name"], setup.get("data_config"))
-    if not persistent:
-        from hsl_lightning.flower.site import Site, answer
-
-        site = _IN_PROCESS.get("site")
-        if site is None or getattr(site, "setup_key", None) != setup:
-            site = Site(setup["config"], setup["node"], setup["site_dir"], setup.get("data_config"), setup.get("name"),
-                        setup.get("node_key"), setup.get("roster"))
-            site.setup_key = setup
-            _IN_PROCESS["site"] = site
-        return answer(site, request)
     from hsl_lightning.flower import worker
 
+    if not persistent:  # the worker's own handling, in this process
+        _IN_PROCESS["site"], reply = worker.handle(_IN_PROCESS.get("site"), setup, request)
+        return reply
     return protocol.decode(*worker.call(site_dir, setup, protocol.encode(request)))
 
 
@@ -187,18 +180,15 @@ class FlowerSites(Sites):
         self.bytes_sent, self.bytes_received, self.exchanges = 0, 0, 0
 
     def _push(self, requests: dict[int, object], timeout_s: float) -> dict[str, int]:
-        messages = []
-        for payload in requests.values():
+        """Push one message per Flower node id; their message ids -> node ids."""
+        built = []
+        for node_id, payload in requests.items():
             content = encode(payload)
             self.bytes_sent += nbytes(content)
             # Flower's own expiry comes after ours, so that a silent site is reported as such, not as an expired message
-            messages.append((content, str(getattr(payload, "completed", 0))))
-        out = {}
-        built = [Message(content, node_id, MessageType.QUERY, ttl=timeout_s + 600, group_id=group)
-                 for node_id, (content, group) in zip(requests, messages)]
-        for node_id, message_id in zip(requests, self.grid.push_messages(built)):
-            out[message_id] = node_id
-        return out
+            built.append(Message(content, node_id, MessageType.QUERY, ttl=timeout_s + 600,
+                                 group_id=str(getattr(payload, "completed", 0))))
+        return dict(zip(self.grid.push_messages(built), requests))
 
     def _pull(self, ids: dict[str, int], timeout_s: float) -> dict[int, object]:
         replies, pushed, deadline = {}, time.time(), time.monotonic() + timeout_s

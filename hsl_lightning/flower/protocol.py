@@ -30,7 +30,6 @@ import dataclasses
 import json
 import pickle
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -231,7 +230,6 @@ class Failure:
 REQUESTS = (Hello, Keys, Round, Recover, Finish, Stop)
 REPLIES = (HelloReply, KeysReply, RoundReply, Recovered, FinishReply, Stopped, Failure)
 _KINDS = {cls.__name__: cls for cls in REQUESTS + REPLIES}
-Message = Any  # one of REQUESTS or REPLIES
 
 
 # ---------------------------------------------------------------------- the encoding
@@ -285,8 +283,3 @@ def from_bytes(data: bytes):
     """The message :func:`to_bytes` wrote."""
     header, arrays = pickle.loads(data)  # noqa: S301 - our own bytes, in process
     return decode(header, arrays)
-
-
-def nbytes(header: str, arrays: dict[str, np.ndarray]) -> int:
-    """The bytes an encoded message carries: its arrays and its JSON header (a transport's framing aside)."""
-    return sum(a.nbytes for a in arrays.values()) + len(header)

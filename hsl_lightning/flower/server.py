@@ -178,10 +178,14 @@ class SitePhases(RoundPhases):
             fabric = Fabric(accelerator="cpu", devices=1, precision=fed.precision)
             fed.summary = fed.run_rounds(fabric, model, dm, run_dir, ckpt_path, self)
         except BaseException as exc:
-            self.stop_sites(set(range(self.sites.count)) - set(self.dead), _reason(exc))
+            self.stop_sites(set(self.live()), _reason(exc))
             raise
         fed.last_run_dir = run_dir
         return fed.summary
+
+    def live(self) -> list[int]:
+        """The sites still in the run, in hospital order."""
+        return [i for i in range(self.sites.count) if i not in self.dead]
 
     def stop_sites(self, which: set[int], reason: str) -> None:
         """Tell sites ``which`` that the run has ended for them and why (best effort: a site that
@@ -194,7 +198,8 @@ class SitePhases(RoundPhases):
             print(f"hsl: could not tell the sites that the run stopped: {exc}", flush=True)
 
     # ------------------------------------------------------------------ the phases
-    def start(self, federation, run, state) -> Reporter:
+    def start(self, run, state) -> Reporter:
+        federation = self.federation
         if len(run.plan) != self.sites.count:
             raise HSLError(f"Strategy '{federation.strategy.name}' trains {len(run.plan)} model(s) for "
                            f"{self.sites.count} sites; a deployment needs one per site.")
@@ -208,7 +213,7 @@ class SitePhases(RoundPhases):
         encrypted shares of its secrets (:mod:`~hsl_lightning.flower.secagg`)."""
         from hsl_lightning.flower.secagg import CoordinatorMasks
 
-        live = [i for i in range(self.sites.count) if i not in self.dead]
+        live = self.live()
         missing = [self.site_label(i) for i in live if i not in self.adverts]
         if missing:
             raise HSLError(f"Secure aggregation is on, but {', '.join(missing)} announced no mask key (an older "
@@ -243,7 +248,7 @@ class SitePhases(RoundPhases):
         timeout, why = self.timeouts.limit(self.slowest_s)
         request = Round(completed, compact(state.merged.cpu()), validate, train, self._keep(state),
                         self._extras_of(run, completed), timeout, total_weight=run.total_weight if run.secure else None)
-        live = [i for i in range(self.sites.count) if i not in self.dead]
+        live = self.live()
         requests = {i: request for i in live}
         if self.masks is not None and train:  # each site's own shares, and who takes part in the masked sum
             requests = {i: replace(request, secagg=self.masks.request_field(i, live)) for i in live}
@@ -390,7 +395,7 @@ class SitePhases(RoundPhases):
         info = {"round": best.round + 1, "strategy": run.strategy.name, "seed": self.federation.seed,
                 "run": str(run.run_dir), "nodes": list(run.names)}
         request = Finish(best.round + 1, compact(best.merged.cpu()), not report.one_model, info)
-        replies = self._ask({i: request for i in range(self.sites.count) if i not in self.dead},
+        replies = self._ask({i: request for i in self.live()},
                             *self.timeouts.limit(self.slowest_s))
         test, aucs, rows = [], [], torch.zeros(len(run.names), 2 * len(GRID) + 2, dtype=torch.float64)
         keys = METRICS + (("pool_auc",) if run.dm.test_pool is not None else ())

@@ -249,10 +249,6 @@ class Site:
         if isinstance(request, Finish):
             return self.finish(request.completed, merged, request.write_weights, request.info)
         extras = None if request.extras is None else torch.as_tensor(request.extras)
-        if self.run.secure and request.train and not request.secagg:
-            raise HSLError(f"Site {self.name}: the run sums its contributions securely, but the coordinator's request "
-                           f"for round {request.completed + 1} carries no masking: this site never sends its "
-                           "contribution in the clear.")
         if request.total_weight is not None:  # this site holds only its own data: the run's total is the coordinator's
             told, own = float(request.total_weight), self.federation.strategy.weight(self.run.n_train[self.node])
             if (self.run.told_total_weight not in (None, told)) or told < own:
@@ -264,9 +260,8 @@ class Site:
             self.masks.check_round(request.completed + 1, [int(a) for a in request.secagg["active"]],
                                    int(request.secagg["threshold"]))
             self.masks.receive(request.completed + 1, request.secagg.get("inbox") or {})
-        reply = self.round(request.completed, merged, extras, request.validate, request.train,
-                           [int(k) for k in request.keep], request.secagg)
-        return reply
+        return self.round(request.completed, merged, extras, request.validate, request.train,
+                          [int(k) for k in request.keep], request.secagg)
 
     def round(self, completed: int, merged: torch.Tensor, extras: torch.Tensor | None, validate: bool,
               train: bool, keep: list[int], secagg: dict | None = None) -> RoundReply:
@@ -274,6 +269,10 @@ class Site:
         ``completed + 1`` from it (``train``). ``extras``: round ``completed``'s summed strategy
         vectors, which the strategy's ``after_round`` reads before training (SCAFFOLD's server control variate)."""
         fed, run = self.federation, self.run
+        if run.secure and train and not secagg:  # checked before anything is loaded or trained
+            raise HSLError(f"Site {self.name}: the run sums its contributions securely, but the coordinator's request "
+                           f"for round {completed + 1} carries no masking: this site never sends its contribution "
+                           "in the clear.")
         state = self._load(completed, merged)
         if extras is not None and completed > 0 and run.layout.extras:
             fed.strategy.after_round(extras.to(run.device), len(run.plan))
@@ -298,8 +297,6 @@ class Site:
         message.traffic.fill_(fed.strategy.traffic(run.module))
         self._save(completed + 1, state, keep)
         if run.secure:  # its quantised contribution (federation/fixedpoint.py), always masked (flower/secagg.py)
-            if secagg is None:
-                raise HSLError(f"Site {self.name}: round {completed + 1} has no masking; refused.")
             masking, round_no, active = time.perf_counter(), completed + 1, [int(a) for a in secagg["active"]]
             reply.fixed = self.masks.mask(message.fixed.cpu().numpy().view(np.uint64), round_no, active)
             reply.seeds = self.masks.reveal_seeds(round_no, active)

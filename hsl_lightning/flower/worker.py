@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import secrets
 import signal
@@ -90,7 +89,7 @@ def call(site_dir: str | Path, setup: dict, request: tuple) -> tuple:
     process's SuperNode (:func:`supernode_pid`) and stops when that is gone."""
     site_dir = Path(site_dir)
     conn = _connect(site_dir, 0, None)
-    if conn is None and _action(request) == "stop":
+    if conn is None and isinstance(protocol.decode(*request), protocol.Stop):
         return protocol.encode(protocol.Stopped(False))  # no worker to stop: never start one for it
     if conn is None:
         site_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +123,7 @@ def handle(site, setup: dict, request):
             traceback.print_exc()
             name = setup.get("name") or f"site{setup.get('node')}"
             return None, protocol.Failure(f"Site {name}: {type(exc).__name__}: {exc} (traceback in the site's "
-                                          "worker.log)", node=setup.get("node"))
+                                          "log)", node=setup.get("node"))
     return site, answer(site, request)
 
 
@@ -313,34 +312,36 @@ def _accept(listener: socket.socket, key: bytes) -> Connection | None:
     return conn
 
 
-def _action(request: tuple) -> str | None:
-    """What an encoded request asks: "hello", "round", "finish" or "stop" (its kind, read from its header)."""
-    try:
-        return str(json.loads(request[0]).get("kind", "")).lower() or None
-    except (TypeError, ValueError, IndexError, AttributeError):
-        return None
-
-
-def _stopped_by_coordinator(request: tuple) -> str:
-    """Why the coordinator stopped the run, from an encoded Stop (``reason``, ``completed``), for the log."""
-    stop = protocol.decode(*request)
-    return f"the coordinator stopped the run: {stop.reason or 'no reason given'} (rounds completed: {stop.completed})"
-
-
-def run_idle_limit(request: tuple, idle_s: float) -> tuple[float, str]:
-    """The idle limit after answering ``request`` (encoded), and why: twice the coordinator's own reply
-    limit for it plus a minute, when the request says it (a :class:`~.protocol.Round`'s ``timeout_s``:
-    the next request comes within that unless the run has ended, stopped with ``flwr stop`` or lost its
-    coordinator), else ``idle_s``. A run of long rounds thus never loses a worker that waits for slower sites."""
-    try:
-        limit = json.loads(request[0]).get("timeout_s")
-    except (TypeError, ValueError, IndexError, AttributeError):
-        limit = None
+def run_idle_limit(request, idle_s: float) -> tuple[float, str]:
+    """The idle limit after answering ``request`` (a protocol message), and why: twice the
+    coordinator's own reply limit for it plus a margin, when the request says it (a
+    :class:`~.protocol.Round`'s ``timeout_s``: the next request comes within that unless the run has
+    ended, stopped with ``flwr stop`` or lost its coordinator), else ``idle_s``. A run of long rounds
+    thus never loses a worker that waits for slower sites."""
+    limit = getattr(request, "timeout_s", None)
     if not isinstance(limit, (int, float)) or limit <= 0:
         return idle_s, f"{idle_s:g} s"
     run_limit = 2 * float(limit) + RUN_MARGIN_S
     return run_limit, (f"{run_limit:g} s, twice the coordinator's reply limit of {float(limit):g} s and "
                        f"{RUN_MARGIN_S:g} s")
+
+
+def _answer(site, message: dict, handler, idle_s: float, stop: dict):
+    """One received ``{"setup", "request"}``: (the site, the encoded reply, the idle limit after it);
+    a Stop or the run's Finish also says in ``stop`` why the worker ends."""
+    try:
+        request = protocol.decode(*message["request"])
+        if isinstance(request, protocol.Stop):  # the run failed or was stopped: free the site's memory now
+            stop["why"] = (f"the coordinator stopped the run: {request.reason or 'no reason given'} (rounds "
+                           f"completed: {request.completed})")
+            return site, protocol.encode(protocol.Stopped(True)), None
+        site, answered = handler(site, message["setup"], request)
+    except Exception as exc:  # noqa: BLE001 - a request the protocol refuses: one line back
+        return site, protocol.encode(protocol.Failure(f"the site's worker could not read the request: {exc}")), \
+            run_idle_limit(None, idle_s)
+    if isinstance(request, protocol.Finish):
+        stop["why"] = "the run finished"
+    return site, protocol.encode(answered), run_idle_limit(request, idle_s)
 
 
 def _loop(listener: socket.socket, key: bytes, idle_s: float, handler, stop: dict) -> None:
@@ -359,19 +360,8 @@ def _loop(listener: socket.socket, key: bytes, idle_s: float, handler, stop: dic
                 message = conn.recv()
             except (EOFError, OSError):
                 continue
-            request = message["request"]
-            if _action(request) == "stop":  # the run failed or was stopped: free the site's memory now
-                reply = protocol.encode(protocol.Stopped(True))
-                stop["why"] = _stopped_by_coordinator(request)
-            else:
-                try:
-                    site, answered = handler(site, message["setup"], protocol.decode(*request))
-                except Exception as exc:  # noqa: BLE001 - a request the protocol refuses: one line back
-                    answered = protocol.Failure(f"the site's worker could not read the request: {exc}")
-                reply = protocol.encode(answered)
-                if _action(request) == "finish":
-                    stop["why"] = "the run finished"
-                limit = run_idle_limit(request, idle_s)
+            site, reply, after = _answer(site, message, handler, idle_s, stop)
+            limit = after or limit
             try:
                 conn.send(reply)
             except OSError as exc:
