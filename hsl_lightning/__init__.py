@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # The public classes, imported on first use (PEP 562): ``import hsl_lightning.errors`` or a Flower
 # ClientApp that only forwards messages must not pay for torch, Lightning and timm.
 _LAZY = {
-    **dict.fromkeys(["ExternalSite", "FederatedDataModule", "ImageFolders", "MedMNIST", "Scenario", "SyntheticAnchor",
+    **dict.fromkeys(["DicomFolders", "ExternalSite", "FederatedDataModule", "ImageFolders", "MedMNIST", "Scenario", "SyntheticAnchor",
                      "SyntheticLesions"], "hsl_lightning.data"),
     "Federation": "hsl_lightning.federation",
     "DifferentialPrivacy": "hsl_lightning.federation.privacy",

@@ -5,7 +5,8 @@ sections, ``model`` (a LightningModule: HSLModule by default), ``data`` (Federat
 and ``federation`` (the Federation: strategy, rounds, devices, logging), and runs the
 federation. Several ``--config`` files compose left to right (dataset + scenario + method);
 any key can be overridden on the command line, e.g. ``--model.init_args.backbone resnet34``.
-``hsl test --run RUN_DIR`` scores a finished run's deployed model(s) on any data configuration;
+``hsl check --config ...`` reads and transforms every image of a data config before any round and reports every
+problem; ``hsl test --run RUN_DIR`` scores a finished run's deployed model(s) on any data configuration;
 ``hsl predict --run RUN_DIR --images PATH...`` writes a probability per image; ``hsl strategies``
 lists the strategies; ``hsl benchmark --config GRID`` runs a benchmark grid; ``hsl embed RUN_DIR
 ...`` draws and measures how homogeneous trained runs make the nodes; ``hsl compare RUN_A RUN_B`` checks two runs
@@ -38,6 +39,7 @@ def __getattr__(name: str):
 
 SUBCOMMANDS = {
     "fit": "train a federation from a config (hsl fit --config configs/quickstart.yaml)",
+    "check": "check a site's data before any round: every file read and transformed (hsl check --config F)",
     "test": "score a finished run's deployed model(s) on any data config, e.g. a new site (hsl test --run DIR)",
     "predict": "write a probability and label per image file (hsl predict --run DIR --images PATH... --out F.csv)",
     "strategies": "list the federated strategies and what each does",
@@ -85,6 +87,39 @@ def _run_data(run: str, argv: list[str]):
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
         cli = HSLCLI(args=["--config", str(config), *argv], run=False)
     return cli.datamodule
+
+
+def check(argv: list[str]) -> None:
+    """``hsl check``: read and transform every image of a data config, report every problem, exit 1 on one."""
+    import argparse
+    import json
+    import warnings
+
+    from hsl_lightning.config import HSLCLI
+    from hsl_lightning.data.check import check as run_check
+    from hsl_lightning.data.check import exit_code, format_report
+
+    parser = argparse.ArgumentParser(prog="hsl check", description=(
+        "Check a site's data before any round: every file is read (unreadable files named, duplicates within and "
+        "across splits found by content at full depth, empty and one-class splits, sizes, bit depths, channels) and "
+        "every image goes through the training transform. Exits 1 when it finds a problem, 2 on a config error."),
+        epilog="Any other option (--config FILE, --data.KEY VALUE) is read as by hsl fit; a site's data config alone "
+               "is enough.")
+    parser.add_argument("--json", help="also write the report to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, rest = parser.parse_known_args(argv)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        cli = HSLCLI(args=rest, run=False)
+    report = run_check(cli.datamodule, progress=not args.no_progress)
+    print(format_report(report))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    code = exit_code(report)
+    if code:
+        sys.exit(code)
 
 
 def test(argv: list[str]) -> None:
@@ -282,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help", "help"):
         print_help()
         return
-    commands = {"strategies": strategies, "benchmark": benchmark, "embed": embed, "test": test, "predict": predict,
+    commands = {"check": check, "strategies": strategies, "benchmark": benchmark, "embed": embed, "test": test, "predict": predict,
                 "flower": flower, "compare": compare}
     try:
         if args[0] in commands:

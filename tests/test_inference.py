@@ -164,14 +164,14 @@ def test_predict_needs_a_node_when_each_node_has_its_own_model(fedbn_run, tmp_pa
 def test_help_lists_every_subcommand_and_each_has_its_own_help(capsys):
     main(["--help"])
     listed = capsys.readouterr().out
-    for name in ("fit", "test", "predict", "strategies", "benchmark", "embed", "compare"):
+    for name in ("fit", "check", "test", "predict", "strategies", "benchmark", "embed", "compare"):
         assert f"  {name} " in listed
         with pytest.raises(SystemExit) as exc:
             main([name, "--help"])
         assert exc.value.code == 0, name
         assert "usage" in capsys.readouterr().out.lower()
     # hsl flower (the flower extra) has subcommands of its own (hsl flower keys --help), not checked here
-    assert set(SUBCOMMANDS) == {"fit", "test", "predict", "strategies", "benchmark", "embed", "flower", "compare"}
+    assert set(SUBCOMMANDS) == {"fit", "check", "test", "predict", "strategies", "benchmark", "embed", "flower", "compare"}
     with pytest.raises(SystemExit) as exc:
         main(["tset"])
     assert exc.value.code == 2 and "Did you mean: test" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from hsl_lightning.data.base import SPLITS, HostedElsewhere, ImageSet, Source, harmonize
+from hsl_lightning.data.base import SPLITS, HostedElsewhere, ImageSet, Source, harmonize, unit
 from hsl_lightning.data.heterogeneity import Acquisition, ExternalSite, Scenario, partition, stratified_split
 from hsl_lightning.data.sampling import eval_loader, paired_loader, prepare_batch, site_loader
 from hsl_lightning.data.synthetic import SyntheticAnchor, SyntheticLesions
@@ -120,6 +120,10 @@ class FederatedDataModule(L.LightningDataModule):
     def in_chans(self) -> int:
         """The primary task's image channels (1 grey, 3 RGB)."""
         return self.primary.channels
+
+    def reading(self) -> dict | None:
+        """How the primary source decodes a file, for the deployed checkpoints (None: not a file source)."""
+        return self.primary.reading() if hasattr(self.primary, "reading") else None
 
     @property
     def uses_sat(self) -> bool:
@@ -320,7 +324,7 @@ class FederatedDataModule(L.LightningDataModule):
             return None
         g = torch.Generator().manual_seed(self.seed + 104729)
         idx = torch.randperm(len(self.sat_eval), generator=g)[:k]
-        return self.sat_eval.images[idx].float() / 255
+        return unit(self.sat_eval.images[idx])
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Under a ``lightning.Trainer``: apply the batch's augmentation on its device (see sampling)."""
@@ -346,6 +350,8 @@ class FederatedDataModule(L.LightningDataModule):
                 row[f"n_{s}"], row[f"pos_{s}"] = len(n.split(s)), n.split(s).positives
             row["n_sat"] = int(len(n.sat_index))
             row["acquisition"] = vars(n.acquisition)
+            if self.reading() is not None:  # how its files were decoded (a deployment's model.ckpt takes it from here)
+                row["reading"] = self.reading()
             rows.append(row)
         if self.external_data is not None:
             rows.append({"name": self.external.name, "external": True, "n_test": len(self.external_data),

@@ -1,35 +1,41 @@
-"""Real institutions' images on disk: ``root/<node>/<split>/<label>/*.png|jpg``.
+"""Real institutions' images on disk: ``root/<node>/<split>/<label>/*.png|jpg`` (or a CSV, see
+:mod:`hsl_lightning.data.files`).
 
 Each sub-folder of ``root`` is one institution with ``train`` and ``test`` folders (``val`` is
 optional: when absent, a stratified ``val_fraction`` of train is held out). Label folders are
 ``0`` and ``1``, or any names with ``positive`` naming the positive one. Images are decoded
-once, converted to ``channels`` and resized to ``size`` px, and kept as tensors. 16-bit images are
-scaled to 8 bits (65535 -> 255); 32-bit integer and float images are refused (their range is not
-known). The same image in two splits of one institution (an export that leaks test images into
-training) is an error unless ``allow_duplicates`` is set.
+once, converted to ``channels`` and resized to ``size`` px, and kept as tensors.
+
+Depth: 8-bit images are kept as read. 16-bit images (PNG, TIFF) keep their depth: their values are
+scaled to [0, 1] by ``depth`` (the bits stored, e.g. 12 for an X-ray exported as 16-bit PNG) or by
+``window`` ``[low, high]`` (values outside are clipped); with the default ``depth: auto`` each
+institution's rule is the smallest of 8, 10, 12, 14 or 16 bits that holds its largest value (a
+12-bit export whose brightest pixel is 4095 is read as 12-bit). Nothing is rounded to 8 bits.
+32-bit integer and float images are refused (their range is not declared). The same image in two
+splits of one institution (an export that leaks test images into training) is an error unless
+``allow_duplicates`` is set.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from hsl_lightning.data.base import ImageSet, Source, harmonize
-from hsl_lightning.data.heterogeneity import stratified_split
+from hsl_lightning.data.files import Decoded, FileSource, Problem, SplitFiles, Unreadable, digest_of
 from hsl_lightning.errors import HSLError
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+AUTO_BITS = (8, 10, 12, 14, 16)
 
 
-class ImageFolders(Source):
+class ImageFolders(FileSource):
     """Per-institution image folders: ``root/<node>/<train|val|test>/<label>/*.png`` (see the module docstring).
 
     Args:
         root: the folder holding one sub-folder per institution.
+        csv: a CSV of ``path,label,split[,node]`` instead of folders.
         channels: 1 (grey) or 3 (RGB): every image is converted to it.
         size: resize every image to ``size`` x ``size`` px (default: keep the files' size; a split's
             images must then all agree).
@@ -40,115 +46,72 @@ class ImageFolders(Source):
         nodes: the institutions' folder names, in the federation's order (default: every folder
             under ``root``, sorted). In a deployment every site lists them all and its ``root``
             holds only its own folder: the others are built at their sites.
+        depth: the bits stored in 16-bit images (8 to 16), or ``auto`` (per institution, see the module
+            docstring).
+        window: ``[low, high]``: the 16-bit values that stand for black and white (instead of ``depth``).
     """
 
-    per_node = True
+    extensions = frozenset(EXTENSIONS)
+    kind = "image"
 
-    def __init__(self, root: str, channels: int = 1, size: int | None = None, positive: str | None = None,
+    def __init__(self, root: str | None = None, channels: int = 1, size: int | None = None, positive: str | None = None,
                  val_fraction: float = 0.2, seed: int = 0, allow_duplicates: bool = False,
-                 nodes: list[str] | None = None):
-        if channels not in (1, 3):
-            raise HSLError(f"ImageFolders channels must be 1 or 3, got {channels}.")
-        if nodes is not None and (not nodes or len(set(nodes)) != len(nodes) or not all(isinstance(n, str) for n in nodes)):
-            raise HSLError(f"ImageFolders nodes must be distinct folder names, got {nodes}.")
-        self.root, self.channels, self.size, self.positive = root, channels, size, positive
-        self.val_fraction, self.seed, self.allow_duplicates = val_fraction, seed, allow_duplicates
-        self.nodes = None if nodes is None else list(nodes)
+                 nodes: list[str] | None = None, csv: str | None = None, depth: int | str = "auto",
+                 window: list[float] | None = None):
+        super().__init__(root=root, csv=csv, channels=channels, size=size, positive=positive,
+                         val_fraction=val_fraction, seed=seed, allow_duplicates=allow_duplicates, nodes=nodes)
+        if depth != "auto" and not (isinstance(depth, int) and 8 <= depth <= 16):
+            raise HSLError(f"ImageFolders depth must be 'auto' or the bits stored, 8 to 16; got {depth!r}.")
+        if window is not None and (len(window) != 2 or not window[0] < window[1]):
+            raise HSLError(f"ImageFolders window must be [low, high] with low < high, got {window}.")
+        self.depth, self.window = depth, None if window is None else [float(v) for v in window]
 
-    def describe(self) -> str:
-        return f"image folders under {self.root}"
+    def reading_args(self) -> dict:
+        return {"depth": self.depth, "window": self.window}
 
-    def _label_of(self, folder: Path) -> int:
-        if self.positive is not None:
-            return int(folder.name == self.positive)
-        if folder.name not in ("0", "1"):
-            raise HSLError(f"Label folder {folder} is neither '0' nor '1'. Name label folders 0 and 1, or set "
-                           "positive: <folder name of the positive class>.")
-        return int(folder.name)
-
-    def _read(self, path: Path) -> np.ndarray:
+    def decode(self, path: Path) -> Decoded:
         try:
             with Image.open(path) as im:
-                if im.mode.startswith("I;16"):  # 16-bit grey: PIL's convert("L") would clip at 255
-                    wide = np.asarray(im).astype(np.float64)
-                    grey = np.round(wide / 257).astype(np.uint8)
-                    return grey if self.channels == 1 else np.repeat(grey[..., None], 3, axis=2)
+                if im.mode.startswith("I;16"):
+                    wide = np.asarray(im).astype(np.uint16)  # big- or little-endian as stored -> native
+                    bits = 16 if self.depth == "auto" else self.depth
+                    decoded = Decoded(wide, bits, 1, digest_of(wide), full_scale=None)
+                    if self.window is not None:
+                        decoded.offset, decoded.full_scale = self.window[0], self.window[1] - self.window[0]
+                    return decoded
                 if im.mode in ("I", "F"):
-                    raise HSLError(f"Image {path} holds {'32-bit integer' if im.mode == 'I' else 'float'} pixels, "
-                                   "whose range cannot be mapped to 8 bits safely; export 8- or 16-bit PNGs.")
-                return np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise HSLError(f"Cannot read image {path}: {exc}.") from exc
+                    raise Unreadable(f"holds {'32-bit integer' if im.mode == 'I' else 'float'} pixels, whose range is "
+                                     "not declared; export 8- or 16-bit PNGs")
+                original, colour = np.asarray(im), False
+                if im.mode not in ("1", "L", "LA"):  # a grey image saved as RGB (or a grey palette) is grey
+                    rgb = np.asarray(im.convert("RGB"))
+                    colour = not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+                array = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))  # PIL's luma for colour -> grey
+                return Decoded(array, 8, 1 if im.mode in ("1", "L", "LA", "P") and not colour else 3,
+                               digest_of(original), colour=colour)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise Unreadable(f"cannot read it: {exc}") from exc
 
-    def _load_split(self, folder: Path) -> tuple[ImageSet, list[Path]]:
-        """The split's images and labels, and the file each image came from."""
-        images, labels, files = [], [], []
-        for label_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            y = self._label_of(label_dir)
-            for f in sorted(label_dir.iterdir()):
-                if f.suffix.lower() in EXTENSIONS:
-                    a = self._read(f)
-                    x = torch.from_numpy(a.copy()).unsqueeze(0) if a.ndim == 2 else torch.from_numpy(a.copy()).permute(2, 0, 1)
-                    if self.size is not None:
-                        x = harmonize(x.unsqueeze(0), self.channels, self.size)[0]
-                    elif images and x.shape != images[0].shape:
-                        raise HSLError(f"{f} is {tuple(x.shape[1:])} px but {folder} also holds "
-                                       f"{tuple(images[0].shape[1:])} px images. Set size: N to resize all to N x N.")
-                    images.append(x)
-                    labels.append(y)
-                    files.append(f)
-        if not images:
-            raise HSLError(f"No images ({', '.join(sorted(EXTENSIONS))}) under {folder}/<label>/.")
-        return ImageSet(torch.stack(images), torch.tensor(labels)), files
-
-    def load(self, root: str | None = None) -> dict:
-        base = Path(self.root).expanduser()
-        if not base.is_dir():
-            raise HSLError(f"Image folder root not found: {base}. Expected {base}/<node>/<split>/<label>/*.png.")
-        if self.nodes is not None:  # the federation's list: folders absent here are built at other sites
-            nodes = [base / name for name in self.nodes]
-            if not any(node.is_dir() for node in nodes):
-                raise HSLError(f"{base} holds none of the node folders {self.nodes}. Expected "
-                               f"{base}/<node>/<split>/<label>/*.png for this site's own node.")
+    def full_scale(self, node: str, decoded: list[Decoded]) -> None:
+        wide = [d for d in decoded if d.full_scale is None]
+        if not wide:
+            return
+        if self.depth == "auto":
+            top = max(int(d.array.max()) for d in wide)
+            bits = next(b for b in AUTO_BITS if top <= 2 ** b - 1)
         else:
-            nodes = sorted(p for p in base.iterdir() if p.is_dir())
-        if not nodes:
-            raise HSLError(f"{base} holds no node folders. Expected {base}/<node>/<split>/<label>/*.png.")
-        out = {}
-        for node in nodes:
-            if not node.is_dir():
-                out[node.name] = None  # another site's
-                continue
-            for split in ("train", "test"):
-                if not (node / split).is_dir():
-                    raise HSLError(f"Node folder {node} has no '{split}' folder (needs train/ and test/, val/ optional).")
-            splits, files = {}, {}
-            for split in ("train", "test", "val"):
-                if split == "val" and not (node / "val").is_dir():
-                    continue
-                splits[split], files[split] = self._load_split(node / split)
-            if not self.allow_duplicates:
-                _check_no_leak(node, splits, files)
-            if "val" not in splits:
-                g = torch.Generator().manual_seed(self.seed)
-                keep, held = stratified_split(splits["train"].labels, (1 - self.val_fraction, self.val_fraction), g)
-                splits["val"] = splits["train"].subset(held)
-                splits["train"] = splits["train"].subset(keep)
-            out[node.name] = {s: splits[s] for s in ("train", "val", "test")}
-        return out
+            bits = self.depth
+        for d in wide:
+            d.full_scale, d.bits = float(2 ** bits - 1), bits
 
+    def node_problems(self, node: str, splits: dict[str, SplitFiles]) -> list[Problem]:
+        if self.depth == "auto" or self.window is not None:
+            return []
+        top = 2 ** self.depth - 1
+        over = [f"{f}: up to {int(d.array.max())}" for got in splits.values() for f, d in zip(got.files, got.decoded)
+                if d.array.dtype == np.uint16 and int(d.array.max()) > top]
+        if not over:
+            return []
+        return [Problem(node, None, f"{len(over)} image(s) hold values above the {self.depth}-bit range (0..{top}) "
+                        "that depth declares; set depth to the bits the export stores, or auto", over)]
 
-def _check_no_leak(node: Path, splits: dict[str, ImageSet], files: dict[str, list[Path]]) -> None:
-    """The same decoded image in two splits of one institution: test images seen in training."""
-    seen: dict[bytes, Path] = {}
-    for split in splits:
-        mine: dict[bytes, Path] = {}
-        for image, f in zip(splits[split].images, files[split]):
-            mine.setdefault(hashlib.sha1(image.numpy().tobytes()).digest(), f)
-        clashes = [(seen[h], f) for h, f in mine.items() if h in seen]
-        if clashes:
-            pairs = "; ".join(f"{a} = {b}" for a, b in clashes[:3])
-            raise HSLError(f"Institution {node.name} holds {len(clashes)} image(s) in more than one split ({pairs}"
-                           f"{' ...' if len(clashes) > 3 else ''}): its test or validation results would count "
-                           "images it trained on. Remove the copies, or set allow_duplicates: true.")
-        seen.update(mine)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hsl_lightning.data.base import stored, unit
 from hsl_lightning.errors import HSLError
 
 
@@ -47,10 +48,10 @@ class Acquisition:
         )
 
     def apply(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> uint8, the same shape."""
+        """Stored images (N, C, H, W), uint8 or uint16 -> the same dtype and shape."""
         if self == Acquisition():
             return images
-        x = images.float() / 255
+        x = unit(images)
         h, w = x.shape[-2:]
         if self.resolution < 1:
             small = (max(4, round(h * self.resolution)), max(4, round(w * self.resolution)))
@@ -64,7 +65,7 @@ class Acquisition:
             x = x * (1 + self.speckle * torch.randn(x.shape, generator=g))
         if self.noise > 0:
             x = x + self.noise * torch.randn(x.shape, generator=g)
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        return stored(x, images.dtype)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -3,7 +3,7 @@
 An epoch has max(len(primary), len(SAT)) pairs unless ``samples_per_epoch`` says otherwise.
 Primary samples are drawn with replacement with weights that give an expected 50/50 class
 ratio (the reference's rebalancing); the SAT side is not rebalanced: it is a permutation,
-topped up with random repeats when it is the shorter side. Images stay uint8 tensors in memory;
+topped up with random repeats when it is the shorter side. Images stay uint8 (or 16-bit) tensors in memory;
 a batch is gathered with one indexing operation.
 
 Augmentation is drawn in the loader but applied where the batch is trained: a training batch
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hsl_lightning.data.base import ImageSet
+from hsl_lightning.data.base import ImageSet, unit
 
 
 def resample(n: int, length: int, g: torch.Generator) -> torch.Tensor:
@@ -126,10 +126,6 @@ def prepare_batch(batch: dict) -> dict:
     return out
 
 
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div_(255)
-
-
 class PairedImages(Dataset):
     """Training data of one trainee: its primary images and (optionally) its SAT images.
 
@@ -148,10 +144,10 @@ class PairedImages(Dataset):
 
     def __getitems__(self, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         p = torch.tensor([i for i, _ in pairs])
-        batch = {"image": _to_float(self.primary.images[p]), "label": self.primary.labels[p], "node": self.origin[p]}
+        batch = {"image": unit(self.primary.images[p]), "label": self.primary.labels[p], "node": self.origin[p]}
         if self.sat is not None:
             s = torch.tensor([j for _, j in pairs])
-            batch["sat_image"], batch["sat_label"] = _to_float(self.sat.images[s]), self.sat.labels[s]
+            batch["sat_image"], batch["sat_label"] = unit(self.sat.images[s]), self.sat.labels[s]
         if self.augment:  # drawn here, in this order, applied by prepare_batch where the batch is trained
             for key in AUGMENTED:
                 if key in batch:
@@ -174,10 +170,10 @@ class EvalImages(Dataset):
 
     def __getitems__(self, index: list[int]) -> dict[str, torch.Tensor]:
         i = torch.tensor(index)
-        batch = {"image": _to_float(self.data.images[i]), "label": self.data.labels[i],
+        batch = {"image": unit(self.data.images[i]), "label": self.data.labels[i],
                  "node": torch.full((len(index),), self.node, dtype=torch.long)}
         if self.sat is not None and len(self.sat):
-            batch["sat_image"] = _to_float(self.sat.images[self.partner[i]])
+            batch["sat_image"] = unit(self.sat.images[self.partner[i]])
         return batch
 
 

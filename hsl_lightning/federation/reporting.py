@@ -173,7 +173,7 @@ class Reporter:
         node deploys the same model, else ``nodes/<name>.ckpt`` for each node this rank hosts (with its own)."""
         fed, run, run_dir = self.federation, self.run, self.run.run_dir
         info = {"round": best.round + 1, "strategy": run.strategy.name, "seed": fed.seed, "run": str(run_dir),
-                "image_size": run.dm.size, "in_chans": run.dm.in_chans, "nodes": list(run.names)}
+                "image_size": run.dm.size, "in_chans": run.dm.in_chans, "reader": run.dm.reading(), "nodes": list(run.names)}
         # torch.save inside, not fabric.save: the latter waits at a barrier that only some ranks would reach.
         if self.one_model:
             if self.rank0:

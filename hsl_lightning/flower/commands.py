@@ -177,6 +177,24 @@ def check_data(node_config: dict, site: str) -> None:
                        f"{', '.join(missing)}, which {'does' if len(missing) == 1 else 'do'} not exist on this machine.")
 
 
+def check_images(node_config: dict, site: str) -> None:
+    """``hsl check`` on the site's data config (``--check-only`` with a ``data-config``): every file read and
+    transformed, the report printed; its problems stop the SuperNode from being started."""
+    import warnings
+
+    from hsl_lightning.config import HSLCLI
+    from hsl_lightning.data.check import check, format_report
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        data = HSLCLI(args=["--config", str(Path(node_config["data-config"]).expanduser())], run=False).datamodule
+    report = check(data, progress=False)
+    print(format_report(report), flush=True)
+    if report["problems"]:
+        raise HSLError(f"Site {site}: hsl check found {len(report['problems'])} problem(s) in the data config's images "
+                       "(listed above); fix them before starting the SuperNode.")
+
+
 def with_mask_signing(text: str, node_config: dict, key: Path, site: str) -> str:
     """The node config with what secure aggregation needs: ``node-key`` (the node key, which signs the
     site's mask key: by default the one Flower authenticates it by) and ``consortium-keys`` (every
@@ -206,7 +224,8 @@ def supernode(argv: list[str]) -> None:
     parser.add_argument("--root-certificates", required=True, help="the consortium's CA certificate (ca.crt)")
     parser.add_argument("--auth-supernode-private-key", required=True, help="this site's node key")
     parser.add_argument("--node-config", required=True, help="e.g. 'node-index=0 site-dir=\"/srv/hsl\"'")
-    parser.add_argument("--check-only", action="store_true", help="run the checks, do not start the SuperNode")
+    parser.add_argument("--check-only", action="store_true", help="run the checks (with a data-config, hsl check on its "
+                        "images too), do not start the SuperNode")
     args, rest = parser.parse_known_args(argv)
     node_config = parse_node_config(args.node_config)
     if "node-index" not in node_config:
@@ -229,6 +248,8 @@ def supernode(argv: list[str]) -> None:
         print(f"hsl: site {site}: CA certificate, node key format, data config and TLS connection to "
               f"{args.superlink} are fine; the node key's registration is not verified.", flush=True)
     if args.check_only:
+        if node_config.get("data-config"):
+            check_images(node_config, site)
         return
     exe = shutil.which("flower-supernode")
     if exe is None:

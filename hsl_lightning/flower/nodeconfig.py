@@ -16,7 +16,7 @@ import yaml
 from hsl_lightning.errors import HSLError
 
 #: keys of a data config whose values are files or folders that must exist at the site
-PATH_KEYS = ("root", "path", "file", "folder")
+PATH_KEYS = ("root", "path", "file", "folder", "csv")
 
 
 def parse_node_config(text: str) -> dict:

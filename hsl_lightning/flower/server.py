@@ -83,6 +83,11 @@ class RemoteData:
         self.external = SimpleNamespace(name=external["name"]) if external else None
         self.external_data = _Split(external["n_test"], external["pos_test"]) if external else None
 
+    def reading(self) -> dict | None:
+        """How the sites decoded their files (from their reports), when they all did the same; else None."""
+        readings = [row.get("reading") for row in self.rows if "unavailable" not in row]
+        return readings[0] if readings and all(r == readings[0] for r in readings) else None
+
     def setup(self, stage: str | None = None) -> None:
         """Nothing to build: the images stay at the sites."""
 

@@ -330,6 +330,7 @@ class Site:
             threshold = youden(counts)
             path = self.site_dir / "nodes" / f"{run.names[self.node]}.ckpt"
             checkpoints.write(path, run.module, {**info, "image_size": self.dm.size, "in_chans": self.dm.in_chans,
+                                                 "reader": self.dm.reading(),
                                                  "node": run.names[self.node], "threshold": threshold})
             reply.weights = str(path)
         return reply

@@ -1,35 +1,37 @@
 """``hsl predict``: a probability per image file from a finished run's deployed model.
 
-Images (PNG, JPEG, BMP, TIFF; files, or folders searched recursively) are prepared exactly as
-training prepared its images: converted to the model's channel count, resized to the training
-size (bicubic, antialiased, kept as 8-bit), scaled to [0, 1]; the module normalises them itself.
+Images (PNG, JPEG, BMP, TIFF, or DICOM for a run trained on DICOM; files, or folders searched
+recursively) are prepared exactly as training prepared its images, by the source the checkpoint names
+(:func:`reader`): decoded at full depth and scaled by the training source's
+rule, converted to the model's channel count, resized to the training size (bicubic, antialiased),
+scaled to [0, 1]; the module normalises them itself.
 A file that cannot be read is reported by name and left out; every other image is still written.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from hsl_lightning.data.base import harmonize
-from hsl_lightning.data.folders import EXTENSIONS
+from hsl_lightning.data.base import unit
+from hsl_lightning.data.files import FileSource
+from hsl_lightning.data.folders import EXTENSIONS, ImageFolders
 from hsl_lightning.inference import checkpoints
 from hsl_lightning.errors import HSLError
 
 
-def image_files(paths: list[str | Path]) -> list[Path]:
+def image_files(paths: list[str | Path], extensions=EXTENSIONS) -> list[Path]:
     """The image files named, and those under the folders named (sorted), in the order given."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
             if not found:
-                raise HSLError(f"No images ({', '.join(sorted(EXTENSIONS))}) under {p}.")
+                raise HSLError(f"No images ({', '.join(sorted(extensions))}) under {p}.")
             files += found
         elif p.is_file():
             files.append(p)
@@ -38,16 +40,18 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def prepare(path: Path, channels: int, size: int) -> torch.Tensor:
-    """One file as training saw its images: uint8 (channels, size, size)."""
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise HSLError(f"cannot read {path}: {exc}") from exc
-    x = torch.from_numpy(array.copy())
-    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-    return harmonize(x.unsqueeze(0), channels, size)[0]
+def reader(reading: dict | None, channels: int) -> FileSource:
+    """The source that decodes loose files as a checkpoint's training did (:meth:`FileSource.reading`); without one
+    (a run on synthetic or MedMNIST data, or an older checkpoint), :class:`ImageFolders`' defaults."""
+    if not reading:
+        return ImageFolders(root=".", channels=channels)
+    module, _, name = reading["class_path"].rpartition(".")
+    if not module.startswith("hsl_lightning."):
+        raise HSLError(f"The checkpoint names a reader outside hsl_lightning ({reading['class_path']}); refusing it.")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, FileSource)):
+        raise HSLError(f"The checkpoint's reader {reading['class_path']} is not a file source.")
+    return cls(root=".", **reading["init_args"])
 
 
 def model_path(run_dir: str | Path, node: str | None) -> Path:
@@ -88,30 +92,25 @@ def predict(run_dir: str | Path, paths: list[str | Path], out: str | Path, node:
                        "predict with a model trained with sat_inference primary or reference.")
     channels, size, threshold = int(meta["in_chans"]), int(meta["image_size"]), float(meta["threshold"])
     site = _site(module, meta, node)
-    files = image_files(paths)
-    rows, errors = [], []
-    bar = tqdm(total=len(files), desc="hsl predict", unit="image", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(files), batch_size):
-        chunk, images = [], []
-        for f in files[start: start + batch_size]:
-            try:
-                images.append(prepare(f, channels, size))
-                chunk.append(f)
-            except HSLError as exc:
-                errors.append({"path": str(f), "error": str(exc)})
-                rows.append({"path": str(f), "probability": "", "label": "", "threshold": threshold,
-                             "model": node or "model", "error": str(exc)})
-        if images:
-            batch = torch.stack(images).float().div_(255)
-            if site is None:
-                probs = module.predict_proba(batch).tolist()
-            else:  # a split network: the images go through the chosen hospital's site part
-                module.eval()
-                tags = torch.full((len(batch),), site, dtype=torch.long)
-                probs = torch.sigmoid(module.primary_logits({"image": batch, "node": tags}).float()).tolist()
-            rows += [{"path": str(f), "probability": f"{p:.6f}", "label": int(p >= threshold), "threshold": threshold,
-                      "model": node or "model", "error": ""} for f, p in zip(chunk, probs)]
-        bar.update(len(files[start: start + batch_size]))
+    source = reader(meta.get("reader"), channels)
+    files = image_files(paths, source.extensions)
+    images, readable, unreadable = source.prepare(files, size)
+    rows = [{"path": f, "probability": "", "label": "", "threshold": threshold, "model": node or "model",
+             "error": f"cannot read {f}: {why}"} for f, why in unreadable.items()]
+    errors = [{"path": r["path"], "error": r["error"]} for r in rows]
+    bar = tqdm(total=len(images), desc="hsl predict", unit="image", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(images), batch_size):
+        chunk = readable[start: start + batch_size]
+        batch = unit(torch.stack(images[start: start + batch_size]))
+        if site is None:
+            probs = module.predict_proba(batch).tolist()
+        else:  # a split network: the images go through the chosen hospital's site part
+            module.eval()
+            tags = torch.full((len(batch),), site, dtype=torch.long)
+            probs = torch.sigmoid(module.primary_logits({"image": batch, "node": tags}).float()).tolist()
+        rows += [{"path": str(f), "probability": f"{p:.6f}", "label": int(p >= threshold), "threshold": threshold,
+                  "model": node or "model", "error": ""} for f, p in zip(chunk, probs)]
+        bar.update(len(chunk))
     bar.close()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
