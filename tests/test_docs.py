@@ -20,9 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 #: the classes whose documentation the configuration page renders as its key tables
-CONFIGURED = [hsl_lightning.Federation, hsl_lightning.DifferentialPrivacy, hsl_lightning.FederatedDataModule,
+from hsl_lightning.data.statistics import SiteStatistics  # noqa: E402
+
+CONFIGURED = [hsl_lightning.Federation, hsl_lightning.DifferentialPrivacy, SiteStatistics, hsl_lightning.FederatedDataModule,
               hsl_lightning.Scenario, hsl_lightning.ExternalSite, hsl_lightning.SyntheticLesions,
               hsl_lightning.SyntheticAnchor, hsl_lightning.MedMNIST, hsl_lightning.ImageFolders,
+              hsl_lightning.DicomFolders,
               hsl_lightning.HSLModule, hsl_lightning.ClassifierModule, hsl_lightning.SplitClassifier,
               hsl_lightning.FoundationProbe]
 

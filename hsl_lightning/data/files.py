@@ -400,6 +400,8 @@ class FileSource(Source):
 
     def load(self, root: str | None = None) -> dict:
         survey, self._kept = getattr(self, "_kept", None) or self.survey(root), None
+        self.facts = {name: {split: got.facts() for split, got in found.items()}  # sizes, depths: site statistics
+                      for name, found in survey.nodes.items() if found is not None}
         fatal = survey.fatal
         if fatal:
             raise HSLError(f"{self.describe()}: {len(fatal)} problem(s) before any training: "

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from lightning.fabric import Fabric
 
+from hsl_lightning.data.statistics import SiteStatistics
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation import checkpoint, fixedpoint
 from hsl_lightning.federation.concurrent import Workers
@@ -147,6 +148,7 @@ class Federation:
             weighted sum of the contributions (hsl, fedavg, swarm, fedprox, moon, fedbn's shared part,
             DP runs), off for the others; true: on, refusing the others; false: off. DP-FedAvg
             (``privacy``) needs it on: each site adds only its share of the noise.
+        statistics: site statistics before round 1 (:class:`~hsl_lightning.data.statistics.SiteStatistics`).
         num_nodes: the old, deprecated name of ``machines`` (it warns; given beside a ``machines``
             other than 1 and its own value, an error).
     """
@@ -179,6 +181,7 @@ class Federation:
         fuse_institutions: bool = False,
         cuda_graphs: bool = False,
         secure_aggregation: bool | None = None,
+        statistics: SiteStatistics | None = None,
         num_nodes: int | None = None,
     ):
         machines = machines_of(machines, num_nodes)
@@ -197,7 +200,7 @@ class Federation:
         self.val_every_n_rounds, self.patience, self.privacy, self.min_nodes = (val_every_n_rounds, patience, privacy,
                                                                                  min_nodes)
         check_deploy_round(deploy_round)
-        self.deploy_round = deploy_round
+        self.deploy_round, self.statistics = deploy_round, statistics
         self.fuse_institutions = fuse_institutions
         if fuse_institutions:
             self._check_fusable()
@@ -264,6 +267,8 @@ class Federation:
     def _rounds(self, run: RankRun, module, ckpt_path: str | None, start: float, phases: RoundPhases) -> dict | None:
         state = self._start_state(run, ckpt_path)
         report = phases.start(run, state)
+        if self.statistics is not None and state.rounds_done == 0:
+            report.statistics(phases.statistics(run, self.statistics))
         for r in range(state.rounds_done, self.rounds):
             if self._patience_spent(state, r):
                 break
@@ -489,7 +494,7 @@ class Federation:
                 "devices": self.devices, "machines": self.machines, "precision": self.precision, "seed": self.seed,
                 "checkpoint": self.checkpoint, "save_weights": self.save_weights, "min_nodes": self.min_nodes,
                 "val_every_n_rounds": self.val_every_n_rounds, "patience": self.patience,
-                "deploy_round": self.deploy_round,
+                "deploy_round": self.deploy_round, "statistics": self.statistics and vars(self.statistics),
                 "privacy": None if self.privacy is None else vars(self.privacy),
                 "concurrent_institutions": self.concurrent_institutions, "fuse_institutions": self.fuse_institutions,
                 "cuda_graphs": self.cuda_graphs, "secure_aggregation": self.secure_aggregation}

@@ -46,6 +46,10 @@ class RoundPhases:
         """Before the first round (of this process: also after a resume): the run's reporter."""
         raise NotImplementedError
 
+    def statistics(self, run, rules) -> list[dict]:
+        """Every node's site statistics (:mod:`hsl_lightning.data.statistics`), computed where its images are."""
+        raise NotImplementedError
+
     def train_and_sum(self, run, state, merge, report, r: int) -> tuple[RoundMessage, torch.Tensor]:
         """Round r's training, summed over every trainee: (the round's message, every node's training loss)."""
         raise NotImplementedError
@@ -86,6 +90,20 @@ class RankPhases(RoundPhases):
         else:
             self.trainer = OneByOne(federation, run)
         return Reporter(federation, run, state)
+
+    def statistics(self, run, rules):
+        from hsl_lightning.data.statistics import node_statistics, salt
+
+        key = salt(rules.salt_file)
+        hosted = sorted({i for t in run.mine for i in run.plan[t]})
+        mine = {i: node_statistics(run.dm, i, rules, key) for i in hosted}
+        if run.fabric.world_size > 1:  # each rank holds its own nodes' images: gather the rows
+            import torch.distributed as dist
+
+            every = [None] * run.fabric.world_size
+            dist.all_gather_object(every, mine)
+            mine = {i: row for part in every for i, row in part.items()}
+        return [mine[i] for i in range(len(run.names))]
 
     def train_and_sum(self, run, state, merge, report, r):
         fed = self.federation

@@ -56,6 +56,27 @@ class Reporter:
         config = {"federation": fed.describe(), **(fed.run_config or {})}
         return make_loggers(run_dir, fed.wandb, fed.wandb_project, run_dir.name, config)
 
+    def statistics(self, rows: list[dict | None]) -> None:
+        """The sites' statistics (rank 0): ``statistics.json`` (every site's row and their comparison), printed in
+        the study's terms; ``summary.json`` takes the comparison and the fingerprints."""
+        if not self.rank0:
+            return
+        from hsl_lightning.data.statistics import compare, format_comparison
+
+        comparison = compare(rows)
+        atomic_write(self.run.run_dir / "statistics.json", json.dumps({"sites": rows, "comparison": comparison},
+                                                                      indent=2))
+        if self.federation.progress:
+            tqdm.write(format_comparison(rows, comparison))
+
+    def _statistics_summary(self) -> dict | None:
+        path = self.run.run_dir / "statistics.json"
+        if not path.is_file():
+            return None
+        recorded = json.loads(path.read_text())
+        return {"comparison": recorded["comparison"],
+                "fingerprints": {row["name"]: row["fingerprint"] for row in recorded["sites"] if row}}
+
     def _log(self, metrics: dict, step: int) -> None:
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
@@ -125,6 +146,8 @@ class Reporter:
         summary["peak_rss_mb_per_rank"] = [round(float(p), 1) for p in peaks]
         summary["data_mb_per_rank"] = [round(float(d), 2) for d in data_mb]
         summary["institutions_at_once"], summary["threads_per_institution"] = self.at_once()
+        if self.federation.statistics is not None:
+            summary["statistics"] = self._statistics_summary()
         atomic_write(self.run.run_dir / "summary.json", json.dumps(summary, indent=2))
         final = {f"{n['name']}/test_auc": n["test_auc"] for n in summary["nodes"]}
         final.update({"test/mean_auc": summary["mean_test_auc"], "test/std_auc": summary["std_test_auc"],

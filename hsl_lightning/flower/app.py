@@ -96,7 +96,8 @@ def _site_setup(context: Context) -> tuple[Path, dict, bool]:
     except HSLError as exc:
         raise HSLError(f"Site {name}: {exc}") from exc
     setup = {"config": str(run_yaml), "node": int(node), "data_config": data_config, "name": name,
-             "site_dir": str(site_dir), "node_key": config.get("node-key"), "roster": config.get("consortium-keys")}
+             "site_dir": str(site_dir), "node_key": config.get("node-key"), "roster": config.get("consortium-keys"),
+             "statistics": {key: config.get(key) for key in ("stats-min-count", "stats-noise", "fingerprint-salt")}}
     persistent = str(config.get("persistent", "true")).lower() not in ("false", "0", "no")
     return site_dir, setup, persistent
 

@@ -131,6 +131,7 @@ class HelloReply:
     secagg: dict | None = None  # its mask key for the run, signed with its node key
     busy_s: float = 0.0
     clock: dict | None = None
+    statistics: dict | None = None  # its node's site statistics, when the run asks (data/statistics.py)
 
 
 @dataclass

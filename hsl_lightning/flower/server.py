@@ -158,6 +158,7 @@ class SitePhases(RoundPhases):
         self.slowest_s: float | None = None  # the slowest site's own time on the last round
         self.completed = 0
         self.adverts: dict[int, dict] = {}  # each site's signed mask key (secure aggregation)
+        self.site_statistics: dict[int, dict | None] = {}  # each site's statistics from its hello
         self.active: dict[int, list[int]] = {}  # round -> the sites whose masks its sum holds
         self.masks = None  # CoordinatorMasks when the run sums its messages securely
         self.timing = {"requests": 0, "wait_s": 0.0, "site_busy_s": 0.0, "transport_s": 0.0}
@@ -177,6 +178,7 @@ class SitePhases(RoundPhases):
                     self._site_failed(i, hello.error, 1)
                 else:
                     self.site_info[i] = {"name": hello.name, "site": hello.site, "threads": hello.threads}
+                    self.site_statistics[i] = hello.statistics
                     if hello.secagg:
                         self.adverts[i] = hello.secagg
             dm = RemoteData(hellos, self.sites.count, getattr(model, "uses_sat", False), self.names)
@@ -203,6 +205,10 @@ class SitePhases(RoundPhases):
             print(f"hsl: could not tell the sites that the run stopped: {exc}", flush=True)
 
     # ------------------------------------------------------------------ the phases
+    def statistics(self, run, rules) -> list[dict | None]:
+        """The sites' statistics, as each computed them at hello (None: a site that did not start)."""
+        return [self.site_statistics.get(i) for i in range(self.sites.count)]
+
     def start(self, run, state) -> Reporter:
         federation = self.federation
         if len(run.plan) != self.sites.count:

@@ -102,15 +102,21 @@ class Site:
         name: the site's name in messages (default ``site<node>``).
         node_key: the site's node key (OpenSSH ECDSA): signs its mask key for secure aggregation.
         roster: the folder of every site's ``<name>.pub``: checks the peers' mask keys.
+        statistics: the site's own floor for site statistics, from its node config: ``stats-min-count``,
+            ``stats-noise`` (the stricter of these and the run's apply) and ``fingerprint-salt`` (its secret
+            salt's file; default ``fingerprint.salt`` beside the per-run folders). The run's ``salt_file`` is
+            never used at a site: a coordinator must not choose files a site reads or writes.
     """
 
     def __init__(self, config: str, node: int, site_dir: str | Path, data_config: str | None = None,
-                 name: str | None = None, node_key: str | Path | None = None, roster: str | Path | None = None):
+                 name: str | None = None, node_key: str | Path | None = None, roster: str | Path | None = None,
+                 statistics: dict | None = None):
         from lightning.fabric import Fabric
 
         self.node, self.name = int(node), name or f"site{node}"
         self.site_dir = Path(site_dir)
         self.config_text, self.node_key, self.roster = config, node_key, roster
+        self.statistics_floor = dict(statistics or {})
         self._masks = None
         from hsl_lightning.flower.approval import check_site_config, hsl_imports_only
 
@@ -177,7 +183,19 @@ class Site:
         return HelloReply(node=self.node, name=own["name"], site=self.name, report=own, in_chans=self.dm.in_chans,
                           size=self.dm.size, numel=self.run.packer.numel, extras=self.run.layout.extras,
                           threads=torch.get_num_threads(), n_pool=0 if pool is None else len(pool), external=external,
-                          secagg=self.masks.advert() if self.run.secure else None)
+                          secagg=self.masks.advert() if self.run.secure else None, statistics=self._statistics())
+
+    def _statistics(self) -> dict | None:
+        """This node's site statistics under the run's rules made stricter by the site's own (None: not asked)."""
+        rules = self.federation.statistics
+        if rules is None:
+            return None
+        from hsl_lightning.data.statistics import node_statistics, salt
+
+        floor = self.statistics_floor
+        rules = rules.stricter(floor.get("stats-min-count"), floor.get("stats-noise"),
+                               floor.get("fingerprint-salt") or str(self.site_dir.parent / "fingerprint.salt"))
+        return node_statistics(self.dm, self.node, rules, salt(rules.salt_file))
 
     @property
     def masks(self):

@@ -115,7 +115,7 @@ def handle(site, setup: dict, request):
     if site is None or site.setup_key != setup:
         try:
             site = Site(setup["config"], setup["node"], setup["site_dir"], setup.get("data_config"), setup.get("name"),
-                        setup.get("node_key"), setup.get("roster"))
+                        setup.get("node_key"), setup.get("roster"), setup.get("statistics"))
             site.setup_key = setup
         except HSLError as exc:
             return None, protocol.Failure(str(exc), node=setup.get("node"))
