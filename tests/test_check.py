@@ -147,3 +147,14 @@ def test_supernode_check_only_runs_the_check_on_the_sites_data_config(tmp_path, 
     with pytest.raises(HSLError, match=r"Site hospital1: hsl check found 1 problem"):
         commands.supernode(argv)
     assert "copy.png" in capsys.readouterr().out
+
+
+def test_a_sites_config_checks_its_own_node_only(tmp_path, capsys):
+    """A deployed site's data config lists every node and holds one: the others are 'at another site'."""
+    import shutil
+
+    png_tree(tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "a")
+    code, out, report = run_check(tmp_path, capsys, nodes=["a", "b"])
+    assert code == 0, out
+    assert report["nodes"]["a"] == "at another site" and report["nodes"]["b"]["train"]["images"] > 0

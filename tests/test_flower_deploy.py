@@ -29,7 +29,8 @@ def wait_until(condition, message: str, limit_s: float = 60.0) -> None:
 @pytest.mark.slow
 def test_the_deployment_guide_end_to_end(tmp_path):
     config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    config["federation"].update(rounds=2, local_epochs=1, wandb="disabled", progress=False)
+    config["federation"].update(rounds=2, local_epochs=1, wandb="disabled", progress=False,
+                                statistics={"min_count": 5})
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
@@ -88,6 +89,19 @@ def test_the_deployment_guide_end_to_end(tmp_path):
     assert summary["deployment"]["site_names"] == {"0": "hospital1", "1": "hospital2", "2": "hospital3"}
     assert all(0 <= n["test_auc"] <= 1 for n in summary["nodes"])
     assert (run_dir / "model.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+    # site statistics over real Flower: the simulator's rows, but each site's fingerprint keyed by its own salt
+    from hsl_lightning.config import HSLCLI
+
+    deployed = json.loads((run_dir / "statistics.json").read_text())
+    cli = HSLCLI(args=["--config", str(run_yaml), "--federation.run_dir", str(tmp_path / "sim"),
+                       "--federation.rounds", "1", "--federation.statistics.salt_file", str(tmp_path / "salt")],
+                 run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    simulated = json.loads((tmp_path / "sim" / "statistics.json").read_text())
+    unkeyed = lambda rows: [{k: v for k, v in row.items() if k != "fingerprint"} for row in rows]  # noqa: E731
+    assert unkeyed(deployed["sites"]) == unkeyed(simulated["sites"])
+    assert deployed["comparison"] == simulated["comparison"]
+    assert all((tmp_path / "d" / "sites" / site / "fingerprint.salt").is_file() for site in lh.sites)
     # the server's run directory is hsl fit's: hsl test works on it unchanged
     scored = subprocess.run([HSL, "test", "--run", str(run_dir), "--bootstraps", "20"], capture_output=True, text=True,
                             timeout=300)

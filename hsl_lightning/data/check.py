@@ -40,6 +40,9 @@ def check(dm, progress: bool = True) -> dict:
             report["problems"] = [_row(p) for p in problems]
             return report
         source.keep(survey)  # the data module builds from what was read, not from a second reading
+        here = {i for i, found in enumerate(survey.nodes.values()) if found is not None}
+        if len(here) < len(survey.nodes):  # a deployed site's config: the other nodes are built at their sites
+            dm.host(lambda n: here)
     dm.setup()
     for i, node in enumerate(dm.nodes):
         if isinstance(node.train, HostedElsewhere):
