@@ -168,25 +168,27 @@ def twelve_bit_hospitals(root, seed=0, n_train=40, n_test=15, size=32):
 @pytest.mark.slow
 def test_twelve_bit_images_train_where_eight_bits_leave_chance(tmp_path):
     """The disc is a few 12-bit levels: 65535 -> 255 scaling (the old 8-bit step) turns every image, positive or
-    not, into the same constant picture, so no model can beat chance; kept at depth they train (three data seeds gave
-    mean test AUCs 1.00, 1.00 and 0.91 on a 2-core Xeon; the floor is 0.85). hsl predict then reads the same files the
-    same way: its probabilities are the deployed model's on the training data module's images."""
+    not, into the same constant picture, so no model can beat chance; kept at depth they train: a plain classifier
+    under FedAvg reached mean test AUC 0.999 to 1.000 over five seeds on 1 and 2 threads (benchmarks/faint_signal.py,
+    2-core Xeon); the floor is 0.95. hsl predict
+    then reads the same files the same way: its probabilities are the deployed model's on the data module's images."""
     import csv
 
-    from hsl_lightning import FederatedDataModule, Federation, SyntheticAnchor
+    from hsl_lightning import ClassifierModule, FederatedDataModule, Federation
     from hsl_lightning.data.base import unit
     from hsl_lightning.inference import checkpoints
     from hsl_lightning.inference.predict import predict
 
-    root = twelve_bit_hospitals(tmp_path / "data")
+    root = twelve_bit_hospitals(tmp_path / "data", n_train=60)
     files = sorted(root.rglob("*.png"))
     eight = {np.round(np.asarray(Image.open(f)).astype(np.float64) / 257).astype(np.uint8).tobytes() for f in files}
-    assert len(eight) == 1  # in 8 bits, all 540 images are one image
-    dm = FederatedDataModule(primary=ImageFolders(str(root)), sat=SyntheticAnchor(num_samples=240, size=32), batch_size=32)
-    summary = Federation(rounds=5, local_epochs=3, run_dir=str(tmp_path / "run"), wandb="disabled",
-                         progress=False).fit(tiny_hsl(), dm)
+    assert len(eight) == 1  # in 8 bits, all 630 images are one image
+    dm = FederatedDataModule(primary=ImageFolders(str(root)), use_sat=False, batch_size=16)
+    torch.manual_seed(0)  # the initial weights, whatever ran before in this process
+    summary = Federation(strategy="fedavg", rounds=5, local_epochs=3, run_dir=str(tmp_path / "run"), wandb="disabled",
+                         progress=False).fit(ClassifierModule(backbone="test_resnet"), dm)
     aucs = [n["test_auc"] for n in summary["nodes"]]
-    assert sum(aucs) / 3 >= 0.85, aucs
+    assert sum(aucs) / 3 >= 0.95, aucs
     out = tmp_path / "p.csv"
     predict(tmp_path / "run", [root / "b" / "test"], out, progress=False)
     got = [float(r["probability"]) for r in csv.DictReader(open(out))]

@@ -34,6 +34,7 @@ import hmac
 import math
 import os
 import struct
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +104,15 @@ def salt(path: str | os.PathLike | None) -> bytes:
     path = Path(path or "~/.cache/hsl_lightning/fingerprint.salt").expanduser()
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, fresh = tempfile.mkstemp(dir=path.parent, prefix=".salt-")  # owner-only, written whole before it counts
         with os.fdopen(fd, "wb") as handle:
             handle.write(os.urandom(SALT_BYTES))
+        try:
+            os.link(fresh, path)  # two processes making it at once: the first link wins, both read that one
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(fresh)
     key = path.read_bytes()
     if len(key) < 16:
         raise HSLError(f"The fingerprint salt {path} holds {len(key)} bytes; remove it to make a new one.")
