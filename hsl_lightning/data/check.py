@@ -53,7 +53,9 @@ def check(dm, progress: bool = True) -> dict:
             row = facts.setdefault(split, {})
             row.update({"images": len(data), "positives": data.positives, "negatives": len(data) - data.positives,
                         "stored_as": str(data.images.dtype).replace("torch.", "")})
-            if not isinstance(source, FileSource):
+            if not isinstance(source, FileSource):  # sizes and channels as built (files: as stored, from the survey)
+                row.update(sizes={f"{data.images.shape[-1]}x{data.images.shape[-2]}": len(data)},
+                           channels={str(data.images.shape[1]): len(data)})
                 if len(data) == 0:
                     problems.append(Problem(node.name, split, "empty: no images"))
                 elif data.positives in (0, len(data)):

@@ -259,7 +259,7 @@ class FileSource(Source):
         return {name: out.get(name) for name in names}
 
     # ----------------------------------------------------------------- reading
-    def survey(self, root: str | None = None, progress=None) -> Survey:
+    def survey(self, progress=None) -> Survey:
         """Read every file of every node here; collect, never raise for, a file's problems (see the module
         docstring). ``progress``: called with the number of files read, after each file."""
         nodes, problems = {}, []
@@ -399,7 +399,7 @@ class FileSource(Source):
         self._kept = survey
 
     def load(self, root: str | None = None) -> dict:
-        survey, self._kept = getattr(self, "_kept", None) or self.survey(root), None
+        survey, self._kept = getattr(self, "_kept", None) or self.survey(), None
         self.facts = {name: {split: got.facts() for split, got in found.items()}  # sizes, depths: site statistics
                       for name, found in survey.nodes.items() if found is not None}
         fatal = survey.fatal
