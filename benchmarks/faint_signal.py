@@ -3,9 +3,11 @@
 Three hospitals of 12-bit images in 16-bit PNGs (tests/test_folders.py's twelve_bit_hospitals: a background of about
 2000, noise sd 6 levels, positives with a disc of +24 levels), 60 training images per class and hospital, read with
 ImageFolders' defaults (depth auto: 12 bits). Two models at one budget (5 rounds of 3 local epochs, batch 16):
-a plain classifier under FedAvg without an anchor, and HSL with the synthetic 8-bit anchor (the quickstart's).
+a plain classifier under FedAvg without an anchor, and HSL with the synthetic 8-bit anchor (the quickstart's); and, to
+look for why HSL misses it, HSL with the anchor's loss weighted 0 and HSL with a window [1950, 2100] spanning the finding.
 
-    .venv/bin/python benchmarks/faint_signal.py [--seeds 0 1 2] [--threads 1 2] [--out benchmarks/results/faint_signal.json]
+    .venv/bin/python benchmarks/faint_signal.py [--models classifier_fedavg hsl] [--seeds 0 1 2] [--threads 1 2]
+        [--out benchmarks/results/faint_signal.json]
 
 Prints and writes each run's per-hospital test AUCs and their mean. The seed draws the data and the model's initial
 weights. Resumable: runs already in --out are kept.
@@ -36,15 +38,17 @@ def one(model: str, seed: int, threads: int, work: Path) -> dict:
     data = work / f"data{seed}"
     if not data.exists():
         twelve_bit_hospitals(data, seed=seed, n_train=60)
-    hsl = model == "hsl"
-    dm = FederatedDataModule(primary=ImageFolders(str(data)), use_sat=hsl,
+    hsl = model.startswith("hsl")
+    window = [1950.0, 2100.0] if model == "hsl_window" else None  # the finding spans a sixth of the range
+    dm = FederatedDataModule(primary=ImageFolders(str(data), window=window), use_sat=hsl,
                              sat=SyntheticAnchor(num_samples=240, size=32) if hsl else None, batch_size=16)
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     torch.manual_seed(seed)  # the model's initial weights: seeded, so a run repeats in a fresh process
     summary = Federation(strategy="hsl" if hsl else "fedavg", rounds=5, local_epochs=3, run_dir=str(run),
                          wandb="disabled", progress=False, threads=threads).fit(
-        tiny_hsl() if hsl else ClassifierModule(backbone="test_resnet"), dm)
+        (tiny_hsl(sat_weight=0.0) if model == "hsl_sat_weight_0" else tiny_hsl()) if hsl
+        else ClassifierModule(backbone="test_resnet"), dm)
     aucs = [round(n["test_auc"], 3) for n in summary["nodes"]]
     return {"model": model, "seed": seed, "threads": threads, "test_aucs": aucs, "mean": round(sum(aucs) / 3, 3),
             "best_round": summary.get("best_round")}
@@ -52,6 +56,8 @@ def one(model: str, seed: int, threads: int, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["classifier_fedavg", "hsl"],
+                        choices=["classifier_fedavg", "hsl", "hsl_sat_weight_0", "hsl_window"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faint_signal.json"))
@@ -61,7 +67,7 @@ def main() -> None:
         "command": "python benchmarks/faint_signal.py", "machine": platform.processor() or platform.machine(), "runs": []}
     have = {(r["model"], r["seed"], r["threads"]) for r in done["runs"]}
     with tempfile.TemporaryDirectory() as tmp:
-        for model in ("classifier_fedavg", "hsl"):
+        for model in args.models:
             for seed in args.seeds:
                 for threads in args.threads:
                     if (model, seed, threads) in have:
