@@ -73,10 +73,17 @@ def _break(root, how):
         colour = np.random.default_rng(1).integers(0, 255, (12, 12, 3), dtype=np.uint8)
         Image.fromarray(colour, mode="RGB").save(root / "a" / "train" / "0" / "photo.png")
         return r"a/train: 1 image\(s\) are not grey as channels: 1 says .*photo\.png"
+    if how == "one image under both labels":
+        (root / "a" / "train" / "1" / "again.png").write_bytes((root / "a" / "train" / "0" / "1.png").read_bytes())
+        return r"a/train: 1 image\(s\) filed under both labels \(\S*train/0/1\.png = \S*train/1/again\.png"
+    if how == "a duplicate that validation would split":
+        (root / "b" / "train" / "0" / "again.png").write_bytes((root / "b" / "train" / "0" / "1.png").read_bytes())
+        return r"b/train: 1 duplicate image\(s\) within the split .*validation is held out of train"
     raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["unreadable", "empty split", "one class", "duplicate across splits", "wrong channels"])
+@pytest.mark.parametrize("how", ["unreadable", "empty split", "one class", "duplicate across splits", "wrong channels",
+                                 "one image under both labels", "a duplicate that validation would split"])
 def test_each_problem_is_one_clear_message_and_a_non_zero_exit(tmp_path, capsys, how):
     png_tree(tmp_path / "data")
     pattern = _break(tmp_path / "data", how)
@@ -158,3 +165,21 @@ def test_a_sites_config_checks_its_own_node_only(tmp_path, capsys):
     code, out, report = run_check(tmp_path, capsys, nodes=["a", "b"])
     assert code == 0, out
     assert report["nodes"]["a"] == "at another site" and report["nodes"]["b"]["train"]["images"] > 0
+
+
+def test_a_deployed_site_names_its_files_in_its_own_log_only(tmp_path, capsys):
+    """Export paths can hold a patient's ID: a site whose files training refuses tells the coordinator what is wrong
+    (split and reason) and names the files only in its own output."""
+    from test_flower import TINY, keyed
+
+    from hsl_lightning.errors import HSLError
+    from hsl_lightning.flower.site import Site
+
+    png_tree(tmp_path / "data")
+    (tmp_path / "data" / "b" / "test" / "1" / "PID-4471-scan.png").write_bytes(b"not a png")
+    config = {**TINY, "data": {**TINY["data"], "primary": {"class_path": "hsl_lightning.ImageFolders", "init_args": {
+        "root": str(tmp_path / "data"), "nodes": ["a", "b"], "size": 28}}, "scenario": {"num_nodes": 2}}}
+    with pytest.raises(HSLError) as refused:
+        Site(yaml.safe_dump(config), 1, tmp_path / "site", name="hospital2", **keyed(1))
+    assert "b/test: 1 unreadable image(s)" in str(refused.value) and "PID-4471" not in str(refused.value)
+    assert "PID-4471-scan.png" in capsys.readouterr().err

@@ -139,7 +139,7 @@ def test_undecodable_and_multi_frame_files_are_refused_with_one_message_each_and
         one(tmp_path)
     text = str(error.value)
     assert "a/train: 1 unreadable DICOM file(s)" in text and "j2k.dcm: cannot decode its JPEG 2000" in text
-    assert text.count("multi-frame or 3D file(s)") == 1 and "a/test: 3 multi-frame" in text
+    assert text.count("multi-frame, multi-page or 3D file(s)") == 1 and "a/test: 3 multi-frame" in text
     assert all(f"cine{i}.dcm" in text for i in range(3))
 
 

@@ -1,3 +1,5 @@
+import zlib
+
 import numpy as np
 import torch
 import pytest
@@ -11,7 +13,7 @@ from conftest import tiny_hsl
 def write_images(root, node, split, label, n, size=20, mode="L"):
     folder = root / node / split / label
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(len(str(folder)))
+    rng = np.random.default_rng(zlib.crc32(str(folder.relative_to(root)).encode()))  # distinct per label folder
     for i in range(n):
         shape = (size, size) if mode == "L" else (size, size, 3)
         Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode=mode).save(folder / f"{i}.png")
@@ -195,3 +197,33 @@ def test_twelve_bit_images_train_where_eight_bits_leave_chance(tmp_path):
     module, _ = checkpoints.load(tmp_path / "run" / "model.ckpt")
     want = module.predict_proba(unit(dm.nodes[1].test.images)).tolist()
     assert np.allclose(got, want, atol=1e-6)
+
+
+def test_predict_scales_new_files_by_the_depth_training_chose(tmp_path):
+    """depth auto resolved to 12 bits at training; a file predicted alone whose brightest pixel is 900 is still
+    read as 12-bit (not as 10-bit, as the rule applied to it alone would)."""
+    from hsl_lightning.inference.predict import reader
+
+    make_tree(tmp_path)
+    wide = np.full((20, 20), 800, np.uint16)
+    wide[0, 0] = 4095
+    Image.fromarray(wide).save(tmp_path / "hospital_a" / "train" / "1" / "wide.png")
+    source = ImageFolders(str(tmp_path))
+    source.load()
+    reading = source.reading()
+    assert reading["init_args"]["depths"] == {"hospital_a": 12}
+    alone = tmp_path / "alone.png"
+    Image.fromarray(np.full((20, 20), 800, np.uint16)).save(alone)
+    images, _, _ = reader(reading, 1, "hospital_a").prepare([alone], 20)
+    assert int(images[0][0, 0, 0].to(torch.int64)) == round(800 / 4095 * 65535)
+    guessed, _, _ = reader({**reading, "init_args": {**reading["init_args"], "depth": "auto", "depths": {}}}, 1).prepare(
+        [alone], 20)  # what predict did before the checkpoint kept the choice: the rule over the files given
+    assert int(guessed[0][0, 0, 0].to(torch.int64)) == round(800 / 1023 * 65535)
+
+
+def test_sixteen_bit_colour_and_tiff_stacks_are_refused_not_cut(tmp_path):
+    make_tree(tmp_path)
+    stack = [Image.fromarray(np.full((20, 20), v, np.uint8)) for v in (10, 20)]
+    stack[0].save(tmp_path / "hospital_a" / "test" / "0" / "stack.tif", save_all=True, append_images=stack[1:])
+    with pytest.raises(HSLError, match=r"1 multi-frame, multi-page or 3D file\(s\).*stack\.tif: 2 pages"):
+        ImageFolders(str(tmp_path)).load()

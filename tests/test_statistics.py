@@ -34,20 +34,36 @@ def images_with_levels(levels: list[int], per_level: list[int]) -> ImageSet:
     return ImageSet(torch.stack(stack), torch.arange(len(stack)) % 2)
 
 
-def test_a_bin_from_fewer_images_than_the_minimum_is_suppressed(tmp_path):
-    """40 dark images and 3 bright ones: with a minimum of 5 the bright bin is not shown (neither the image-mean
-    count nor the pixel share), with a minimum of 3 it is."""
-    data = OneNode(images_with_levels([20, 240], [40, 3]))
+def test_a_bin_from_fewer_images_than_the_minimum_is_suppressed_and_cannot_be_subtracted_out(tmp_path):
+    """40 dark, 6 mid-grey and 3 bright images, minimum 5: the bright bin is hidden, and so is the mid bin, since
+    otherwise the total minus the shown bins would give the 3 (complementary suppression); the same for the pixel
+    shares. With a minimum of 3 all three are shown."""
+    data = OneNode(images_with_levels([20, 128, 240], [40, 6, 3]))
     key = salt(tmp_path / "salt")
     strict = node_statistics(data, 0, SiteStatistics(bins=8, min_count=5), key)
-    dark, bright = 20 * 8 // 256, 240 * 8 // 256
-    assert strict["image_means"][dark] == 40 and strict["image_means"][bright] is None
-    assert strict["pixels"][dark] == pytest.approx(40 / 43) and strict["pixels"][bright] is None
-    assert all(c is None for k, c in enumerate(strict["image_means"]) if k not in (dark,))
+    dark, mid, bright = 20 * 8 // 256, 128 * 8 // 256, 240 * 8 // 256
+    assert strict["image_means"][dark] == 40 and strict["image_means"][mid] is None and strict["image_means"][bright] is None
+    n = sum(c["n"] for c in strict["counts"].values())
+    assert n - sum(c for c in strict["image_means"] if c is not None) == 9  # what subtraction gives: 9 >= 5
+    shown = [p for p in strict["pixels"] if p is not None]
+    assert strict["pixels"][dark] == pytest.approx(40 / 49, abs=1e-4) and len(shown) == 1
     loose = node_statistics(data, 0, SiteStatistics(bins=8, min_count=3), key)
-    assert loose["image_means"][bright] == 3 and loose["pixels"][bright] == pytest.approx(3 / 43)
+    assert [loose["image_means"][k] for k in (dark, mid, bright)] == [40, 6, 3]
+    lone = OneNode(images_with_levels([20, 240], [40, 3]))  # nothing to hide the 3 behind but the 40: all hidden
+    assert all(c is None for c in node_statistics(lone, 0, SiteStatistics(bins=8, min_count=5), key)["image_means"])
     few = node_statistics(OneNode(images_with_levels([20], [4])), 0, SiteStatistics(bins=8, min_count=5), key)
     assert few["mean"] is None and few["std"] is None and all(p is None for p in few["pixels"])
+
+
+def test_noise_never_lets_a_small_bin_through(tmp_path):
+    """Suppression is decided on exact counts: with noise far larger than the minimum, a bin of 2 images is never
+    shown, and a shown count is noised."""
+    data = OneNode(images_with_levels([20, 128, 240], [40, 30, 2]))
+    rules, key = SiteStatistics(bins=8, min_count=5, noise=20.0), salt(tmp_path / "salt")
+    bright = 240 * 8 // 256
+    draws = [node_statistics(data, 0, rules, key)["image_means"] for _ in range(40)]
+    assert all(d[bright] is None for d in draws)
+    assert len({d[20 * 8 // 256] for d in draws}) > 1
 
 
 def test_noise_comes_from_the_operating_system_and_differs_between_two_runs(tmp_path):

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hsl_lightning.data.files import MULTI_PAGE as MULTI_FRAME
 from hsl_lightning.data.files import Decoded, FileSource, Unreadable, digest_of
 from hsl_lightning.errors import HSLError
 
 EXTENSIONS = {".dcm", ".dicom"}
-MULTI_FRAME = "multi-frame or 3D file(s): only 2D images are read; export one frame per file, or leave them out"
 
 
 def _pydicom():
@@ -115,20 +115,26 @@ class DicomFolders(FileSource):
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
         bits = int(ds.get("BitsStored", raw.itemsize * 8))
         grey = photometric in ("MONOCHROME1", "MONOCHROME2")
+        if not grey and photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
+            raise Unreadable(f"photometric interpretation {photometric} is not read (MONOCHROME1/2, RGB and YBR are)")
         if (grey and raw.ndim != 2) or (not grey and raw.ndim != 3):
             raise Unreadable(f"pixels shaped {raw.shape}", group=MULTI_FRAME)
-        if grey:
-            x = self._grey(raw, ds, processing, bits)
-            if photometric == "MONOCHROME1":
-                x = 1.0 - x
-            colour = False
-        elif photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
-            x = raw.astype(np.float64) / (2 ** bits - 1)
-            colour = not (np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 1], raw[..., 2]))
-            if self.channels == 1:
-                x = x @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL converts colour to grey
-        else:
-            raise Unreadable(f"photometric interpretation {photometric} is not read (MONOCHROME1/2, RGB and YBR are)")
+        try:
+            if grey:
+                x = self._grey(raw, ds, processing, bits)
+                if photometric == "MONOCHROME1":
+                    x = 1.0 - x
+                colour = False
+            else:
+                x = raw.astype(np.float64) / (2 ** bits - 1)
+                colour = not (np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 1], raw[..., 2]))
+                if self.channels == 1:
+                    x = x @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL converts colour to grey
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError) as exc:
+            raise Unreadable(f"its rescale, LUT or window cannot be applied ({type(exc).__name__}: an element is "
+                             "empty or malformed)") from exc
+        if not np.all(np.isfinite(x)):
+            raise Unreadable("its rescale, LUT or window gives values that are not numbers")
         if self.channels == 3 and x.ndim == 2:
             x = np.repeat(x[..., None], 3, axis=2)
         stored = np.round(np.clip(x, 0, 1) * 65535).astype(np.uint16)
@@ -155,6 +161,8 @@ class DicomFolders(FileSource):
             first = lambda value: float(value[0] if isinstance(value, (list, MultiValue)) else value)  # noqa: E731
             center, width = first(ds.WindowCenter), first(ds.WindowWidth)
             function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+            if width <= 0:
+                raise ValueError("window width must be positive")
             if function == "SIGMOID":
                 return 1 / (1 + np.exp(-4 * (v - center) / width))
             if function == "LINEAR_EXACT":

@@ -33,6 +33,20 @@ from hsl_lightning.data.heterogeneity import stratified_split
 from hsl_lightning.errors import HSLError
 
 SHOWN = 5  # files named in one message; the count says how many more
+MULTI_PAGE = "multi-frame, multi-page or 3D file(s): only 2D images are read; export one frame per file, or leave them out"
+
+
+class DataProblems(HSLError):
+    """Training refused a source's files: the message names them; :meth:`without_paths` says the same without a
+    file's name (what a deployed site sends the coordinator: export paths can hold a patient's ID)."""
+
+    def __init__(self, message: str, problems: list):
+        super().__init__(message)
+        self.problems = problems
+
+    def without_paths(self) -> str:
+        return f"{len(self.problems)} problem(s) with its files: " + "; ".join(
+            f"{p.node}/{p.split}: {p.what}" if p.split else f"{p.node}: {p.what}" for p in self.problems)
 
 
 class Unreadable(Exception):
@@ -59,6 +73,11 @@ class Decoded:
     full_scale: float | None = 255.0
     offset: float = 0.0
     colour: bool = False
+    top: int = 0  # the largest stored value (the per-site depth rule reads it; the array may be resized)
+    shape: tuple = ()  # (H, W) as stored in the file
+
+    def __post_init__(self):
+        self.shape = self.shape or tuple(self.array.shape[:2])
 
 
 def digest_of(array: np.ndarray) -> bytes:
@@ -101,7 +120,7 @@ class SplitFiles:
         ones = sum(self.labels)
         return {"images": len(self.files), "positives": ones, "negatives": len(self.files) - ones,
                 "unreadable": len(self.unreadable),
-                "sizes": dict(Counter(f"{d.array.shape[1]}x{d.array.shape[0]}" for d in self.decoded)),
+                "sizes": dict(Counter(f"{d.shape[1]}x{d.shape[0]}" for d in self.decoded)),
                 "bits": dict(Counter(str(d.bits) for d in self.decoded)),
                 "channels": dict(Counter(str(d.channels) for d in self.decoded))}
 
@@ -234,7 +253,7 @@ class FileSource(Source):
         if not table.is_file():
             raise HSLError(f"{type(self).__name__} csv not found: {table}. Expected a CSV with columns path,label,split"
                            "[,node].")
-        with open(table, newline="") as handle:
+        with open(table, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM is not a column name
             reader = csv.DictReader(handle)
             missing = {"path", "label", "split"} - set(reader.fieldnames or [])
             if missing:
@@ -243,6 +262,9 @@ class FileSource(Source):
             rows = list(reader)
         out: dict = {}
         for i, row in enumerate(rows, start=2):
+            empty = [k for k in ("path", "label", "split") if not (row.get(k) or "").strip()]
+            if empty:
+                raise HSLError(f"{table} line {i} has no {', '.join(empty)}.")
             split = row["split"].strip()
             if split not in SPLITS:
                 raise HSLError(f"{table} line {i}: split {split!r} is not one of {', '.join(SPLITS)}.")
@@ -254,8 +276,10 @@ class FileSource(Source):
         if not any(name in out for name in names):
             raise HSLError(f"{table} lists none of the nodes {names} (it lists {', '.join(sorted(out)) or 'no rows'}).")
         for name in names:
-            if name in out and "test" not in out[name] and "train" not in out[name]:
-                raise HSLError(f"{table} lists no train or test rows for node {name}.")
+            lacking = [split for split in ("train", "test") if name in out and split not in out[name]]
+            if lacking:
+                raise HSLError(f"{table} lists no {' or '.join(lacking)} rows for node {name} (each node needs train "
+                               "and test, val optional).")
         return {name: out.get(name) for name in names}
 
     # ----------------------------------------------------------------- reading
@@ -274,7 +298,7 @@ class FileSource(Source):
                 got = found[split] = SplitFiles()
                 for f, label in splits[split]:
                     try:
-                        d = self.decode(f)
+                        d = self._shrunk(self.decode(f), self.size)
                     except Unreadable as exc:
                         got.unreadable[str(f)] = str(exc)
                         if exc.group:
@@ -314,19 +338,23 @@ class FileSource(Source):
                 want = "grey" if self.channels == 1 else "colour (3 channels)"
                 out.append(Problem(name, split, f"{len(wrong)} image(s) are not {want} as channels: {self.channels} "
                                    "says (training converts them)", wrong, fatal=False))
-            shapes = {d.array.shape[:2] for d in got.decoded}
+            shapes = {d.shape for d in got.decoded}
             if self.size is None and len(shapes) > 1:
                 out.append(Problem(name, split, f"images of {len(shapes)} sizes ({', '.join(f'{w}x{h}' for h, w in sorted(shapes))}"
                                    "). Set size: N to resize all to N x N"))
-            seen: dict[bytes, str] = {}
-            twins = []
-            for f, d in zip(got.files, got.decoded):
+            seen: dict[bytes, tuple[str, int]] = {}
+            twins, conflicting = [], []
+            for f, d, label in zip(got.files, got.decoded, got.labels):
                 if d.digest in seen:
-                    twins.append(f"{seen[d.digest]} = {f}")
-                seen.setdefault(d.digest, str(f))
+                    (conflicting if seen[d.digest][1] != label else twins).append(f"{seen[d.digest][0]} = {f}")
+                seen.setdefault(d.digest, (str(f), label))
+            if conflicting:
+                out.append(Problem(name, split, f"{len(conflicting)} image(s) filed under both labels", conflicting))
             if twins:
-                out.append(Problem(name, split, f"{len(twins)} duplicate image(s) within the split (they count twice)",
-                                   twins, fatal=False))
+                held_out = split == "train" and "val" not in found  # validation is drawn from train: a copy may
+                out.append(Problem(name, split, f"{len(twins)} duplicate image(s) within the split (they count twice"
+                                   + ("; validation is held out of train, so a copy could land on both sides)"
+                                      if held_out else ")"), twins, fatal=held_out and not self.allow_duplicates))
         seen, clashes = {}, []
         for split, got in found.items():
             mine = {}
@@ -365,6 +393,18 @@ class FileSource(Source):
             out[name] = {s: splits[s] for s in SPLITS}
         return out
 
+    @staticmethod
+    def _shrunk(d: Decoded, size: int | None) -> Decoded:
+        """The decoded file resized to ``size`` at once (its values as they are), so a survey of large files holds
+        them at training size, not at the files' own; the hash, the size and the largest value are the file's."""
+        if size is None or d.array.shape[:2] == (size, size):
+            return d
+        x = torch.from_numpy(np.require(d.array, requirements=["C", "W"]))
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        x = harmonize(x.unsqueeze(0), x.shape[0], size)[0]
+        d.array = (x[0] if x.shape[0] == 1 and d.array.ndim == 2 else x.permute(1, 2, 0)).numpy()
+        return d
+
     def _stored(self, d: Decoded, wide: bool) -> torch.Tensor:
         """One decoded file as the model's stored image: uint8 as read for an 8-bit node, else uint16 over the
         file's [offset, offset + full_scale] (clipped), converted to the source's channels."""
@@ -383,7 +423,7 @@ class FileSource(Source):
         decoded, kept, errors = [], [], {}
         for f in files:
             try:
-                decoded.append(self.decode(f))
+                decoded.append(self._shrunk(self.decode(f), size))
                 kept.append(f)
             except Unreadable as exc:
                 errors[str(f)] = str(exc)
@@ -404,7 +444,8 @@ class FileSource(Source):
                       for name, found in survey.nodes.items() if found is not None}
         fatal = survey.fatal
         if fatal:
-            raise HSLError(f"{self.describe()}: {len(fatal)} problem(s) before any training: "
-                           + " | ".join(p.message() for p in fatal) + ". Run hsl check --config ... for the full report.")
+            raise DataProblems(f"{self.describe()}: {len(fatal)} problem(s) before any training: "
+                               + " | ".join(p.message() for p in fatal) + ". Run hsl check --config ... for the full "
+                               "report.", fatal)
         return self.build(survey)
 

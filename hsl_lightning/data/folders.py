@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from hsl_lightning.data.files import Decoded, FileSource, Problem, SplitFiles, Unreadable, digest_of
+from hsl_lightning.data.files import MULTI_PAGE, Decoded, FileSource, Problem, SplitFiles, Unreadable, digest_of
 from hsl_lightning.errors import HSLError
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -67,28 +67,49 @@ class ImageFolders(FileSource):
         self.depth, self.window = depth, None if window is None else [float(v) for v in window]
 
     def reading_args(self) -> dict:
-        return {"depth": self.depth, "window": self.window}
+        """``depth`` as training resolved it (``auto``'s choice where every node here chose the same), and each
+        node's own choice (``depths``), so ``hsl predict`` scales new files as training scaled that node's."""
+        chosen = getattr(self, "resolved", {})
+        depth = self.depth
+        if depth == "auto" and chosen and len(set(chosen.values())) == 1:
+            depth = next(iter(chosen.values()))
+        return {"depth": depth, "window": self.window, "depths": dict(chosen)}
 
     def decode(self, path: Path) -> Decoded:
         try:
             with Image.open(path) as im:
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1:  # a TIFF stack: its first page alone would be read silently
+                    raise Unreadable(f"{frames} pages", group=MULTI_PAGE)
+                rawmode = im.tile[0][3] if im.tile and len(im.tile[0]) > 3 and isinstance(im.tile[0][3], str) else ""
+                if im.mode in ("RGB", "RGBA", "LA") and ";16" in rawmode:
+                    raise Unreadable("is a 16-bit colour (or grey-with-alpha) image, which Pillow reads at 8 bits; "
+                                     "export 16-bit grey or 8-bit colour")
+                wide = None
                 if im.mode.startswith("I;16"):
                     wide = np.asarray(im).astype(np.uint16)  # big- or little-endian as stored -> native
-                    bits = 16 if self.depth == "auto" else self.depth
-                    decoded = Decoded(wide, bits, 1, digest_of(wide), full_scale=None)
+                elif im.mode == "I":  # Pillow before 10.3 opens 16-bit grey PNGs as 32-bit integers
+                    values = np.asarray(im)
+                    if values.size and (values.min() < 0 or values.max() > 65535):
+                        raise Unreadable("holds 32-bit integer pixels beyond 16 bits, whose range is not declared; "
+                                         "export 8- or 16-bit PNGs")
+                    wide = values.astype(np.uint16)
+                if wide is not None:
+                    decoded = Decoded(wide, 16 if self.depth == "auto" else self.depth, 1, digest_of(wide),
+                                      full_scale=None, top=int(wide.max()) if wide.size else 0)
                     if self.window is not None:
                         decoded.offset, decoded.full_scale = self.window[0], self.window[1] - self.window[0]
                     return decoded
-                if im.mode in ("I", "F"):
-                    raise Unreadable(f"holds {'32-bit integer' if im.mode == 'I' else 'float'} pixels, whose range is "
-                                     "not declared; export 8- or 16-bit PNGs")
-                original, colour = np.asarray(im), False
+                if im.mode == "F":
+                    raise Unreadable("holds float pixels, whose range is not declared; export 8- or 16-bit PNGs")
+                colour = False
                 if im.mode not in ("1", "L", "LA"):  # a grey image saved as RGB (or a grey palette) is grey
                     rgb = np.asarray(im.convert("RGB"))
                     colour = not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
                 array = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))  # PIL's luma for colour -> grey
+                # the hash is of the image as training sees it, so a grey image and its RGB copy are one image
                 return Decoded(array, 8, 1 if im.mode in ("1", "L", "LA", "P") and not colour else 3,
-                               digest_of(original), colour=colour)
+                               digest_of(array), colour=colour)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise Unreadable(f"cannot read it: {exc}") from exc
 
@@ -97,19 +118,22 @@ class ImageFolders(FileSource):
         if not wide:
             return
         if self.depth == "auto":
-            top = max(int(d.array.max()) for d in wide)
+            top = max(d.top for d in wide)
             bits = next(b for b in AUTO_BITS if top <= 2 ** b - 1)
         else:
             bits = self.depth
         for d in wide:
             d.full_scale, d.bits = float(2 ** bits - 1), bits
+        if not hasattr(self, "resolved"):
+            self.resolved = {}
+        self.resolved[node] = bits
 
     def node_problems(self, node: str, splits: dict[str, SplitFiles]) -> list[Problem]:
         if self.depth == "auto" or self.window is not None:
             return []
         top = 2 ** self.depth - 1
-        over = [f"{f}: up to {int(d.array.max())}" for got in splits.values() for f, d in zip(got.files, got.decoded)
-                if d.array.dtype == np.uint16 and int(d.array.max()) > top]
+        over = [f"{f}: up to {d.top}" for got in splits.values() for f, d in zip(got.files, got.decoded)
+                if d.full_scale is not None and d.array.dtype == np.uint16 and d.top > top]
         if not over:
             return []
         return [Problem(node, None, f"{len(over)} image(s) hold values above the {self.depth}-bit range (0..{top}) "

@@ -17,10 +17,15 @@ What leaves the site is limited by two rules the site sets (in a deployment the 
 run's and the site's own node config, ``stats-min-count`` and ``stats-noise``):
 
 - **minimum count**: a histogram bin (or image size) counted from fewer than ``min_count`` images is
-  suppressed (``None``), and so is the pixel histogram's bin that fewer than ``min_count`` images
-  reach; the mean and deviation are given only for at least ``min_count`` images;
+  suppressed (``None``; a suppressed size is not even named, only ``other``), and so is the pixel
+  histogram's bin that fewer than ``min_count`` images reach. Because the totals are known (class
+  counts travel anyway), suppression is completed: while the hidden bins together hold between 1 and
+  ``min_count - 1`` images (what subtracting the shown bins from the total would reveal), the
+  smallest shown bin is hidden too. Shares are rounded to 4 decimals, mean and deviation to 3, and
+  given only for at least ``min_count`` images;
 - **noise** (optional): Laplace noise of scale ``noise`` (drawn from ``os.urandom``, never from the
-  run's seed) on every image count before the minimum is applied.
+  run's seed) on every count shown; what is shown is decided on the exact counts, so noise never
+  lets a small bin through.
 
 :func:`compare` sets the sites side by side in the terms of the library's heterogeneity study:
 label-prior shift, intensity (scanner) shift and quantity skew, each with what the study found under
@@ -136,13 +141,14 @@ def node_statistics(dm, i: int, rules: SiteStatistics, key: bytes) -> dict:
     means = x.mean(1)
     image_hist = torch.histc(means, bins=bins, min=0, max=1).to(torch.float64)
     pixel_hist = torch.zeros(bins, dtype=torch.float64)
-    reach = torch.zeros(bins, dtype=torch.float64)  # how many images have a pixel in each bin
-    for chunk in x.split(256):
+    presence = torch.zeros(n, bins, dtype=torch.bool)  # which bins each image has a pixel in
+    for start in range(0, n, 256):
+        chunk = x[start: start + 256]
         index = (chunk * bins).long().clamp_(0, bins - 1)
         per_image = torch.zeros(len(chunk), bins, dtype=torch.float64).scatter_add_(
             1, index, torch.ones_like(index, dtype=torch.float64))
         pixel_hist += per_image.sum(0)
-        reach += (per_image > 0).sum(0)
+        presence[start: start + len(chunk)] = per_image > 0
     sizes = Counter()
     facts = getattr(dm.primary, "facts", {}).get(node.name)
     if facts:
@@ -150,27 +156,57 @@ def node_statistics(dm, i: int, rules: SiteStatistics, key: bytes) -> dict:
             sizes.update(split.get("sizes", {}))
     else:
         sizes[f"{images.shape[-1]}x{images.shape[-2]}"] = n
-    noisy = (lambda t: t + laplace(len(t), rules.noise)) if rules.noise > 0 else (lambda t: t)  # noqa: E731
-    image_hist, reach = noisy(image_hist), noisy(reach)
-    size_counts = noisy(torch.tensor([float(c) for c in sizes.values()], dtype=torch.float64)) if sizes else None
-    shown = lambda c: None if c < rules.min_count else int(round(float(c)))  # noqa: E731
-    enough = n >= rules.min_count
-    kept = reach >= rules.min_count
-    pixels = [float(v) if k else None for v, k in zip((pixel_hist / max(pixel_hist.sum(), 1)).tolist(), kept.tolist())]
+    m = rules.min_count
+    enough = n >= m
+    # what is shown is decided on exact counts (noise never lets a small bin through), then completed so that
+    # the hidden part, which anyone can get by subtraction from the totals, is empty or holds at least m images
+    shown_means = _complete([int(c) for c in image_hist.tolist()], m)
+    shown_pixels = _complete_pixels(presence, m) if enough else [False] * bins
+    size_keys = list(sizes)
+    shown_sizes = _complete([sizes[k] for k in size_keys], m)
+    noisy = (lambda v: max(0, int(round(v + float(laplace(1, rules.noise)[0]))))) if rules.noise > 0 else int  # noqa: E731
+    shares = (pixel_hist / max(float(pixel_hist.sum()), 1.0)).tolist()
+    hidden_sizes = sum(sizes[k] for k, keep in zip(size_keys, shown_sizes) if not keep)
     return {
         "name": node.name,
         "counts": {s: {"n": len(d), "positives": d.positives} for s, d in zip(SPLITS, sets)},
-        "sizes": {size: shown(c) for size, c in zip(sizes, size_counts.tolist())} if sizes else {},
+        "sizes": {**{k: noisy(sizes[k]) for k, keep in zip(size_keys, shown_sizes) if keep},
+                  **({"other": None} if hidden_sizes else {})},
         "stored_as": str(images.dtype).replace("torch.", ""),
-        "image_means": [shown(c) for c in image_hist.tolist()],
-        "pixels": pixels if enough else [None] * bins,
-        "mean": round(float(x.double().mean()), 6) if enough else None,  # float64 and rounded: the same at a site
-        "std": round(float(x.double().std()), 6) if enough else None,  # as in the simulator, whatever its threads
+        "image_means": [noisy(c) if keep else None for c, keep in zip(image_hist.tolist(), shown_means)],
+        "pixels": [round(v, 4) if keep else None for v, keep in zip(shares, shown_pixels)],
+        "mean": round(float(x.double().mean()), 3) if enough else None,  # float64 and rounded: the same at a site
+        "std": round(float(x.double().std()), 3) if enough else None,  # as in the simulator, whatever its threads
         "fingerprint": fingerprint(images, torch.cat([s.labels for s in sets]), key),
         "min_count": rules.min_count,
         "noise": rules.noise,
-        "suppressed_bins": int((~kept).sum()) + sum(c is None for c in map(shown, image_hist.tolist())),
+        "suppressed_bins": shown_means.count(False) + shown_pixels.count(False),
     }
+
+
+def _complete(counts: list[int], m: int) -> list[bool]:
+    """Which counts to show: those of at least ``m``, then, while the hidden ones add up to between 1 and m - 1
+    (what subtraction from the total would reveal), the smallest shown one hidden too (complementary suppression)."""
+    keep = [c >= m for c in counts]
+    while 0 < sum(c for c, k in zip(counts, keep) if not k) < m and any(keep):
+        smallest = min((c, i) for i, (c, k) in enumerate(zip(counts, keep)) if k)[1]
+        keep[smallest] = False
+    return keep
+
+
+def _complete_pixels(presence: torch.Tensor, m: int) -> list[bool]:
+    """Which pixel-histogram bins to show: those at least ``m`` images reach, then, while the images reaching any
+    hidden bin number between 1 and m - 1, the least-reached shown bin hidden too."""
+    reach = presence.sum(0)
+    keep = (reach >= m).tolist()
+    while any(keep):
+        hidden = [i for i, k in enumerate(keep) if not k]
+        behind = int(presence[:, hidden].any(1).sum()) if hidden else 0
+        if behind == 0 or behind >= m:
+            break
+        smallest = min((int(reach[i]), i) for i, k in enumerate(keep) if k)[1]
+        keep[smallest] = False
+    return keep
 
 
 def fingerprint(images: torch.Tensor, labels: torch.Tensor, key: bytes) -> str:

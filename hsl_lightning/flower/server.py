@@ -84,9 +84,22 @@ class RemoteData:
         self.external_data = _Split(external["n_test"], external["pos_test"]) if external else None
 
     def reading(self) -> dict | None:
-        """How the sites decoded their files (from their reports), when they all did the same; else None."""
+        """How the sites decoded their files (from their reports): one reading when they decode alike, each site's
+        own depth kept under ``depths``; None when they differ otherwise."""
         readings = [row.get("reading") for row in self.rows if "unavailable" not in row]
-        return readings[0] if readings and all(r == readings[0] for r in readings) else None
+        if not readings or any(r is None for r in readings):
+            return None
+        depths = {}  # each site's own choice where the depth is per site ("auto"), merged
+        for r in readings:
+            depths.update(r.get("init_args", {}).get("depths") or {})
+        bare = [{**r, "init_args": {k: v for k, v in r.get("init_args", {}).items() if k not in ("depths", "depth")}}
+                for r in readings]
+        if any(b != bare[0] for b in bare):
+            return None
+        chosen = {r.get("init_args", {}).get("depth") for r in readings}
+        depth = chosen.pop() if len(chosen) == 1 else "auto"
+        return {**bare[0], "init_args": {**bare[0]["init_args"], "depth": depth,
+                                         **({"depths": depths} if depths else {})}}
 
     def setup(self, stage: str | None = None) -> None:
         """Nothing to build: the images stay at the sites."""

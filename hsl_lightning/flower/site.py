@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -156,8 +157,14 @@ class Site:
     # ------------------------------------------------------------------ set-up
     def _guard(self, what: str, fn, *args, **kwargs):
         """``fn(...)``, its failure turned into one message naming the site and the step."""
+        from hsl_lightning.data.files import DataProblems
+
         try:
             return fn(*args, **kwargs)
+        except DataProblems as exc:  # the files are named here, in the site's own log, never to the coordinator
+            print(f"hsl: site {self.name}: {exc}", file=sys.stderr, flush=True)
+            raise HSLError(f"Site {self.name} failed {what}: {exc.without_paths()} (the site's own log names the "
+                           "files; hsl check there reports them all)") from None
         except HSLError as exc:
             raise HSLError(f"Site {self.name} failed {what}: {exc}") from exc
         except SystemExit as exc:  # jsonargparse reports a bad config by exiting

@@ -24,12 +24,14 @@ from hsl_lightning.inference import checkpoints
 from hsl_lightning.errors import HSLError
 
 
-def image_files(paths: list[str | Path], extensions=EXTENSIONS) -> list[Path]:
-    """The image files named, and those under the folders named (sorted), in the order given."""
+def image_files(paths: list[str | Path], extensions=EXTENSIONS, wanted=None) -> list[Path]:
+    """The image files named, and those under the folders named (sorted), in the order given; ``wanted`` (a
+    source's own test, e.g. DICOM files without a suffix) instead of the extensions when given."""
+    wanted = wanted or (lambda f: f.suffix.lower() in extensions)
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and wanted(f))
             if not found:
                 raise HSLError(f"No images ({', '.join(sorted(extensions))}) under {p}.")
             files += found
@@ -40,8 +42,9 @@ def image_files(paths: list[str | Path], extensions=EXTENSIONS) -> list[Path]:
     return files
 
 
-def reader(reading: dict | None, channels: int) -> FileSource:
-    """The source that decodes loose files as a checkpoint's training did (:meth:`FileSource.reading`); without one
+def reader(reading: dict | None, channels: int, node: str | None = None) -> FileSource:
+    """The source that decodes loose files as a checkpoint's training did (:meth:`FileSource.reading`; with
+    ``depth: auto``, the depth training chose: for all nodes where they agree, else for ``node``); without one
     (a run on synthetic or MedMNIST data, or an older checkpoint), :class:`ImageFolders`' defaults."""
     if not reading:
         return ImageFolders(root=".", channels=channels)
@@ -51,7 +54,11 @@ def reader(reading: dict | None, channels: int) -> FileSource:
     cls = getattr(importlib.import_module(module), name)
     if not (isinstance(cls, type) and issubclass(cls, FileSource)):
         raise HSLError(f"The checkpoint's reader {reading['class_path']} is not a file source.")
-    return cls(root=".", **reading["init_args"])
+    args = dict(reading["init_args"])
+    depths = args.pop("depths", None) or {}
+    if args.get("depth") == "auto" and node in depths:  # the bits training chose for this node's files
+        args["depth"] = depths[node]
+    return cls(root=".", **args)
 
 
 def model_path(run_dir: str | Path, node: str | None) -> Path:
@@ -92,8 +99,8 @@ def predict(run_dir: str | Path, paths: list[str | Path], out: str | Path, node:
                        "predict with a model trained with sat_inference primary or reference.")
     channels, size, threshold = int(meta["in_chans"]), int(meta["image_size"]), float(meta["threshold"])
     site = _site(module, meta, node)
-    source = reader(meta.get("reader"), channels)
-    files = image_files(paths, source.extensions)
+    source = reader(meta.get("reader"), channels, node or meta.get("node"))
+    files = image_files(paths, source.extensions, source._wanted)
     images, readable, unreadable = source.prepare(files, size)
     rows = [{"path": f, "probability": "", "label": "", "threshold": threshold, "model": node or "model",
              "error": f"cannot read {f}: {why}"} for f, why in unreadable.items()]
