@@ -221,8 +221,25 @@ def test_predict_scales_new_files_by_the_depth_training_chose(tmp_path):
     assert int(guessed[0][0, 0, 0].to(torch.int64)) == round(800 / 1023 * 65535)
 
 
+def png_rgb16(path, pixels):
+    """A 16-bit RGB PNG, written by hand (Pillow writes none): IHDR bit depth 16, colour type 2."""
+    import struct
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
 def test_sixteen_bit_colour_and_tiff_stacks_are_refused_not_cut(tmp_path):
     make_tree(tmp_path)
+    png_rgb16(tmp_path / "hospital_b" / "train" / "1" / "rgb16.png", np.full((20, 20, 3), 3000, np.uint16))
+    with pytest.raises(HSLError, match=r"rgb16\.png: is a 16-bit colour"):
+        ImageFolders(str(tmp_path)).load()
+    (tmp_path / "hospital_b" / "train" / "1" / "rgb16.png").unlink()
     stack = [Image.fromarray(np.full((20, 20), v, np.uint8)) for v in (10, 20)]
     stack[0].save(tmp_path / "hospital_a" / "test" / "0" / "stack.tif", save_all=True, append_images=stack[1:])
     with pytest.raises(HSLError, match=r"1 multi-frame, multi-page or 3D file\(s\).*stack\.tif: 2 pages"):
