@@ -266,7 +266,7 @@ def format_comparison(rows: list[dict], comparison: dict) -> str:
         c = r["counts"]["train"]
         mean = "-" if r["mean"] is None else f"{r['mean']:.3f}"
         std = "-" if r["std"] is None else f"{r['std']:.3f}"
-        sizes = ", ".join(f"{k}: {'<' + str(r['min_count']) if v is None else v}" for k, v in r["sizes"].items())
+        sizes = ", ".join(f"{k}: {'hidden' if v is None else v}" for k, v in r["sizes"].items())
         lines.append(f"{r['name']:<18} {c['n']:>6} {c['positives'] / max(c['n'], 1):>6.2f} {mean:>9} {std:>6}  {sizes}")
     label, intensity, quantity = (comparison[k] for k in ("label_prior_shift", "intensity_shift", "quantity_skew"))
     tv = intensity["largest_tv_distance"]
