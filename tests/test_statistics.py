@@ -114,8 +114,8 @@ def test_the_same_statistics_in_simulation_and_deployment(tmp_path):
     assert sim == dep
     from hsl_lightning.data.statistics import format_comparison
 
-    text = format_comparison(sim["sites"], sim["comparison"])  # what the coordinator prints
-    assert all(name in text for name in ("node0", "node1", "node2", "Label-prior shift", "Intensity", "Quantity skew"))
+    printed = format_comparison(sim["sites"], sim["comparison"])  # what the coordinator prints
+    assert all(name in printed for name in ("node0", "node1", "node2", "Label-prior shift", "Intensity", "Quantity skew"))
     assert [r["counts"]["train"]["n"] for r in sim["sites"]] == [
         n["n_train"] for n in json.loads((tmp_path / "sim" / "summary.json").read_text())["nodes"]]
     summary = json.loads((tmp_path / "dep" / "summary.json").read_text())
