@@ -76,26 +76,20 @@ def _run_data(run: str, argv: list[str]):
     overrides applied on top (the model and federation sections stay the run's)."""
     from pathlib import Path
 
-    from hsl_lightning.config import HSLCLI
+    from hsl_lightning.config import data_module_of
 
     config = Path(run) / "config.yaml"
     if not config.is_file():
         raise HSLError(f"{config} not found: --run takes the run directory of an hsl fit (it holds config.yaml).")
-    import warnings
-
-    with warnings.catch_warnings():  # LightningCLI warns that `args` was given while sys.argv holds hsl's own
-        warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        cli = HSLCLI(args=["--config", str(config), *argv], run=False)
-    return cli.datamodule
+    return data_module_of(["--config", str(config), *argv])
 
 
 def check(argv: list[str]) -> None:
     """``hsl check``: read and transform every image of a data config, report every problem, exit 1 on one."""
     import argparse
     import json
-    import warnings
 
-    from hsl_lightning.config import HSLCLI
+    from hsl_lightning.config import data_module_of
     from hsl_lightning.data.check import check as run_check
     from hsl_lightning.data.check import exit_code, format_report
 
@@ -108,10 +102,7 @@ def check(argv: list[str]) -> None:
     parser.add_argument("--json", help="also write the report to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, rest = parser.parse_known_args(argv)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        cli = HSLCLI(args=rest, run=False)
-    report = run_check(cli.datamodule, progress=not args.no_progress)
+    report = run_check(data_module_of(rest), progress=not args.no_progress)
     print(format_report(report))
     if args.json:
         from pathlib import Path

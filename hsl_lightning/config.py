@@ -63,3 +63,13 @@ class HSLCLI(LightningCLI):
         # how to start, not what was run: a rerun of the saved config starts afresh
         federation.run_config.pop("ckpt_path", None)
         return federation
+
+
+def data_module_of(args: list[str]) -> FederatedDataModule:
+    """The data module of a configuration (``--config`` files and ``--data.*`` overrides, as ``hsl fit`` reads
+    them), instantiated without running anything: ``hsl test``, ``hsl check`` and a site's ``--check-only``."""
+    import warnings
+
+    with warnings.catch_warnings():  # LightningCLI warns that `args` was given while sys.argv holds hsl's own
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        return HSLCLI(args=args, run=False).datamodule

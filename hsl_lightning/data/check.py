@@ -30,9 +30,10 @@ def check(dm, progress: bool = True) -> dict:
     report = {"source": source.describe(), "nodes": {}, "problems": []}
     problems: list[Problem] = []
     if isinstance(source, FileSource):
-        files = sum(len(v) for splits in source.listing().values() if splits for v in splits.values())
+        listing = source.listing()
+        files = sum(len(v) for splits in listing.values() if splits for v in splits.values())
         with tqdm(total=files, desc="hsl check: reading", unit="file", disable=not progress, dynamic_ncols=True) as bar:
-            survey = source.survey(progress=bar.update)
+            survey = source.survey(progress=bar.update, listing=listing)
         problems += survey.problems
         for node, found in survey.nodes.items():
             report["nodes"][node] = "at another site" if found is None else {s: f.facts() for s, f in found.items()}

@@ -343,15 +343,15 @@ class FederatedDataModule(L.LightningDataModule):
     def report(self) -> list[dict]:
         """How each node's data was drawn: sizes, positives, scanner, SAT images."""
         self.setup()
-        rows = []
+        rows, reading = [], self.reading()
         for n in self.nodes:
             row = {"name": n.name}
             for s in SPLITS:
                 row[f"n_{s}"], row[f"pos_{s}"] = len(n.split(s)), n.split(s).positives
             row["n_sat"] = int(len(n.sat_index))
             row["acquisition"] = vars(n.acquisition)
-            if self.reading() is not None:  # how its files were decoded (a deployment's model.ckpt takes it from here)
-                row["reading"] = self.reading()
+            if reading is not None:  # how its files were decoded (a deployment's model.ckpt takes it from here)
+                row["reading"] = reading
             rows.append(row)
         if self.external_data is not None:
             rows.append({"name": self.external.name, "external": True, "n_test": len(self.external_data),

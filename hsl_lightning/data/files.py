@@ -137,6 +137,17 @@ class Survey:
         return [p for p in self.problems if p.fatal]
 
 
+def _wide(decoded: list[Decoded]) -> bool:
+    """Whether a node's files are kept at 16 bits: any file deeper than 8 bits, or scaled (a window, a rule)."""
+    return any(d.full_scale != 255.0 or d.offset != 0 or d.array.dtype != np.uint8 for d in decoded)
+
+
+def _chw(array: np.ndarray) -> torch.Tensor:
+    """An (H, W) or (H, W, C) array as a (C, H, W) tensor."""
+    x = torch.from_numpy(np.require(array, requirements=["C", "W"]))
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+
+
 class FileSource(Source):
     """A node per folder (or per CSV ``node``), each with train/test (and optional val) files; see the
     module docstring. Subclasses decode one file.
@@ -283,11 +294,12 @@ class FileSource(Source):
         return {name: out.get(name) for name in names}
 
     # ----------------------------------------------------------------- reading
-    def survey(self, progress=None) -> Survey:
+    def survey(self, progress=None, listing: dict | None = None) -> Survey:
         """Read every file of every node here; collect, never raise for, a file's problems (see the module
-        docstring). ``progress``: called with the number of files read, after each file."""
+        docstring). ``progress``: called with the number of files read, after each file; ``listing``: the
+        :meth:`listing` already made (``hsl check`` counts the files first)."""
         nodes, problems = {}, []
-        for name, splits in self.listing().items():
+        for name, splits in (listing if listing is not None else self.listing()).items():
             if splits is None:
                 nodes[name] = None
                 continue
@@ -376,8 +388,7 @@ class FileSource(Source):
             if found is None:
                 out[name] = None
                 continue
-            decoded = [d for got in found.values() for d in got.decoded]
-            wide = any(d.full_scale != 255.0 or d.offset != 0 or d.array.dtype != np.uint8 for d in decoded)
+            wide = _wide([d for got in found.values() for d in got.decoded])
             splits = {}
             for split, got in found.items():
                 images = [self._stored(d, wide) for d in got.decoded]
@@ -399,8 +410,7 @@ class FileSource(Source):
         them at training size, not at the files' own; the hash, the size and the largest value are the file's."""
         if size is None or d.array.shape[:2] == (size, size):
             return d
-        x = torch.from_numpy(np.require(d.array, requirements=["C", "W"]))
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        x = _chw(d.array)
         x = harmonize(x.unsqueeze(0), x.shape[0], size)[0]
         d.array = (x[0] if x.shape[0] == 1 and d.array.ndim == 2 else x.permute(1, 2, 0)).numpy()
         return d
@@ -412,9 +422,7 @@ class FileSource(Source):
         if wide:
             x = (a.astype(np.float64) - d.offset) / d.full_scale
             a = np.round(np.clip(x, 0, 1) * 65535).astype(np.uint16)
-        x = torch.from_numpy(np.require(a, requirements=["C", "W"]))
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-        return harmonize(x.unsqueeze(0), self.channels, None)[0]
+        return harmonize(_chw(a).unsqueeze(0), self.channels, None)[0]
 
     def prepare(self, files: list[Path], size: int) -> tuple[list[torch.Tensor], list[Path], dict[str, str]]:
         """Loose files (``hsl predict``) as training prepares a node's images: decoded, scaled by the source's rule
@@ -430,7 +438,7 @@ class FileSource(Source):
         if not decoded:
             return [], [], errors
         self.full_scale("the images given", decoded)
-        wide = any(d.full_scale != 255.0 or d.offset != 0 or d.array.dtype != np.uint8 for d in decoded)
+        wide = _wide(decoded)
         images = [harmonize(self._stored(d, wide).unsqueeze(0), self.channels, size)[0] for d in decoded]
         return images, kept, errors
 

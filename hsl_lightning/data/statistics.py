@@ -38,7 +38,6 @@ import hashlib
 import hmac
 import math
 import os
-import struct
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ import torch
 
 from hsl_lightning.data.base import SPLITS, unit
 from hsl_lightning.errors import HSLError
+from hsl_lightning.secure_random import secure_uniform
 
 SALT_BYTES = 32
 
@@ -125,10 +125,10 @@ def salt(path: str | os.PathLike | None) -> bytes:
 
 
 def laplace(n: int, scale: float) -> torch.Tensor:
-    """``n`` Laplace draws of ``scale`` from ``os.urandom`` (inverse CDF on 53-bit uniforms in (-1/2, 1/2))."""
-    words = struct.unpack(f"<{n}Q", os.urandom(8 * n))
-    u = torch.tensor([((w >> 11) + 0.5) / 2 ** 53 - 0.5 for w in words], dtype=torch.float64)
-    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
+    """``n`` Laplace draws of ``scale`` from ``os.urandom``: ``scale`` times the difference of two exponentials,
+    -log(1 - u) with u uniform in [0, 1) (:func:`~hsl_lightning.secure_random.secure_uniform`), always finite."""
+    u = secure_uniform(2 * n)
+    return scale * (u[n:].neg().log1p_() - u[:n].neg().log1p_())
 
 
 def node_statistics(dm, i: int, rules: SiteStatistics, key: bytes) -> dict:

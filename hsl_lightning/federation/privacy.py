@@ -58,6 +58,7 @@ import torch
 
 from hsl_lightning.errors import HSLError
 from hsl_lightning.federation.merge import Mean
+from hsl_lightning.secure_random import secure_uniform
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 
@@ -176,7 +177,6 @@ def check_secure_aggregation(privacy: DifferentialPrivacy | None, secure_aggrega
 
 
 _PAIRS = 1 << 17  # uniform pairs per chunk of secure_normal: 2^18 normals, 2 MiB of random bytes
-_BITS53 = (1 << 53) - 1
 
 
 def secure_normal(n: int, random_bytes=os.urandom) -> torch.Tensor:
@@ -195,8 +195,7 @@ def secure_normal(n: int, random_bytes=os.urandom) -> torch.Tensor:
     out = torch.empty(2 * pairs, dtype=torch.float64)
     for start in range(0, pairs, _PAIRS):
         k = min(_PAIRS, pairs - start)
-        bits = torch.frombuffer(bytearray(random_bytes(16 * k)), dtype=torch.int64)
-        u = bits.bitwise_and_(_BITS53).to(torch.float64).mul_(2.0 ** -53)
+        u = secure_uniform(2 * k, random_bytes)
         radius = u[:k].neg_().log1p_().mul_(-2.0).sqrt_()
         angle = u[k:].mul_(2 * math.pi)
         chunk = out[2 * start: 2 * start + 2 * k]

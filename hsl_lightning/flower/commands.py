@@ -180,15 +180,10 @@ def check_data(node_config: dict, site: str) -> None:
 def check_images(node_config: dict, site: str) -> None:
     """``hsl check`` on the site's data config (``--check-only`` with a ``data-config``): every file read and
     transformed, the report printed; its problems stop the SuperNode from being started."""
-    import warnings
-
-    from hsl_lightning.config import HSLCLI
+    from hsl_lightning.config import data_module_of
     from hsl_lightning.data.check import check, format_report
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        data = HSLCLI(args=["--config", str(Path(node_config["data-config"]).expanduser())], run=False).datamodule
-    report = check(data, progress=False)
+    report = check(data_module_of(["--config", str(Path(node_config["data-config"]).expanduser())]), progress=False)
     print(format_report(report), flush=True)
     if report["problems"]:
         raise HSLError(f"Site {site}: hsl check found {len(report['problems'])} problem(s) in the data config's images "
