@@ -4,9 +4,11 @@ The sites answer the server's requests in process (``LocalSites``), through the 
 Flower messages carry; tests/test_flower_deploy.py runs the real thing over TLS.
 """
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +59,7 @@ def consortium() -> Path:
     from hsl_lightning.flower.keys import make_keys
 
     folder = Path(tempfile.mkdtemp(prefix="hsl-keys-")) / "keys"
+    atexit.register(shutil.rmtree, folder.parent, True)  # gone with the test process, not left in /tmp
     make_keys(folder, [f"site{i}" for i in range(5)], [])
     return folder
 
