@@ -14,8 +14,8 @@ config (``FLWR_HOME/config.toml``) names :attr:`Localhost.superlink_address`, th
 as on the coordinator's own machine. ``Localhost(..., proxy=False)`` lets the sites connect to the
 SuperLink directly.
 
-Across hosts (``tests/test_namespaces.py``: a coordinator and each site in a network namespace of
-its own), three optional hooks, all off by default: ``wrap`` maps a role, ``"coordinator"`` (the
+Across hosts (``tests/test_flower_deploy.py`` with ``tests/netns.py``: a coordinator and each site in a
+network namespace of its own), three optional hooks, all off by default: ``wrap`` maps a role, ``"coordinator"`` (the
 SuperLink, the proxy, the ``flwr`` CLI, ``hsl flower app``) or a site's name (its SuperNode, with
 the ClientApps and worker it starts, and its ``hsl flower approve``), to a command prefix such as
 ``["ip", "netns", "exec", "NS"]``; the harness's own TLS checks run as a subprocess under the same
@@ -194,53 +194,66 @@ class Localhost:
                           str(self.keys / (key or site)), "--node-config", config, "--port", str(free_port()),
                           role=site)
 
-    def submit(self, config: Path, run_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-        """Write the app for ``config`` and run it to the end (``flwr run ... --stream``)."""
-        app = self.workdir / "app"
-        self.run(_bin("hsl"), "flower", "app", "--config", str(config), "--out", str(app), "--run-dir", str(run_dir),
-                 role="coordinator")
-        self.approve(app)
+    def prepare(self, config: Path, run_dir: Path, app: str = "app", approve: bool = True) -> Path:
+        """Write the app for ``config`` into ``workdir/app`` (``hsl flower app``) and, with ``approve``,
+        have every site approve it; the app's folder. Several apps may be prepared and then launched
+        at once (:meth:`launch` from threads): the SuperLink runs them side by side."""
+        folder = self.workdir / app
+        self.run(_bin("hsl"), "flower", "app", "--config", str(config), "--out", str(folder), "--run-dir",
+                 str(run_dir), role="coordinator")
+        if approve:
+            self.approve(folder)
+        return folder
+
+    def launch(self, app: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run a prepared app to its end (``flwr run APP local --stream``)."""
         return self.run(_bin("flwr"), "run", str(app), "local", "--stream", timeout=timeout, check=False,
                         role="coordinator")
+
+    def submit(self, config: Path, run_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Write the app for ``config``, have every site approve it, and run it to the end."""
+        return self.launch(self.prepare(config, run_dir), timeout)
 
     def approvals(self, site: str) -> Path:
         """Site ``site``'s approvals file (its node config's ``approved-runs``), outside its site-dir."""
         return self.workdir / "approved" / f"{site}.txt"
 
-    def approve(self, app: Path) -> str:
-        """Every site approves the run of ``app`` (``hsl flower approve`` with the digest in its
-        ``DIGEST.txt``, as the guide has it); the digest."""
+    def approve(self, app: Path, sites: list[str] | None = None) -> str:
+        """Every site (or those of ``sites``) approves the run of ``app`` (``hsl flower approve`` with the
+        digest in its ``DIGEST.txt``, as the guide has it); the digest."""
         from hsl_lightning.flower.approval import read_digest
 
         digest = read_digest(app)
-        for site in self.sites:
+        for site in self.sites if sites is None else sites:
             self.run(_bin("hsl"), "flower", "approve", "--file", str(self.approvals(site)), digest, "--note",
                      f"{app.name}, submitted by the test harness", role=site)
         return digest
 
-    def submit_unapproved(self, config: Path, run_dir: Path, timeout: float = 300, wait_s: float = 60) -> dict:
-        """Submit the app for ``config`` that no site approved (``hsl flower app``, then ``flwr run``
-        without ``hsl flower approve``). ``refused``: true when every site's SuperNode output names the
-        run's digest as refused, and the run wrote no ``summary.json``; ``digest``, ``sites`` (those
-        that refused it) and ``output`` (flwr run's) for a report."""
-        app = self.workdir / "unapproved-app"
-        self.run(_bin("hsl"), "flower", "app", "--config", str(config), "--out", str(app), "--run-dir", str(run_dir),
-                 role="coordinator")
+    def refusals(self, app: Path, run_dir: Path, done: subprocess.CompletedProcess, wait_s: float = 60,
+                 sites: list[str] | None = None) -> dict:
+        """After an app that no site (or none of ``sites``) approved was launched: ``refused`` is true when
+        each of those sites' SuperNode output names the run's digest as refused and the run wrote no
+        ``summary.json``; ``digest``, ``sites`` (those that refused it) and ``output`` (flwr run's) for a
+        report."""
         from hsl_lightning.flower.approval import read_digest
 
-        digest = read_digest(app)
-        done = self.run(_bin("flwr"), "run", str(app), "local", "--stream", timeout=timeout, check=False,
-                        role="coordinator")
+        digest, expected = read_digest(app), self.sites if sites is None else sites
         deadline = time.monotonic() + wait_s
         while True:  # each site's own line (the coordinator's reason, which other sites print, quotes one site's)
             refused = [site for site in self.sites if f"hsl: Site {site} refuses run {digest}" in
                        self.log(f"supernode-{site}")]
-            if len(refused) == len(self.sites) or time.monotonic() > deadline:
+            if set(refused) >= set(expected) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         ran = (Path(run_dir) / "summary.json").exists()
-        return {"refused": len(refused) == len(self.sites) and not ran, "digest": digest, "sites": refused,
+        return {"refused": set(refused) == set(expected) and not ran, "digest": digest, "sites": refused,
                 "output": done.stdout[-3000:] + done.stderr[-3000:]}
+
+    def submit_unapproved(self, config: Path, run_dir: Path, timeout: float = 300, wait_s: float = 60) -> dict:
+        """Submit the app for ``config`` that no site approved (``hsl flower app``, then ``flwr run``
+        without ``hsl flower approve``); what :meth:`refusals` finds."""
+        app = self.prepare(config, run_dir, "unapproved-app", approve=False)
+        return self.refusals(app, run_dir, self.launch(app, timeout), wait_s)
 
     def runs(self) -> list[dict]:
         out = self.run(_bin("flwr"), "ls", "local", "--format", "json", check=False, role="coordinator")

@@ -1,11 +1,11 @@
-"""Across hosts: the deployment guide's commands with the coordinator and 3 hospitals each in a Linux
-network namespace of its own, as on four machines of one LAN.
+"""Linux network namespaces for the deployment test (tests/test_flower_deploy.py): the coordinator
+and 3 hospitals each in a namespace of its own, as on four machines of one LAN.
 
-The layout (made by the ``network`` fixture, removed at teardown, also when the test fails):
+The layout (made by :func:`namespaces`, removed on leaving it, also when the test fails):
 
 - ``<tag>-lan``: a namespace holding only the bridge ``br0`` (no address): the LAN's switch;
 - ``<tag>-coord``: the coordinator, ``10.231.7.1/24`` on ``eth0``: the SuperLink on its own
-  127.0.0.1, nginx (``hsl flower proxy``) on ``10.231.7.1:8443``, the ServerApp and the ``flwr`` CLI;
+  127.0.0.1, nginx (``hsl flower proxy``) on ``10.231.7.1:8443``, the ServerApps and the ``flwr`` CLI;
 - ``<tag>-hospitalN``: site N, ``10.231.7.1N/24`` (.11, .12, .13) on ``eth0``: ``hsl flower supernode`` (its
   ClientApps and its worker inherit the namespace);
 - each node's ``eth0`` is one end of a veth pair whose other end is a port of ``br0``; every veth is
@@ -15,21 +15,13 @@ The layout (made by the ``network`` fixture, removed at teardown, also when the 
   ``superlink.example.org`` to ``10.231.7.1``: the sites dial the coordinator by name, and the
   certificate names that host (``hsl flower keys --hosts superlink.example.org``).
 
-The test asserts that a site resolves the name, reaches the proxy (TLS with the consortium's CA; the
-Control and Runtime APIs answer 403, a site's ``flwr ls`` too) but not the SuperLink's own port (the
-coordinator's LAN address refuses it: the SuperLink listens on the coordinator's 127.0.0.1, where its
-Control API answers), that the coordinator exposes nothing but the proxy on its LAN address, that
-each site's SuperNode, ClientApps and worker ran inside its own namespace and the ServerApp inside
-the coordinator's, that every site's Fleet API calls went through the proxy, and that 2 rounds of
-the quickstart with secure aggregation on, approved at each site, equal ``hsl fit`` of the same
-config bit for bit (``hsl compare`` and every tensor and per-node AUC).
-
-It needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN, iproute2's ``ip`` and nginx; without them it skips,
-saying why.
+Making them needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN, iproute2's ``ip``, nginx and a writable
+/etc; :data:`HOW` says how to get them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -42,15 +34,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-import torch
-import yaml
-
-from hsl_lightning.flower.localhost import Localhost, _bin
 from hsl_lightning.flower.proxy import nginx_binary
 
-REPO = Path(__file__).resolve().parents[1]
-HSL = _bin("hsl")
 HOST = "superlink.example.org"  # the sites' name for the coordinator
 SUBNET = "10.231.7"  # 10.231.7.0/24: used only inside the test's namespaces
 COORDINATOR_IP = f"{SUBNET}.1"
@@ -59,7 +44,7 @@ SITES = ["hospital1", "hospital2", "hospital3"]
 NETNS_DIR = Path("/var/run/netns")  # where `ip netns add` mounts a namespace
 ETC_NETNS = Path("/etc/netns")  # what `ip netns exec` bind-mounts over /etc
 PREFIX = "hslns"  # the test's namespace names: hslns<pid>-<role>
-HOW = ("To run it: run the suite as root on Linux (CI's .ci/run is root) with iproute2 installed "
+HOW = ("To make them: run the suite as root on Linux (CI's .ci/run is root) with iproute2 installed "
        "(`apt-get install iproute2`), CAP_NET_ADMIN and CAP_SYS_ADMIN (`ip netns add` mounts the namespace; in a "
        "container: `docker run --cap-add NET_ADMIN --cap-add SYS_ADMIN ...`, or `--privileged`).")
 
@@ -282,18 +267,17 @@ def _remove_stale() -> None:
         old.down()
 
 
-@pytest.fixture()
-def network():
+@contextlib.contextmanager
+def namespaces():
+    """The test's network, made and (on leaving, also after a failure) removed; raises
+    :class:`CannotMake` with the reason where this machine cannot make it."""
     why = _why_not()
     if why:
-        pytest.skip(f"Cannot make network namespaces: {why} {HOW}")
+        raise CannotMake(why)
     _remove_stale()
     net = Network(f"{PREFIX}{os.getpid()}")
     try:
-        try:
-            net.up()
-        except CannotMake as exc:
-            pytest.skip(f"Cannot make network namespaces: {exc}. {HOW}")
+        net.up()
         yield net
     finally:
         left = net.down()
@@ -372,147 +356,3 @@ def wait_until(condition, message: str, limit_s: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, message
         time.sleep(0.1)
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-
-
-@pytest.mark.slow
-def test_a_coordinator_and_three_hospitals_in_their_own_network_namespaces(network, tmp_path):
-    config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    config["federation"].update(rounds=2, local_epochs=1, wandb="disabled", progress=False)
-    run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(yaml.safe_dump(config))
-    sim_dir, dep_dir = tmp_path / "sim", tmp_path / "deployed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    fit = subprocess.run([HSL, "fit", "--config", str(run_yaml), "--federation.run_dir", str(sim_dir)], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert fit.returncode == 0 and (sim_dir / "summary.json").is_file(), fit.stdout[-2000:] + fit.stderr[-3000:]
-
-    # the root namespace has no part in the network: no new interface, no route, no address in its range
-    assert network.root_state() == network.root_before
-    site_ns = network.sites
-    proxy_at = f"{HOST}:{PROXY_PORT}"
-    with Localhost(tmp_path / "d", sites=len(SITES), proxy=True, wrap=network.wrap,
-                   proxy_listen=f"{COORDINATOR_IP}:{PROXY_PORT}", site_address=proxy_at) as lh:
-        lh.env["FLWR_TELEMETRY_ENABLED"] = "0"  # (nothing could leave the namespaces anyway)
-        lh.make_keys(["--hosts", HOST])  # the certificate names the host the sites dial
-        ca = lh.keys / "ca.crt"
-        lh.start_superlink()  # on the coordinator's 127.0.0.1; nginx on its LAN address (waited for as the sites dial)
-        superlink_port = lh.port
-
-        # the coordinator exposes only the proxy on its LAN address; the SuperLink is on its loopback
-        superlink = lh.processes[0]
-        assert network.namespace_of(superlink.pid) == network.coordinator  # (it answered TLS there: long entered)
-        listening = listeners(superlink.pid)
-        assert exposed(listening) == {f"{COORDINATOR_IP}:{PROXY_PORT}"}, listening
-        assert f"127.0.0.1:{superlink_port}" in listening, listening
-        own = probe(network, network.coordinator, ca, http={"control": [f"127.0.0.1:{superlink_port}",
-                                                                        "/v1/control/list-runs"]},
-                    connect={"lan": [COORDINATOR_IP, superlink_port]})
-        assert own == {"control": 200, "lan": "refused"}, own  # the Control API answers there, and only there
-
-        # from each site (before its SuperNode listens on anything): the name resolves, the proxy answers
-        # TLS with the consortium's certificate and 403 to the Control and Runtime APIs; the SuperLink's
-        # own port refuses, by name and by address, and the site's own 127.0.0.1 is not the coordinator's
-        for site in lh.sites:
-            seen = probe(network, site_ns[site], ca, resolve={"name": HOST},
-                         connect={"superlink_by_name": [HOST, superlink_port],
-                                  "superlink_by_address": [COORDINATOR_IP, superlink_port],
-                                  "own_loopback": ["127.0.0.1", superlink_port]},
-                         tls={"proxy": proxy_at},
-                         http={"control": [proxy_at, "/v1/control/list-runs"],
-                               "register": [proxy_at, "/v1/control/register-node"],
-                               "runtime": [proxy_at, "/v1/runtime/acquire-task"]})
-            assert seen == {"name": COORDINATOR_IP, "superlink_by_name": "refused", "superlink_by_address": "refused",
-                            "own_loopback": "refused", "proxy": "ok", "control": 403, "register": 403,
-                            "runtime": 403}, (site, seen)
-        # a site's own flwr CLI, pointed at the proxy as at a SuperLink: refused
-        home = tmp_path / "site-flwr"
-        home.mkdir()
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "site"\n\n[superlink.site]\naddress = '
-                                          f'"{proxy_at}"\nroot-certificates = "{ca}"\n')
-        listed = subprocess.run([*network.exec(site_ns["hospital1"]), _bin("flwr"), "ls", "site"],
-                                env={**lh.env, "FLWR_HOME": str(home), "COLUMNS": "200"}, capture_output=True,
-                                text=True, timeout=120)
-        assert "403 Forbidden" in listed.stdout + listed.stderr, listed.stdout + listed.stderr
-
-        for site in lh.sites:
-            lh.register(site)  # flwr CLI, in the coordinator's namespace, at its 127.0.0.1
-        supernodes = [lh.start_supernode(i) for i in range(len(SITES))]
-        for site, process in zip(lh.sites, supernodes):  # (a moment after Popen: `ip netns exec` enters it, then execs)
-            wait_until(lambda: network.namespace_of(process.pid) == site_ns[site],
-                       f"{site}'s SuperNode (pid {process.pid}) never entered {site_ns[site]}:\n"
-                       f"{lh.log(f'supernode-{site}')[-2000:]}")
-
-        # the run: approved at each site (in its namespace), submitted by the coordinator's flwr CLI
-        watcher = Watcher(network, lh.workdir / "sites", superlink.pid)
-        watcher.start()
-        try:
-            done = lh.submit(run_yaml, dep_dir, timeout=900)
-        finally:
-            watcher.done.set()
-            watcher.join(10)
-        logs = "\n".join(f"--- {name}:\n{lh.log(name)[-2500:]}" for name in
-                         ["superlink", *[f"supernode-{s}" for s in lh.sites]])
-        assert (dep_dir / "summary.json").is_file(), f"{done.stdout[-3000:]}\n{done.stderr[-2000:]}\n{logs}"
-        assert "hsl: deployed run written to" in done.stdout + done.stderr, done.stdout[-3000:]
-
-        # where each process ran: the ServerApp in the coordinator's namespace, each site's SuperNode,
-        # ClientApps and worker in its own
-        assert (network.coordinator, "serverapp") in watcher.seen, watcher.seen
-        for site in lh.sites:
-            assert {(site_ns[site], "supernode"), (site_ns[site], "clientapp"), (site_ns[site], "worker")} \
-                <= watcher.seen, (site, watcher.seen)
-            assert watcher.workers.get(site) == {site_ns[site]}, (site, watcher.workers)
-        kinds_by_ns = {}
-        for ns, kind in watcher.seen:
-            kinds_by_ns.setdefault(kind, set()).add(ns)
-        assert kinds_by_ns.get("serverapp") == {network.coordinator}, kinds_by_ns
-        assert kinds_by_ns.get("worker") == set(site_ns.values()), kinds_by_ns
-        # while the run went on too, the coordinator listened on nothing but the proxy beyond its loopback
-        assert watcher.exposed == {f"{COORDINATOR_IP}:{PROXY_PORT}"}, watcher.exposed
-
-        # every site's Fleet API calls came through the proxy, from the site's own address
-        access = (lh.workdir / "proxy" / "logs" / "access.log").read_text()
-        for site in lh.sites:
-            address = network.addresses[site_ns[site]]
-            assert re.search(rf'^{re.escape(address)} \[[^]]*\] "POST /v1/fleet/[A-Za-z0-9-]+" 200 ', access, re.M), \
-                (site, access[-2000:])
-        assert "/v1/control/list-runs\" 403" in access  # the sites' probes, refused
-
-    summary = json.loads((dep_dir / "summary.json").read_text())
-    assert summary["deployment"]["secure_aggregation"] is True  # the default for the quickstart's hsl strategy
-    assert summary["rounds_run"] == 2 and summary["deployment"]["failed"] == {}
-    assert summary["deployment"]["site_names"] == {"0": "hospital1", "1": "hospital2", "2": "hospital3"}
-
-    # the deployment equals hsl fit of the same config, bit for bit
-    compared = subprocess.run([HSL, "compare", str(sim_dir), str(dep_dir)], env=env, capture_output=True, text=True,
-                              timeout=300)
-    assert compared.returncode == 0 and "identical" in compared.stdout, compared.stdout[-3000:] + compared.stderr
-    simulated = json.loads((sim_dir / "summary.json").read_text())
-    assert [n["name"] for n in summary["nodes"]] == [n["name"] for n in simulated["nodes"]] == ["node0", "node1",
-                                                                                                   "node2"]
-    for a, b in zip(simulated["nodes"], summary["nodes"]):
-        assert (a["val_auc"], a["test_auc"]) == (b["val_auc"], b["test_auc"]), (a, b)
-    assert simulated["best_round"] == summary["best_round"]
-    sim_w, dep_w = weights(sim_dir / "model.ckpt"), weights(dep_dir / "model.ckpt")
-    assert sim_w.keys() == dep_w.keys()
-    unequal = [k for k in sim_w if not torch.equal(sim_w[k], dep_w[k])]
-    assert not unequal, f"{len(unequal)} of {len(sim_w)} tensors differ, e.g. {unequal[:5]}"
-
-
-def test_the_listener_reader_sees_a_socket_and_tells_loopback_from_exposed():
-    """What the namespace test uses to show the SuperLink listens on loopback only: checked on a
-    socket of this process (no namespace needed)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        port = sock.getsockname()[1]
-        assert f"127.0.0.1:{port}" in listeners(os.getpid())
-    assert exposed({"127.0.0.1:80", "[::1]:80", "[::ffff:127.0.0.1]:80", f"{COORDINATOR_IP}:8443"}) == {
-        f"{COORDINATOR_IP}:8443"}
-    assert all(ipaddress.ip_address(f"{SUBNET}.{i}").is_private for i in (1, 11, 12, 13))
