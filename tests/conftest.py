@@ -2,15 +2,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 # Tests never touch the network: no hub downloads, W&B offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-
-from hsl_lightning import ClassifierModule, HSLModule  # noqa: E402 - after the environment above
+# Nothing here imports torch: pytest's own process (which, under -n, only hands tests to the workers)
+# starts in a moment instead of spending seconds importing torch, Lightning and timm.
 
 REPO = Path(__file__).resolve().parents[1]
 MEDMNIST = Path(os.environ.get("HSL_TEST_MEDMNIST", REPO.parent / "shared" / "data" / "medmnist"))
@@ -77,48 +75,13 @@ def tiny_hsl(**overrides):
     return HSLModule(**kwargs)
 
 
-# Runs that must agree but take different float paths (fused training runs a grouped convolution
-# where one-by-one training runs N plain ones; one rank and two add contributions in another
-# order) agree up to float rounding, which training amplifies: in float32 a train loss came out
-# 1.5e-5 apart on one 2-core machine, and a node's test AUC one pair of images apart on another.
-# So such comparisons compute in float64 end to end, loss included (Classifier64, HSL64 below):
-# float64 rounding (u = 1.1e-16), even amplified a million-fold by a test's few dozen steps, stays
-# under TOLERANCE for weights and AUCs. A reported train loss is an epoch's step losses summed in
-# float32 by the Federation, which the two paths reach by different casts (one rounding more when
-# fused): at most 2 float32 roundings (2^-24 each) per step of at most 5 steps, relative to a loss
-# under 1, hence LOSS_TOLERANCE. The errors these comparisons guard against (a trainee taking one
-# step more or less, an idle step reaching a trainee, another batch, another epoch's state or loss)
-# move weights and losses by 1e-4 or more. Measured here (2-core machine, 2026-11-29): weights within
-# 1e-14, losses within 6e-8 (the float32 runs they replace: 1.5e-5 apart on another machine).
-TOLERANCE = 1e-9
-LOSS_TOLERANCE = 1e-6
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first: the one Flower deployment (tests/test_flower_deploy.py, mostly waiting on
+    Flower's polling), then the other slow tests, then the rest, each in its file order. Under ``-n 2``
+    the workers then end together instead of one waiting out a long test started last."""
+    def rank(item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.path.name == "test_flower_deploy.py" else 1
 
-
-def _float64(batch: dict) -> dict:
-    return {k: v.double() if torch.is_floating_point(v) else v for k, v in batch.items()}
-
-
-class Classifier64(ClassifierModule):
-    """The classifier in float64 (convert it with .double()): batches cast on the way in, loss in float64."""
-
-    def training_loss(self, batch):
-        return F.binary_cross_entropy_with_logits(self(batch["image"].double()), batch["label"].double()), {}
-
-    def primary_logits(self, batch):
-        return self(batch["image"].double())
-
-
-class HSL64(HSLModule):
-    """HSLModule in float64 (convert it with .double()): its training loss with both BCE terms in float64."""
-
-    def training_loss(self, batch):
-        batch = _float64(batch)
-        out = self.net(batch["image"], batch["sat_image"])
-        primary = F.binary_cross_entropy_with_logits(out.primary_logit, batch["label"].double())
-        sat = F.binary_cross_entropy_with_logits(out.sat_logit, batch["sat_label"].double())
-        return self.primary_weight * primary + self.sat_weight * sat, {}
-
-    def primary_logits(self, batch, *args, **kwargs):
-        return super().primary_logits(_float64(batch), *args, **kwargs)
-
-
+    items.sort(key=rank)  # stable: file order within each rank

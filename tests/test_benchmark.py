@@ -20,6 +20,7 @@ SMOKE = REPO / "configs" / "benchmarks" / "smoke.yaml"
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_grid")  # one worker runs the session's grid once for both
 def test_smoke_grid_runs_resumes_and_reports(smoke_grid, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     out, printed = smoke_grid  # the session's run of the smoke grid (conftest.py), shared with test_powered

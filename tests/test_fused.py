@@ -12,7 +12,8 @@ from hsl_lightning import ClassifierModule, Federation, HSLError, HSLModule, Sce
 from hsl_lightning.federation.fused import FusedModels
 from hsl_lightning.federation.fused_training import FusedRounds
 
-from conftest import LOSS_TOLERANCE, TOLERANCE, Classifier64, HSL64, tiny_data, tiny_hsl
+from conftest import tiny_data, tiny_hsl
+from float64 import LOSS_TOLERANCE, TOLERANCE, Classifier64, HSL64
 
 N, B = 3, 8
 
@@ -170,7 +171,7 @@ def test_from_states_stacks_like_the_modules_and_the_optimizer_keeps_its_groups(
 
 # --- the Federation with fuse_institutions: the same run as one institution after another
 #
-# (compared in float64 within TOLERANCE / LOSS_TOLERANCE: conftest.py says why)
+# (compared in float64 within TOLERANCE / LOSS_TOLERANCE: tests/float64.py says why)
 
 
 def _federation(tmp_path, fuse, make, data, name, **kwargs):

@@ -122,6 +122,7 @@ def test_the_powered_study_reruns_a_spread_sample_and_runs_pneumonia_with_four_m
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_grid")  # one worker runs the session's grid once for both
 def test_a_cell_kept_as_its_record_is_done_reported_and_committable(smoke_grid, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "smoke"
