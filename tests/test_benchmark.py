@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -10,8 +12,9 @@ import yaml
 from hsl_lightning import HSLError
 from hsl_lightning.benchmark import Grid
 from hsl_lightning.benchmark.grid import run_dir
-from hsl_lightning.benchmark.report import Stats, detectable, interval, markdown, outcomes, seeds_needed, tost_p
+from hsl_lightning.benchmark.report import Stats, collect, detectable, interval, markdown, outcomes, seeds_needed, tost_p
 from hsl_lightning.benchmark.results import _val_best_round
+from hsl_lightning.benchmark.runner import done
 from hsl_lightning.cli import main
 
 from conftest import REPO
@@ -20,10 +23,9 @@ SMOKE = REPO / "configs" / "benchmarks" / "smoke.yaml"
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("smoke_grid")  # one worker runs the session's grid once for both
 def test_smoke_grid_runs_resumes_and_reports(smoke_grid, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    out, printed = smoke_grid  # the session's run of the smoke grid (conftest.py), shared with test_powered
+    out, printed = smoke_grid  # the session's run of the smoke grid (conftest.py), shared with the next test
     assert "4 cell(s) run (0 failed), 0 already done" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
     # one row per method, scenario, sweep step, seed and node: 2 x 1 x 2 x 1 x 2 nodes
@@ -39,6 +41,36 @@ def test_smoke_grid_runs_resumes_and_reports(smoke_grid, capsys, monkeypatch):
     assert {p.name for p in (out / "plots").iterdir()} == {"quantity_nodes.png", "quantity_gradient.png"}
     main(["benchmark", "--config", str(SMOKE), "--out", str(out), "--wandb", "disabled"])
     assert "0 cell(s) run (0 failed), 4 already done" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_cell_kept_as_its_record_is_done_reported_and_committable(smoke_grid, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "smoke"
+    shutil.copytree(smoke_grid[0], out)  # the session's smoke grid (conftest.py): this test deletes summaries
+    grid = Grid.load(SMOKE, out=str(out))
+    cell = grid.cells()[0]
+    directory = run_dir(out, cell)
+    record = json.loads((directory / "record.json").read_text())
+    summary = json.loads((directory / "summary.json").read_text())
+    assert "history" not in record and record["nodes"] == summary["nodes"]
+    assert record["cpu"] and collect(grid)[0]["cpu"] == record["cpu"]  # the CPU the cell ran on, kept
+    assert record["curves"]["mean_val_auc"] == [h["mean_val_auc"] for h in summary["history"]]
+    assert all(n["pool_test_auc"] >= 0 for n in record["nodes"])
+    before = collect(grid)
+    for c in grid.cells():  # what a fresh clone of the repository holds: records and arguments only
+        (run_dir(out, c) / "summary.json").unlink()
+    args = json.loads((directory / "cell.json").read_text())["args"]
+    assert done(out, cell, args) and collect(grid) == before
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert rows and all(0 <= float(r["pool_test_auc"]) <= 1 for r in rows)
+    ignored = subprocess.run(
+        ["git", "check-ignore", "benchmarks/results/heterogeneity_powered/runs/a/b/record.json",
+         "benchmarks/results/heterogeneity_powered/runs/a/b/cell.json",
+         "benchmarks/results/heterogeneity_powered/runs/a/b/summary.json",
+         "benchmarks/results/heterogeneity_powered/runs/a/b/log.txt"], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == ["benchmarks/results/heterogeneity_powered/runs/a/b/summary.json",
+                                      "benchmarks/results/heterogeneity_powered/runs/a/b/log.txt"]
 
 
 @pytest.mark.slow

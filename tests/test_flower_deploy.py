@@ -36,8 +36,7 @@ HSL = _bin("hsl")
 SITES = netns.SITES
 APPROVED_BROKEN = ["hospital1", "hospital2"]  # the run that cannot read its images: hospital3 never approved it
 
-# the deployment's tests share it: one xdist worker runs them all (pyproject's --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("deployment")
+# (pyproject's --dist=loadfile keeps a file's tests on one xdist worker: the deployment is made once)
 
 
 def settle(condition, limit_s: float) -> bool:

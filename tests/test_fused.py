@@ -12,7 +12,7 @@ from hsl_lightning import ClassifierModule, Federation, HSLError, HSLModule, Sce
 from hsl_lightning.federation.fused import FusedModels
 from hsl_lightning.federation.fused_training import FusedRounds
 
-from conftest import tiny_data, tiny_hsl
+from conftest import tiny_data
 from float64 import LOSS_TOLERANCE, TOLERANCE, Classifier64, HSL64
 
 N, B = 3, 8

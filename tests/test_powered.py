@@ -1,10 +1,7 @@
 """The powered study's grid machinery (issue 24): the pilot of deployed-round rules, the thread-count
 rerun sample, scenarios that run some methods only, and compact records a later session resumes from."""
 
-import csv
 import json
-import shutil
-import subprocess
 
 import pytest
 import yaml
@@ -12,9 +9,9 @@ import yaml
 from hsl_lightning import HSLError
 from hsl_lightning.benchmark import Grid
 from hsl_lightning.benchmark.grid import run_dir
-from hsl_lightning.benchmark.report import collect, pilot_section
+from hsl_lightning.benchmark.report import pilot_section
 from hsl_lightning.benchmark.sections import progress
-from hsl_lightning.benchmark.runner import CURVES, cell_args, done, run_grid, write_record
+from hsl_lightning.benchmark.runner import CURVES, cell_args, run_grid
 from hsl_lightning.benchmark.tuning import choose_rule, replay, rule_settings
 from hsl_lightning.cli import main
 
@@ -119,37 +116,6 @@ def test_the_powered_study_reruns_a_spread_sample_and_runs_pneumonia_with_four_m
     ordered = grid.ordered(cells)
     assert [c.seed for c in ordered] == sorted(c.seed for c in ordered)  # whole seeds first, reruns inside them
     assert ordered[len(per_seed)].stage == "rerun"
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("smoke_grid")  # one worker runs the session's grid once for both
-def test_a_cell_kept_as_its_record_is_done_reported_and_committable(smoke_grid, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
-    out = tmp_path / "smoke"
-    shutil.copytree(smoke_grid[0], out)  # the session's smoke grid (conftest.py): this test deletes summaries
-    grid = Grid.load(SMOKE, out=str(out))
-    cell = grid.cells()[0]
-    directory = run_dir(out, cell)
-    record = json.loads((directory / "record.json").read_text())
-    summary = json.loads((directory / "summary.json").read_text())
-    assert "history" not in record and record["nodes"] == summary["nodes"]
-    assert record["cpu"] and collect(grid)[0]["cpu"] == record["cpu"]  # the CPU the cell ran on, kept
-    assert record["curves"]["mean_val_auc"] == [h["mean_val_auc"] for h in summary["history"]]
-    assert all(n["pool_test_auc"] >= 0 for n in record["nodes"])
-    before = collect(grid)
-    for c in grid.cells():  # what a fresh clone of the repository holds: records and arguments only
-        (run_dir(out, c) / "summary.json").unlink()
-    args = json.loads((directory / "cell.json").read_text())["args"]
-    assert done(out, cell, args) and collect(grid) == before
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    assert rows and all(0 <= float(r["pool_test_auc"]) <= 1 for r in rows)
-    ignored = subprocess.run(
-        ["git", "check-ignore", "benchmarks/results/heterogeneity_powered/runs/a/b/record.json",
-         "benchmarks/results/heterogeneity_powered/runs/a/b/cell.json",
-         "benchmarks/results/heterogeneity_powered/runs/a/b/summary.json",
-         "benchmarks/results/heterogeneity_powered/runs/a/b/log.txt"], cwd=REPO, capture_output=True, text=True)
-    assert ignored.stdout.split() == ["benchmarks/results/heterogeneity_powered/runs/a/b/summary.json",
-                                      "benchmarks/results/heterogeneity_powered/runs/a/b/log.txt"]
 
 
 @pytest.mark.slow
