@@ -129,28 +129,46 @@ def run_grid(grid: Grid, workers: int = 1, threads: int | None = None, progress:
     grid.out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=total, desc="benchmark", unit="cell", disable=not progress, dynamic_ncols=True)
     start, counts = time.perf_counter(), {"ran": 0, "failed": 0, "already_done": 0}
+    pool = _Pool(workers)  # one for every stage: each of its interpreters imports torch once
     try:
-        _run_cells(grid, tuning, workers, threads, accelerator, bar, counts)
+        _run_cells(grid, tuning, pool, threads, accelerator, bar, counts)
         chosen = choose(grid) if tuning else {}
         if grid.pilot:
-            _run_cells(grid, grid.pilot_cells(chosen), workers, threads, accelerator, bar, counts)
+            _run_cells(grid, grid.pilot_cells(chosen), pool, threads, accelerator, bar, counts)
             rule = choose_rule(grid, chosen)
             if rule == "last":  # the other scenarios' curves set their number of rounds
                 others = grid.pilot_cells_elsewhere(chosen)
                 total += len(others)  # known only now: they run only when the rule chosen is 'last'
                 bar.total = total
                 bar.refresh()
-                _run_cells(grid, others, workers, threads, accelerator, bar, counts)
+                _run_cells(grid, others, pool, threads, accelerator, bar, counts)
             chosen = rule_settings(grid, chosen, rule)
-        _run_cells(grid, grid.ordered(grid.cells(chosen)), workers, threads, accelerator, bar, counts)
+        _run_cells(grid, grid.ordered(grid.cells(chosen)), pool, threads, accelerator, bar, counts)
     finally:
+        pool.close()
         bar.close()
     return {"cells": total, **counts, "wall_s": round(time.perf_counter() - start, 1)}
 
 
-def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int, accelerator: str, bar,
+class _Pool:
+    """A grid's worker processes: fresh interpreters (spawned, so no torch threads are inherited), one
+    pool for all of a grid's stages, replaced when a worker dies."""
+
+    def __init__(self, workers: int):
+        self.workers, self.context = workers, multiprocessing.get_context("spawn")
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=self.context)
+
+    def renew(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.context)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_cells(grid: Grid, cells: list[Cell], pool: _Pool, threads: int, accelerator: str, bar,
                counts: dict) -> None:
-    """Run the cells of ``cells`` that are not done in a pool of ``workers`` fresh interpreters."""
+    """Run the cells of ``cells`` that are not done in ``pool``."""
     jobs = [(c, cell_args(c, run_dir(grid.out, c), threads, accelerator)) for c in cells]
     todo = [(c, a) for c, a in jobs if not done(grid.out, c, a)]
     waiting = {c.key for c, _ in todo}
@@ -161,53 +179,48 @@ def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int, accele
     counts["already_done"] += len(jobs) - len(todo)
     bar.update(len(jobs) - len(todo))
     failures, cpu = grid.out / "failures.jsonl", cpu_name()  # every cell of this pool runs on this machine
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    pending = {}
+    queue = list(todo)
     try:
-        pending = {}
-        queue = list(todo)
-        try:
-            while queue or pending:
-                while queue and len(pending) < workers:
-                    cell, args = queue.pop(0)
-                    directory = run_dir(grid.out, cell)
-                    directory.mkdir(parents=True, exist_ok=True)
-                    # a summary left by earlier arguments must not pass for this run's if it fails or is killed
-                    (directory / "summary.json").unlink(missing_ok=True)
-                    (directory / "record.json").unlink(missing_ok=True)
-                    (directory / "cell.json").write_text(json.dumps({"key": cell.key, "args": args}, indent=1))
-                    pending[pool.submit(_run_cell, args, str(directory))] = (cell, args)
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                broken = False
-                for future in finished:
-                    cell, args = pending.pop(future)
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool as exc:  # a worker died (out of memory, a crash)
-                        result, broken = {"ok": False, "error": f"worker process died: {exc}"}, True
-                    except Exception as exc:  # noqa: BLE001
-                        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                    counts["ran"] += 1
-                    summary = run_dir(grid.out, cell) / "summary.json"
-                    if result["ok"] and summary.is_file():
-                        write_record(summary.parent, cpu)
-                    elif result["ok"]:
-                        result = {"ok": False, "error": f"hsl fit ended without writing {summary}"}
-                    if not result["ok"]:
-                        counts["failed"] += 1
-                        with open(failures, "a") as f:
-                            f.write(json.dumps({"cell": cell.key, "error": result["error"]}) + "\n")
-                        bar.write(f"failed: {cell.key}: {result['error']}")
-                    bar.set_postfix_str(cell.key)
-                    bar.update(1)
-                if broken:  # the pool is unusable: requeue what was in flight, start a new pool
-                    queue = list(pending.values()) + queue
-                    pending = {}
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-        except KeyboardInterrupt:
-            for future in pending:
-                future.cancel()
-            raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        while queue or pending:
+            while queue and len(pending) < pool.workers:
+                cell, args = queue.pop(0)
+                directory = run_dir(grid.out, cell)
+                directory.mkdir(parents=True, exist_ok=True)
+                # a summary left by earlier arguments must not pass for this run's if it fails or is killed
+                (directory / "summary.json").unlink(missing_ok=True)
+                (directory / "record.json").unlink(missing_ok=True)
+                (directory / "cell.json").write_text(json.dumps({"key": cell.key, "args": args}, indent=1))
+                pending[pool.executor.submit(_run_cell, args, str(directory))] = (cell, args)
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            broken = False
+            for future in finished:
+                cell, args = pending.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool as exc:  # a worker died (out of memory, a crash)
+                    result, broken = {"ok": False, "error": f"worker process died: {exc}"}, True
+                except Exception as exc:  # noqa: BLE001
+                    result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                counts["ran"] += 1
+                summary = run_dir(grid.out, cell) / "summary.json"
+                if result["ok"] and summary.is_file():
+                    write_record(summary.parent, cpu)
+                elif result["ok"]:
+                    result = {"ok": False, "error": f"hsl fit ended without writing {summary}"}
+                if not result["ok"]:
+                    counts["failed"] += 1
+                    with open(failures, "a") as f:
+                        f.write(json.dumps({"cell": cell.key, "error": result["error"]}) + "\n")
+                    bar.write(f"failed: {cell.key}: {result['error']}")
+                bar.set_postfix_str(cell.key)
+                bar.update(1)
+            if broken:  # the pool is unusable: requeue what was in flight, start a new pool
+                queue = list(pending.values()) + queue
+                pending = {}
+                pool.renew()
+    except KeyboardInterrupt:
+        for future in pending:
+            future.cancel()
+        raise
+
