@@ -26,8 +26,8 @@ def medmnist_root() -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_grid(tmp_path_factory):
-    """configs/benchmarks/smoke.yaml run once for the whole session (tests/test_benchmark.py's tests
-    read it): its output folder and what ``hsl benchmark`` printed. A test that changes the folder
+    """configs/benchmarks/smoke.yaml run once for the whole session (tests/test_benchmark.py's smoke
+    grid test reads it): its output folder and what ``hsl benchmark`` printed. A test that changes the folder
     works on a copy (shutil.copytree)."""
     import contextlib
     import io

@@ -23,9 +23,11 @@ SMOKE = REPO / "configs" / "benchmarks" / "smoke.yaml"
 
 
 @pytest.mark.slow
-def test_smoke_grid_runs_resumes_and_reports(smoke_grid, capsys, monkeypatch):
+def test_smoke_grid_runs_resumes_and_reports(smoke_grid, capsys, monkeypatch, tmp_path, subtests):
     monkeypatch.chdir(REPO)
-    out, printed = smoke_grid  # the session's run of the smoke grid (conftest.py), shared with the next test
+    out, printed = smoke_grid  # the smoke grid run once (conftest.py); one test, so one xdist worker runs it
+    with subtests.test(msg="a cell kept as its record"):
+        a_cell_kept_as_its_record_is_done_reported_and_committable(out, tmp_path)
     assert "4 cell(s) run (0 failed), 0 already done" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
     # one row per method, scenario, sweep step, seed and node: 2 x 1 x 2 x 1 x 2 nodes
@@ -43,11 +45,10 @@ def test_smoke_grid_runs_resumes_and_reports(smoke_grid, capsys, monkeypatch):
     assert "0 cell(s) run (0 failed), 4 already done" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_a_cell_kept_as_its_record_is_done_reported_and_committable(smoke_grid, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def a_cell_kept_as_its_record_is_done_reported_and_committable(grid_out, tmp_path):
+    """(A part of the smoke grid's test: it reads the same grid.)"""
     out = tmp_path / "smoke"
-    shutil.copytree(smoke_grid[0], out)  # the session's smoke grid (conftest.py): this test deletes summaries
+    shutil.copytree(grid_out, out)  # the session's smoke grid (conftest.py): this deletes summaries
     grid = Grid.load(SMOKE, out=str(out))
     cell = grid.cells()[0]
     directory = run_dir(out, cell)

@@ -1,13 +1,10 @@
-"""The shipped configs, run through the command line as a user would: the quickstart in full as a
-real ``hsl fit`` process (the one subprocess test of ``hsl fit``), the others in process
-(``hsl_lightning.cli.main``), shortened to one round."""
+"""The shipped configs, run through the command line as a user would (``hsl_lightning.cli.main``, in
+process): the quickstart in full, the others shortened to one round. (The one test of ``hsl fit`` as
+a real process is the simulation beside the deployment in tests/test_flower_deploy.py.)"""
 
 import json
-import os
 
 import pytest
-
-from test_cli import run_hsl
 
 from conftest import REPO
 from hsl_lightning.cli import main
@@ -33,18 +30,18 @@ QUICKSTART_NODE_FLOORS = {"node0": 0.77, "node1": 0.80, "node2": 0.53}
 
 
 @pytest.mark.slow
-def test_the_quickstart_learns_its_task_and_logs_to_wandb_offline(tmp_path):
+def test_the_quickstart_learns_its_task_and_logs_to_wandb_offline(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "quickstart"
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    res = run_hsl("fit", "--config", QUICKSTART, "--federation.run_dir", str(run_dir), env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    main(["fit", "--config", QUICKSTART, "--federation.run_dir", str(run_dir)])
+    printed = capsys.readouterr().out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [n["name"] for n in summary["nodes"]] == ["node0", "node1", "node2"]
     assert summary["rounds"] == 4 and len(summary["history"]) == 4
     aucs = {n["name"]: n["test_auc"] for n in summary["nodes"]}
     assert summary["mean_test_auc"] > QUICKSTART_MEAN_FLOOR, aucs  # learnt, not merely a number in [0, 1]
     assert all(aucs[name] > floor for name, floor in QUICKSTART_NODE_FLOORS.items()), aucs
-    assert "mean test AUC" in res.stdout and "node2" in res.stdout  # the printed per-node table
+    assert "mean test AUC" in printed and "node2" in printed  # the printed per-node table
     assert (run_dir / "config.yaml").is_file() and (run_dir / "data.json").is_file()
     records = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1

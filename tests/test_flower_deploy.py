@@ -1,4 +1,4 @@
-"""The deployment guide's commands, run as written, in ONE deployment that the tests below read: a
+"""The deployment guide's commands, run as written, in ONE deployment that the checks below read: a
 SuperLink behind the proxy and 3 SuperNodes (certificates made here, TLS and node authentication on),
 the coordinator and each hospital in a Linux network namespace of its own where this machine can
 make them (tests/netns.py: root), else all on this machine's loopback.
@@ -7,9 +7,9 @@ In it, at once (the SuperLink runs them side by side; each site answers their re
 time): 2 rounds of the quickstart with secure aggregation and site statistics on, approved at every
 site; and a run whose images no site can read, approved by two of the three sites. Beside them: a
 SuperNode with a key the SuperLink never registered, and a site's ``--check-only`` with a wrong CA
-certificate and with a missing key. ``hsl fit`` runs the same config
-meanwhile, for the bit-for-bit comparison. Every process is killed and every namespace removed at the
-end of the module (its fixture's teardown checks)."""
+certificate and with a missing key. ``hsl fit`` runs the same config meanwhile, for the bit-for-bit
+comparison. Every process is killed and every namespace removed before the checks (the removal is
+checked too)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ HSL = _bin("hsl")
 SITES = netns.SITES
 APPROVED_BROKEN = ["hospital1", "hospital2"]  # the run that cannot read its images: hospital3 never approved it
 
-# (pyproject's --dist=loadfile keeps a file's tests on one xdist worker: the deployment is made once)
 
 
 def settle(condition, limit_s: float) -> bool:
@@ -84,9 +83,8 @@ def _before_the_runs(d, net: netns.Network, lh: Localhost) -> None:
     d.site_flwr_ls = listed.stdout + listed.stderr
 
 
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("deployment")
+def deploy(tmp: Path) -> SimpleNamespace:
+    """Make the deployment, run what the module's doc says, take it all down; what the checks read."""
     d = SimpleNamespace(tmp=tmp, work=tmp / "d", run_dir=tmp / "run", sim_dir=tmp / "sim",
                         broken_dir=tmp / "broken-run")
     config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
@@ -192,9 +190,8 @@ def report(d, run: str = "run") -> str:
             "\n".join(f"--- {name}:\n{text[-2000:]}" for name, text in d.logs.items()))
 
 
-@pytest.mark.slow
-def test_the_deployment_guide_end_to_end(deployed):
-    d = deployed
+def the_guides_run_and_its_refusals(d):
+    """The guide's run; the unregistered key, the wrong CA and the missing key refused."""
     assert (d.run_dir / "summary.json").is_file(), report(d)
     assert "hsl: deployed run written to" in d.done["run"].stdout + d.done["run"].stderr, report(d)
     summary = json.loads((d.run_dir / "summary.json").read_text())
@@ -218,9 +215,8 @@ def test_the_deployment_guide_end_to_end(deployed):
     assert [s["auc"] for s in scored] == pytest.approx([n["test_auc"] for n in summary["nodes"]], abs=1e-9)
 
 
-@pytest.mark.slow
-def test_the_deployment_equals_hsl_fit_bit_for_bit_statistics_included(deployed):
-    d = deployed
+def equal_to_hsl_fit_bit_for_bit(d):
+    """The deployment equals hsl fit of the same config: weights, AUCs, site statistics."""
     assert d.sim_rc == 0 and (d.sim_dir / "summary.json").is_file(), d.sim_log[-3000:]
     assert (d.run_dir / "summary.json").is_file(), report(d)
     from hsl_lightning.cli import main
@@ -252,9 +248,8 @@ def test_the_deployment_equals_hsl_fit_bit_for_bit_statistics_included(deployed)
     assert len(fingerprints) == 2 * len(SITES)  # no salt shared between sites, or with the simulator
 
 
-@pytest.mark.slow
-def test_a_failed_run_stops_every_site_saying_why_and_leaves_no_worker(deployed):
-    d = deployed
+def a_failed_run_stops_every_site_saying_why(d):
+    """A run whose images no site can read stops; every site says why; no worker is left."""
     assert not (d.broken_dir / "summary.json").exists()
     # every site's operator sees why in the SuperNode's own output (the coordinator's words), the site
     # that refused the run too
@@ -266,26 +261,22 @@ def test_a_failed_run_stops_every_site_saying_why_and_leaves_no_worker(deployed)
     assert (d.run_dir / "summary.json").is_file(), report(d)  # the run beside it went on to the end
 
 
-@pytest.mark.slow
-def test_a_site_runs_only_what_it_approved(deployed):
+def a_site_runs_only_what_it_approved(d):
     """hospital3 never approved the broken run: it refused it, naming its digest, before starting a
     worker, while the two sites that approved it started theirs."""
-    d = deployed
     assert d.refused["refused"] and d.refused["sites"] == ["hospital3"], (d.refused["sites"], d.refused["output"])
     assert d.refused["digest"] in d.approved_app
     for site, runs in d.site_runs.items():  # a folder per run the site took on: hospital3 has only the good run's
         assert len(runs) == (2 if site in APPROVED_BROKEN else 1), (site, list(runs))
 
 
-@pytest.mark.slow
-def test_a_coordinator_and_three_hospitals_in_their_own_network_namespaces(deployed):
+def in_their_own_network_namespaces(d):
     """The guide's split across hosts: a site resolves the coordinator's name and reaches the proxy
     (TLS with the consortium's CA; the Control and Runtime APIs answer 403, a site's ``flwr ls`` too)
     but not the SuperLink's own port, which listens on the coordinator's 127.0.0.1 where its Control
     API answers; the coordinator exposes nothing but the proxy on its LAN address, before and during
     the runs; each site's SuperNode, ClientApps and worker ran in its own namespace and the ServerApps
     in the coordinator's; every site's Fleet API calls went through the proxy from its own address."""
-    d = deployed
     if d.net is None:
         pytest.skip(f"The deployment ran on this machine's loopback: cannot make network namespaces: "
                     f"{d.why_not_namespaces} {netns.HOW}")
@@ -317,6 +308,21 @@ def test_a_coordinator_and_three_hospitals_in_their_own_network_namespaces(deplo
         assert re.search(rf'^{re.escape(address)} \[[^]]*\] "POST /v1/fleet/[A-Za-z0-9-]+" 200 ', d.access_log, re.M), \
             (site, d.access_log[-2000:])
     assert "/v1/control/list-runs\" 403" in d.access_log  # the sites' probes, refused
+
+
+CHECKS = [the_guides_run_and_its_refusals, equal_to_hsl_fit_bit_for_bit, a_failed_run_stops_every_site_saying_why,
+          a_site_runs_only_what_it_approved, in_their_own_network_namespaces]
+
+
+@pytest.mark.slow
+def test_the_deployment_guide_end_to_end(tmp_path, subtests):
+    """One deployment (the module's doc): each check is a subtest of its own, reported apart. (One test,
+    not one per check reading a module fixture: xdist may hand a module's tests to two workers, which
+    would make the deployment twice.)"""
+    d = deploy(tmp_path)
+    for check in CHECKS:
+        with subtests.test(msg=check.__name__):
+            check(d)
 
 
 def test_the_harness_gives_the_flwr_cli_the_superlink_and_the_sites_only_the_proxy(tmp_path):
