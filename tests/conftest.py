@@ -9,7 +9,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # OpenMP threads that wait for work sleep instead of spinning (set before any test imports torch; inherited
 # by every process a test starts). Two workers and the processes of the deployment test share two cores;
-# spinning threads took the cores from them (a third of the suite's files: 86 s on 2 workers, 69 s with this).
+# spinning threads took the cores from them (three of the heaviest test files: 86 s on 2 workers, 69 s with this).
 # Only the waiting changes: thread counts, and so every result, stay as they were.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Nothing here imports torch: pytest's own process (which, under -n, only hands tests to the workers)

@@ -12,7 +12,8 @@ import yaml
 from hsl_lightning import HSLError
 from hsl_lightning.benchmark import Grid
 from hsl_lightning.benchmark.grid import run_dir
-from hsl_lightning.benchmark.report import Stats, collect, detectable, interval, markdown, outcomes, seeds_needed, tost_p
+from hsl_lightning.benchmark.report import (Stats, collect, detectable, interval, markdown, outcomes, seeds_needed,
+                                           tost_p)
 from hsl_lightning.benchmark.results import _val_best_round
 from hsl_lightning.benchmark.runner import done
 from hsl_lightning.cli import main
