@@ -103,6 +103,23 @@ def deploy(tmp: Path) -> SimpleNamespace:
     sim = subprocess.Popen([HSL, "fit", "--config", str(run_yaml), "--federation.run_dir", str(d.sim_dir),
                             "--federation.statistics.salt_file", str(tmp / "sim-salt")], env=env, stdout=sim_log,
                            stderr=subprocess.STDOUT)
+    try:
+        _deploy_beside(d, run_yaml, broken_yaml)
+    except BaseException:
+        sim.kill()  # nothing outlives a failed deployment
+        raise
+    finally:
+        try:
+            sim.wait(600)
+        finally:
+            sim.kill()  # (a no-op once it has ended)
+            sim_log.close()
+    d.sim_rc, d.sim_log = sim.returncode, (tmp / "sim.log").read_text()
+    return d
+
+
+def _deploy_beside(d: SimpleNamespace, run_yaml: Path, broken_yaml: Path) -> None:
+    """The deployment itself (:func:`deploy`), while the simulation runs; fills ``d``."""
     with contextlib.ExitStack() as stack:
         try:
             net = stack.enter_context(netns.namespaces())
@@ -122,18 +139,20 @@ def deploy(tmp: Path) -> SimpleNamespace:
         stack.enter_context(lh)
         d.lh = lh
         lh.make_keys(["--hosts", netns.HOST])  # as the guide: the certificate names the host the sites dial
-        lh.run(HSL, "flower", "keys", "--out", str(lh.keys / "other"), "--sites", "intruder")
+        # a key pair the SuperLink never registered, for a SuperNode named as its key ("extra3"), so that only
+        # the registration stops it (our pre-flight asks the SuperLink before Flower would refuse it)
+        lh.run(HSL, "flower", "keys", "--out", str(lh.keys / "other"), "--sites", "extra3")
         lh.start_superlink()
         if net is not None:
             _before_the_runs(d, net, lh)
         for site in lh.sites:
             lh.register(site)  # flwr CLI, on the coordinator, at its 127.0.0.1
         supernodes = [lh.start_supernode(i) for i in range(len(SITES))]
-        intruder = lh.start_supernode(3, key="other/intruder")  # a key the SuperLink never registered
+        intruder = lh.start_supernode(3, key="other/extra3")  # a key the SuperLink never registered
         if net is not None:  # (a moment after Popen: `ip netns exec` enters the namespace, then execs)
-            d.supernode_namespaces = {site: net.namespace_of(p.pid) if settle(
-                lambda p=p, site=site: net.namespace_of(p.pid) == net.sites[site], 30) else net.namespace_of(p.pid)
-                for site, p in zip(lh.sites, supernodes)}
+            for site, p in zip(lh.sites, supernodes):
+                settle(lambda p=p, site=site: net.namespace_of(p.pid) == net.sites[site], 30)
+            d.supernode_namespaces = {site: net.namespace_of(p.pid) for site, p in zip(lh.sites, supernodes)}
 
         apps = {"run": lh.prepare(run_yaml, d.run_dir),
                 "broken": lh.prepare(broken_yaml, d.broken_dir, "broken-app", approve=False)}
@@ -156,13 +175,15 @@ def deploy(tmp: Path) -> SimpleNamespace:
         except subprocess.TimeoutExpired:
             d.intruder_rc = None
         d.stop_seen = settle(lambda: all(stopped_for_missing_images(lh.log(f"supernode-{s}")) for s in lh.sites), 60)
-        d.approved_app = (apps["broken"] / "DIGEST.txt").read_text()
-        d.site_runs = {site: {f.name: (f / "run.yaml").read_text() for f in (lh.workdir / "sites" / site).glob("run-*")}
-                       for site in lh.sites}
+        d.approvals = {site: lh.approvals(site).read_text() for site in lh.sites}
+        d.site_runs = {site: {f.name: (f / "run.yaml").read_text() if (f / "run.yaml").is_file() else ""
+                              for f in (lh.workdir / "sites" / site).glob("run-*")} for site in lh.sites}
         broken_folders = [lh.workdir / "sites" / site / name for site, runs in d.site_runs.items()
                           for name, text in runs.items() if "no-such-images" in text]
         d.broken_workers_gone = bool(broken_folders) and settle(
             lambda: not any((f / "worker.pid").exists() for f in broken_folders), 60)
+        d.workers_left = [] if settle(lambda: not list(lh.workdir.glob("sites/*/*/worker.pid")), 60) else sorted(
+            str(f) for f in lh.workdir.glob("sites/*/*/worker.pid"))  # the good run's too, once it finished
 
         # a SuperNode given the wrong CA certificate, or a missing key (checked from a site's own network)
         d.wrong_ca = lh.run(HSL, "flower", "supernode", "--superlink", lh.address, "--root-certificates",
@@ -173,15 +194,9 @@ def deploy(tmp: Path) -> SimpleNamespace:
                                str(lh.keys / "ca.crt"), "--auth-supernode-private-key", str(lh.keys / "nobody"),
                                "--node-config", 'node-index=2 name="hospital3"', "--check-only", check=False,
                                role="hospital3")
-        d.logs = {name: lh.log(name) for name in ["superlink", *[f"supernode-{s}" for s in lh.sites]]}
+        d.logs = {name: lh.log(name) for name in ["superlink", *[f"supernode-{s}" for s in lh.sites], "supernode-extra3"]}
         access = lh.workdir / "proxy" / "logs" / "access.log"
         d.access_log = access.read_text() if access.is_file() else None
-    try:
-        sim.wait(600)
-    finally:
-        sim_log.close()
-    d.sim_rc, d.sim_log = sim.returncode, (tmp / "sim.log").read_text()
-    return d
 
 
 def report(d, run: str = "run") -> str:
@@ -200,8 +215,12 @@ def the_guides_run_and_its_refusals(d):
     assert [n["name"] for n in summary["nodes"]] == ["node0", "node1", "node2"]
     assert summary["deployment"]["site_names"] == {"0": "hospital1", "1": "hospital2", "2": "hospital3"}
     assert (d.run_dir / "model.ckpt").is_file() and (d.run_dir / "config.yaml").is_file()
-    # the key the SuperLink never registered: refused (Flower exits it with 305) while the runs went on without it
-    assert d.intruder_rc not in (None, 0), d.intruder_rc
+    # the key the SuperLink never registered: refused, saying so in one line, while the runs went on without it
+    intruder = d.logs["supernode-extra3"]
+    assert d.intruder_rc == 2 and "Site extra3" in intruder and "has not registered this site's node key" in intruder, \
+        (d.intruder_rc, intruder[-2000:])
+    assert "Traceback" not in intruder
+    assert all(0 <= n["test_auc"] <= 1 and 0 <= n["val_auc"] <= 1 for n in summary["nodes"])
     # the wrong CA certificate, a missing key: one line naming the site, no traceback
     assert d.wrong_ca.returncode == 2 and "Site hospital1: the SuperLink at" in d.wrong_ca.stderr, d.wrong_ca.stderr
     assert "does not vouch" in d.wrong_ca.stderr and "Traceback" not in d.wrong_ca.stderr
@@ -258,6 +277,7 @@ def a_failed_run_stops_every_site_saying_why(d):
               for site, runs in d.site_runs.items()}
     assert all(len(broken[site]) == 1 for site in APPROVED_BROKEN), broken
     assert d.broken_workers_gone  # the workers it started are gone
+    assert not d.workers_left, d.workers_left  # and, once it finished, the good run's
     assert (d.run_dir / "summary.json").is_file(), report(d)  # the run beside it went on to the end
 
 
@@ -265,7 +285,8 @@ def a_site_runs_only_what_it_approved(d):
     """hospital3 never approved the broken run: it refused it, naming its digest, before starting a
     worker, while the two sites that approved it started theirs."""
     assert d.refused["refused"] and d.refused["sites"] == ["hospital3"], (d.refused["sites"], d.refused["output"])
-    assert d.refused["digest"] in d.approved_app
+    digest = d.refused["digest"]  # the digest hospital3's refusal named: what the other two approved
+    assert all((digest in d.approvals[site]) == (site in APPROVED_BROKEN) for site in SITES), d.approvals
     for site, runs in d.site_runs.items():  # a folder per run the site took on: hospital3 has only the good run's
         assert len(runs) == (2 if site in APPROVED_BROKEN else 1), (site, list(runs))
 

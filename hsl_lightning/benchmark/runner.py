@@ -162,6 +162,14 @@ class _Pool:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.context)
 
+    def submit(self, fn, *args):
+        """``executor.submit``, on a new pool if a worker died while this one stood idle (between stages)."""
+        try:
+            return self.executor.submit(fn, *args)
+        except BrokenProcessPool:
+            self.renew()
+            return self.executor.submit(fn, *args)
+
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
@@ -191,7 +199,7 @@ def _run_cells(grid: Grid, cells: list[Cell], pool: _Pool, threads: int, acceler
                 (directory / "summary.json").unlink(missing_ok=True)
                 (directory / "record.json").unlink(missing_ok=True)
                 (directory / "cell.json").write_text(json.dumps({"key": cell.key, "args": args}, indent=1))
-                pending[pool.executor.submit(_run_cell, args, str(directory))] = (cell, args)
+                pending[pool.submit(_run_cell, args, str(directory))] = (cell, args)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             broken = False
             for future in finished:
