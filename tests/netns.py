@@ -348,11 +348,3 @@ class Watcher(threading.Thread):
                     continue
                 if Path(f"/proc/{pid}").exists():
                     self.workers.setdefault(pid_file.parent.parent.name, set()).add(self.net.namespace_of(pid))
-
-
-def wait_until(condition, message: str, limit_s: float = 30.0) -> None:
-    """Wait (at most ``limit_s``) for ``condition()``; fail with ``message``."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.1)

@@ -65,11 +65,12 @@ class ImageFolders(FileSource):
         if window is not None and (len(window) != 2 or not window[0] < window[1]):
             raise HSLError(f"ImageFolders window must be [low, high] with low < high, got {window}.")
         self.depth, self.window = depth, None if window is None else [float(v) for v in window]
+        self.resolved: dict[str, int] = {}  # node -> the bits its 16-bit files were scaled by (full_scale fills it)
 
     def reading_args(self) -> dict:
         """``depth`` as training resolved it (``auto``'s choice where every node here chose the same), and each
         node's own choice (``depths``), so ``hsl predict`` scales new files as training scaled that node's."""
-        chosen = getattr(self, "resolved", {})
+        chosen = self.resolved
         depth = self.depth
         if depth == "auto" and chosen and len(set(chosen.values())) == 1:
             depth = next(iter(chosen.values()))
@@ -124,8 +125,6 @@ class ImageFolders(FileSource):
             bits = self.depth
         for d in wide:
             d.full_scale, d.bits = float(2 ** bits - 1), bits
-        if not hasattr(self, "resolved"):
-            self.resolved = {}
         self.resolved[node] = bits
 
     def node_problems(self, node: str, splits: dict[str, SplitFiles]) -> list[Problem]:
